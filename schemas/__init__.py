@@ -1,0 +1,1 @@
+"""Wire formats (msgspec Structs only): OpenAI-compatible under ``schemas.openai``, native under ``schemas.native``."""

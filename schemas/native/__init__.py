@@ -1,0 +1,1 @@
+"""Native (non-OpenAI) wire formats."""

@@ -1,0 +1,1 @@
+"""OpenAI wire formats, following the official API's field order and names."""

@@ -1,0 +1,219 @@
+"""``/v1/chat/completions`` request, response and stream chunk."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from schemas.openai.common import (
+    CompletionUsage,
+    MaxTokens,
+    MinP,
+    N,
+    Penalty,
+    Seed,
+    Stop,
+    StreamOptions,
+    Temperature,
+    TopK,
+    TopP,
+)
+
+# ---- content parts (tagged by "type") ------------------------------------------------------------------
+
+
+class TextPart(msgspec.Struct, tag_field="type", tag="text", kw_only=True):
+    """A text content part."""
+
+    text: str
+
+
+class ImageUrlPart(msgspec.Struct, tag_field="type", tag="image_url", kw_only=True):
+    """An image part (decoded so the server can answer that it is unsupported)."""
+
+    image_url: dict[str, Any]
+
+
+class InputAudioPart(msgspec.Struct, tag_field="type", tag="input_audio", kw_only=True):
+    """An audio part (unsupported)."""
+
+    input_audio: dict[str, Any]
+
+
+class FilePart(msgspec.Struct, tag_field="type", tag="file", kw_only=True):
+    """A file part (unsupported)."""
+
+    file: dict[str, Any]
+
+
+class RefusalPart(msgspec.Struct, tag_field="type", tag="refusal", kw_only=True):
+    """An assistant refusal part."""
+
+    refusal: str
+
+
+UserPart = TextPart | ImageUrlPart | InputAudioPart | FilePart
+AssistantPart = TextPart | RefusalPart
+
+# ---- messages (tagged by "role") -----------------------------------------------------------------------
+
+
+class SystemMessage(msgspec.Struct, tag_field="role", tag="system", kw_only=True):
+    """Instructions from the operator."""
+
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class DeveloperMessage(msgspec.Struct, tag_field="role", tag="developer", kw_only=True):
+    """Instructions from the developer (rendered like a system message)."""
+
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class UserMessage(msgspec.Struct, tag_field="role", tag="user", kw_only=True):
+    """A user turn."""
+
+    content: str | list[UserPart]
+    name: str | None = None
+
+
+class AssistantMessage(msgspec.Struct, tag_field="role", tag="assistant", kw_only=True):
+    """A previous assistant turn (or a prefix to continue with ``continue_final_message``)."""
+
+    content: str | list[AssistantPart] | None = None
+    refusal: str | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    function_call: dict[str, Any] | None = None
+
+
+class ToolMessage(msgspec.Struct, tag_field="role", tag="tool", kw_only=True):
+    """A tool result."""
+
+    content: str | list[TextPart]
+    tool_call_id: str
+
+
+class FunctionMessage(msgspec.Struct, tag_field="role", tag="function", kw_only=True):
+    """A deprecated function result."""
+
+    content: str | None
+    name: str
+
+
+ChatMessage = SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage | FunctionMessage
+
+
+class ResponseFormat(msgspec.Struct, kw_only=True):
+    """``response_format``: ``text``, ``json_object`` or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+# ---- request -------------------------------------------------------------------------------------------
+
+
+class ChatCompletionRequest(msgspec.Struct, kw_only=True):
+    """The body of ``POST /v1/chat/completions``; unknown fields are ignored."""
+
+    messages: list[ChatMessage]
+    model: str
+    audio: dict[str, Any] | None = None
+    frequency_penalty: Penalty | None = None
+    function_call: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    max_completion_tokens: MaxTokens | None = None
+    max_tokens: MaxTokens | None = None
+    metadata: dict[str, str] | None = None
+    modalities: list[str] | None = None
+    n: N | None = None
+    parallel_tool_calls: bool | None = None
+    prediction: dict[str, Any] | None = None
+    presence_penalty: Penalty | None = None
+    reasoning_effort: str | None = None
+    response_format: ResponseFormat | None = None
+    seed: Seed | None = None
+    service_tier: str | None = None
+    stop: Stop | None = None
+    store: bool | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    temperature: Temperature | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    top_logprobs: int | None = None
+    top_p: TopP | None = None
+    user: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    # Extensions (vLLM-compatible names).
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
+    ignore_eos: bool = False
+
+
+# ---- response ------------------------------------------------------------------------------------------
+
+
+class ChatCompletionMessage(msgspec.Struct, kw_only=True):
+    """The generated assistant message."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatChoice(msgspec.Struct, kw_only=True):
+    """One completion choice."""
+
+    index: int
+    message: ChatCompletionMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletion(msgspec.Struct, kw_only=True):
+    """The non-streaming response."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: CompletionUsage
+    system_fingerprint: str | None = None
+
+
+class ChoiceDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What a stream chunk adds to a choice: the role first, then content only."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(msgspec.Struct, kw_only=True):
+    """A choice inside a stream chunk."""
+
+    index: int
+    delta: ChoiceDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(msgspec.Struct, kw_only=True):
+    """One streamed chunk; ``usage`` is present only when ``stream_options.include_usage`` was set."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChunkChoice]
+    usage: CompletionUsage | None | msgspec.UnsetType = msgspec.UNSET

@@ -1,0 +1,33 @@
+"""Types shared by the OpenAI endpoint families."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")]
+TopP = Annotated[float, Meta(ge=0.0, le=1.0, description="Nucleus sampling probability mass.")]
+TopK = Annotated[int, Meta(ge=-1, description="Extension: keep the k most likely tokens; 0 or -1 disables.")]
+MinP = Annotated[float, Meta(ge=0.0, le=1.0, description="Extension: minimum probability relative to the top token.")]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+MaxTokens = Annotated[int, Meta(ge=1, description="Maximum number of tokens to generate.")]
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+N = Annotated[int, Meta(ge=1, le=128)]
+Stop = str | list[str]
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    """Options for streaming responses."""
+
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None
+
+
+class CompletionUsage(msgspec.Struct, kw_only=True):
+    """Token counts measured with the model's tokenizer."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int

@@ -1,0 +1,1 @@
+"""Litestar controllers, one module per endpoint family. Thin: decode, call serving, encode."""

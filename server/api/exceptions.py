@@ -1,0 +1,85 @@
+"""The one exception handler: every error, on every route, becomes OpenAI's ``{"error": {...}}``."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions.http_exceptions import (
+    MethodNotAllowedException,
+    NotFoundException,
+    RequestEntityTooLarge,
+)
+
+from schemas.openai.errors import ErrorBody, ErrorResponse
+from server.errors import OpenAIError, invalid_request
+
+log = logging.getLogger("server.api")
+_encoder = msgspec.json.Encoder()
+_PATH = re.compile(r" - at `\$(.*)`$")
+
+
+def param_from_path(path: str) -> str | None:
+    """``.messages[0].content`` -> ``messages[0].content``."""
+    path = path.lstrip(".")
+    return path or None
+
+
+def from_msgspec(exc: msgspec.ValidationError | msgspec.DecodeError) -> OpenAIError:
+    """A 400 naming the parameter msgspec complained about."""
+    text = str(exc)
+    if isinstance(exc, msgspec.ValidationError):
+        match = _PATH.search(text)
+        param = param_from_path(match.group(1)) if match else None
+        detail = _PATH.sub("", text)
+        missing = re.match(r"Object missing required field `(\w+)`", detail)
+        if missing:
+            param = f"{param}.{missing.group(1)}" if param else missing.group(1)
+            return invalid_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+        where = f" for '{param}'" if param else ""
+        return invalid_request(f"Invalid value{where}: {detail}.", param)
+    return invalid_request(
+        f"We could not parse the JSON body of your request ({text}).", None, "invalid_json"
+    )
+
+
+def to_openai_error(exc: Exception) -> OpenAIError:
+    """Map any exception to an :class:`OpenAIError` (client mistakes are never 5xx)."""
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, msgspec.ValidationError | msgspec.DecodeError):
+        return from_msgspec(exc)
+    if isinstance(exc, RequestEntityTooLarge):
+        return OpenAIError(413, "invalid_request_error", "The request body is too large.", code="request_too_large")
+    if isinstance(exc, NotFoundException):
+        return OpenAIError(404, "invalid_request_error", "Unknown route.", code="not_found")
+    if isinstance(exc, MethodNotAllowedException):
+        return OpenAIError(
+            405, "invalid_request_error", "Method not allowed.", code="method_not_allowed", headers=exc.headers
+        )
+    if isinstance(exc, ValidationException):
+        extra: Any = exc.extra
+        key = extra[0].get("key") if isinstance(extra, list) and extra and isinstance(extra[0], dict) else None
+        detail = extra[0].get("message") if key else exc.detail
+        return invalid_request(f"Invalid request: {detail}", key)
+    if isinstance(exc, HTTPException) and 400 <= exc.status_code < 500:
+        return OpenAIError(exc.status_code, "invalid_request_error", exc.detail, headers=exc.headers)
+    log.exception("unhandled error", exc_info=exc)
+    return OpenAIError(500, "server_error", "The server had an error while processing your request.")
+
+
+def error_response(err: OpenAIError) -> Response[bytes]:
+    """Render ``err`` as the OpenAI envelope."""
+    body = ErrorResponse(error=ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code))
+    return Response(
+        content=_encoder.encode(body), status_code=err.status, media_type="application/json", headers=err.headers
+    )
+
+
+def handle_exception(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """Litestar exception handler for ``Exception`` (a plain def: an async one renders an empty 500)."""
+    return error_response(to_openai_error(exc))

@@ -1,0 +1,1 @@
+"""Engine protocol and implementations; only ``server.engine.hf`` (and its helpers) import torch."""

@@ -1,0 +1,153 @@
+"""``builtin:echo``: streams the last user message back, one character per token, with no torch at all.
+
+It exists to load-test the gateway (auth, limits, logging, streaming) without a model's cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from server.engine.base import (
+    EngineDelta,
+    EngineError,
+    EngineOverloaded,
+    EngineRequest,
+    ModelInfo,
+    RequestStream,
+)
+from server.engine.chartok import CharTokenizer, last_user_message
+
+
+class ScriptedStream:
+    """A :class:`RequestStream` that emits a fixed list of token ids, optionally paced and failing."""
+
+    def __init__(
+        self,
+        request: EngineRequest,
+        token_ids: list[int],
+        tokenizer: CharTokenizer,
+        *,
+        eos_id: int,
+        delay_s: float = 0.0,
+        fail_after: int | None = None,
+        on_close: Callable[[ScriptedStream, bool], None] | None = None,
+    ) -> None:
+        self.request = request
+        params = request.params
+        budget = params.max_tokens
+        self._ids = token_ids[:budget]
+        self._finish = "length" if len(token_ids) >= budget else "stop"
+        if self._finish == "stop" and not params.ignore_eos:
+            self._ids.append(eos_id)
+        elif self._finish == "stop":  # ignore_eos: keep going with spaces up to max_tokens
+            self._ids += [ord(" ")] * (budget - len(self._ids))
+            self._finish = "length"
+        self._eos_id = eos_id
+        self._tokenizer = tokenizer
+        self._pos = 0
+        self._delay = delay_s
+        self._fail_after = fail_after
+        self._on_close = on_close
+        self._done = False
+        self._closed = False
+
+    def __aiter__(self) -> ScriptedStream:
+        return self
+
+    async def __anext__(self) -> EngineDelta:
+        if self._done or self._closed:
+            raise StopAsyncIteration
+        if self._delay:
+            await asyncio.sleep(self._delay)
+        if self._fail_after is not None and self._pos >= self._fail_after:
+            self._done = True
+            raise EngineError("injected engine failure")
+        tid = self._ids[self._pos]
+        self._pos += 1
+        last = self._pos == len(self._ids)
+        text = "" if tid == self._eos_id else self._tokenizer.decode([tid])
+        if last:
+            self._done = True
+        return EngineDelta(token_ids=[tid], text=text, finish_reason=self._finish if last else None)  # type: ignore[arg-type]
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._on_close is not None:
+            self._on_close(self, not self._done)
+
+
+class EchoEngine:
+    """The ``builtin:echo`` engine.
+
+    Args:
+        served_model_name: The model id clients use.
+        max_model_len: Context window used for validation.
+        max_queue_size: Requests admitted at once before answering 503.
+    """
+
+    def __init__(self, served_model_name: str = "echo", *, max_model_len: int = 32768, max_queue_size: int = 1024):
+        self._tokenizer = CharTokenizer()
+        self._info = ModelInfo(
+            name=served_model_name, source="builtin:echo", max_model_len=max_model_len, created=int(time.time())
+        )
+        self._max_queue = max_queue_size
+        self._active: set[ScriptedStream] = set()
+        self._ready = False
+        self._stopping = False
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def tokenizer(self) -> CharTokenizer:
+        return self._tokenizer
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def active_requests(self) -> int:
+        """Requests admitted and not yet closed."""
+        return len(self._active)
+
+    async def start(self) -> None:
+        self._ready = True
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._ready = False
+
+    def reply_ids(self, request: EngineRequest) -> list[int]:
+        """Token ids this engine answers ``request`` with (before EOS / max_tokens)."""
+        prompt = self._tokenizer.decode(request.prompt_token_ids)
+        return self._tokenizer.encode(last_user_message(prompt))
+
+    def generate(self, request: EngineRequest) -> RequestStream:
+        if self._stopping:
+            raise EngineOverloaded("The server is shutting down.")
+        if len(self._active) >= self._max_queue:
+            raise EngineOverloaded("The request queue is full; retry shortly.")
+        return self._track(self._make_stream(request))
+
+    def _make_stream(self, request: EngineRequest) -> ScriptedStream:
+        return ScriptedStream(
+            request, self.reply_ids(request), self._tokenizer, eos_id=next(iter(self._tokenizer.eos_token_ids))
+        )
+
+    def _track(self, stream: ScriptedStream) -> ScriptedStream:
+        self._active.add(stream)
+        previous = stream._on_close
+
+        def closed(s: ScriptedStream, aborted: bool) -> None:
+            self._active.discard(s)
+            if previous is not None:
+                previous(s, aborted)
+
+        stream._on_close = closed
+        return stream

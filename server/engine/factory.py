@@ -1,0 +1,29 @@
+"""Pick the engine for a settings object (torch is imported only when a Transformers model is served)."""
+
+from __future__ import annotations
+
+from server.engine.base import Engine
+from server.settings import Settings
+
+
+def build_engine(settings: Settings) -> Engine:
+    """``builtin:echo`` -> :class:`EchoEngine`; anything else -> :class:`HFEngine`."""
+    if settings.model == "builtin:echo":
+        from server.engine.echo import EchoEngine
+
+        return EchoEngine(
+            settings.model_name,
+            max_model_len=settings.max_model_len or 32768,
+            max_queue_size=settings.max_queue_size,
+        )
+    from server.engine.hf import HFEngine
+
+    return HFEngine(
+        settings.model,
+        served_model_name=settings.model_name,
+        data_dir=settings.data_dir,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        max_queue_size=settings.max_queue_size,
+    )

@@ -1,0 +1,1 @@
+"""Protocol <-> engine translation per endpoint family. Never imports Litestar or torch."""

@@ -1,0 +1,240 @@
+"""Pieces every endpoint family shares: model check, sampling parameters, context check, running choices."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from schemas.openai.common import CompletionUsage
+from server.engine.base import (
+    Engine,
+    EngineError,
+    EngineOverloaded,
+    EngineRequest,
+    RequestStream,
+    SamplingParams,
+)
+from server.errors import OpenAIError, invalid_request, overloaded
+from server.serving.stops import StopMatcher
+
+log = logging.getLogger("server.serving")
+
+MAX_STOPS = 4
+
+
+def new_id(prefix: str) -> str:
+    """An OpenAI-style object id such as ``chatcmpl-…``."""
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    """``created`` timestamp (integer seconds)."""
+    return int(time.time())
+
+
+def check_model(engine: Engine, model: str | None) -> str:
+    """Return the served model name, or raise 404 ``model_not_found``."""
+    name = engine.info.name
+    if model is not None and model != name:
+        raise OpenAIError(
+            404,
+            "invalid_request_error",
+            f"The model '{model}' does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )
+    return name
+
+
+def parse_stops(stop: str | list[str] | None) -> list[str]:
+    """Validate ``stop`` (a string or up to four strings)."""
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > MAX_STOPS:
+        raise invalid_request(f"'stop' accepts at most {MAX_STOPS} sequences, got {len(stops)}.", "stop")
+    if any(s == "" for s in stops):
+        raise invalid_request("'stop' sequences must not be empty strings.", "stop")
+    return stops
+
+
+def resolve_max_tokens(engine: Engine, prompt_len: int, requested: int | None, param: str) -> int:
+    """Check the context window; ``None`` means "as many as fit"."""
+    window = engine.info.max_model_len
+    if requested is None:
+        if prompt_len >= window:
+            raise context_exceeded(window, prompt_len, 0, param)
+        return window - prompt_len
+    if prompt_len + requested > window:
+        raise context_exceeded(window, prompt_len, requested, param)
+    return requested
+
+
+def context_exceeded(window: int, prompt_len: int, requested: int, param: str) -> OpenAIError:
+    """400 ``context_length_exceeded`` with OpenAI's wording."""
+    asked = f"{prompt_len + requested} tokens ({prompt_len} in the messages, {requested} in the completion)"
+    return OpenAIError(
+        400,
+        "invalid_request_error",
+        f"This model's maximum context length is {window} tokens. However, you requested {asked}. "
+        "Please reduce the length of the messages or completion.",
+        param=param if requested else "messages",
+        code="context_length_exceeded",
+    )
+
+
+def sampling_params(
+    *,
+    max_tokens: int,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    min_p: float | None,
+    seed: int | None,
+    ignore_eos: bool = False,
+) -> SamplingParams:
+    """Engine parameters from request values (``None`` = OpenAI's default)."""
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=0 if top_k is None or top_k < 0 else top_k,
+        min_p=0.0 if min_p is None else min_p,
+        seed=None if seed is None else seed % (2**64),
+        ignore_eos=ignore_eos,
+    )
+
+
+@dataclass(slots=True)
+class Choice:
+    """One admitted engine request and what it produced so far."""
+
+    index: int
+    prompt_tokens: int
+    stream: RequestStream
+    stops: list[str]
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    text_parts: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceEvent:
+    """Text produced by one choice; ``finish_reason`` is set on that choice's last event."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+
+
+def admit(
+    engine: Engine, request_id: str, prompts: Sequence[Sequence[int]], params: SamplingParams, stops: list[str]
+) -> list[Choice]:
+    """Submit one engine request per prompt; all or nothing (503 when the queue is full)."""
+    choices: list[Choice] = []
+    try:
+        for i, ids in enumerate(prompts):
+            req = EngineRequest(request_id=f"{request_id}-{i}", prompt_token_ids=ids, params=params)
+            choices.append(Choice(index=i, prompt_tokens=len(ids), stream=engine.generate(req), stops=stops))
+    except EngineOverloaded as exc:
+        for c in choices:
+            abort_soon(c.stream)
+        raise overloaded(str(exc) or "The request queue is full; retry shortly.") from exc
+    return choices
+
+
+def abort_soon(stream: RequestStream) -> None:
+    """Close a stream from synchronous code (QueueStream's aclose does not actually suspend)."""
+    coro = stream.aclose()
+    try:
+        coro.send(None)
+    except StopIteration:
+        pass
+    else:  # pragma: no cover - an engine whose aclose really awaits
+        asyncio.ensure_future(coro)
+
+
+async def run_choice(choice: Choice) -> AsyncIterator[ChoiceEvent]:
+    """Yield the text of one choice with stop strings applied; always closes its engine stream."""
+    matcher = StopMatcher(choice.stops) if choice.stops else None
+    try:
+        async for delta in choice.stream:
+            choice.completion_tokens += len(delta.token_ids)
+            text = delta.text
+            finish = delta.finish_reason
+            if matcher is not None:
+                text, hit = matcher.push(text)
+                if hit:
+                    finish = "stop"
+                elif finish is not None:
+                    text += matcher.flush()
+            if finish is not None:
+                choice.finish_reason = finish
+                choice.text_parts.append(text)
+                yield ChoiceEvent(choice.index, text, finish)
+                return
+            if text:
+                choice.text_parts.append(text)
+                yield ChoiceEvent(choice.index, text)
+        raise EngineError("the engine ended a request without a finish reason")
+    finally:
+        await choice.stream.aclose()
+
+
+async def run_choices(choices: list[Choice]) -> AsyncIterator[ChoiceEvent]:
+    """Interleave the events of several choices as they arrive (one choice: no tasks at all)."""
+    if len(choices) == 1:
+        async for event in run_choice(choices[0]):
+            yield event
+        return
+    queue: asyncio.Queue[ChoiceEvent | BaseException | None] = asyncio.Queue()
+
+    async def pump(choice: Choice) -> None:
+        try:
+            async for event in run_choice(choice):
+                queue.put_nowait(event)
+            queue.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            queue.put_nowait(exc)
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for c in choices:
+            abort_soon(c.stream)
+
+
+async def collect(choices: list[Choice]) -> None:
+    """Run all choices to the end (non-streaming responses)."""
+    async for _ in run_choices(choices):
+        pass
+
+
+def usage_of(choices: list[Choice]) -> CompletionUsage:
+    """Usage summed over choices, counted in the model's tokens."""
+    prompt = sum(c.prompt_tokens for c in choices)
+    completion = sum(c.completion_tokens for c in choices)
+    return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def engine_failure(exc: Exception) -> OpenAIError:
+    """A 500 for an engine failure (logged with its cause; the client sees no internals)."""
+    log.error("engine failure: %s", exc, exc_info=exc)
+    return OpenAIError(500, "server_error", "The model failed while generating; see the server log.", code=None)

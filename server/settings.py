@@ -1,0 +1,132 @@
+"""Settings from ``LLM_SERVER_*`` environment variables and a ``.env`` file (CLI flags override both)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+ENV_PREFIX = "LLM_SERVER_"
+
+
+class SettingsError(ValueError):
+    """An invalid setting; the message is one line that names the variable."""
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    """Everything the server can be configured with. Field ``x`` is read from ``LLM_SERVER_X``."""
+
+    host: str = "127.0.0.1"
+    """Interface ``serve`` binds to."""
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8000
+    """TCP port ``serve`` listens on."""
+    model: str = "builtin:tiny-chat"
+    """Hugging Face model id or local folder; ``builtin:tiny-chat`` or ``builtin:echo`` for the built-ins."""
+    served_model_name: str | None = None
+    """The model id clients send and ``/v1/models`` lists; derived from ``model`` when unset."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Where the model runs; ``auto`` picks cuda, then mps, then cpu."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights' dtype; ``auto`` is bfloat16 where the device supports it, else float32."""
+    max_model_len: Annotated[int, Meta(ge=16)] | None = None
+    """Context window used for validation; the model's own when unset."""
+    data_dir: Path = Path(".llm-server")
+    """Local state: the built-in demo model (and, later, the SQLite file and generated secrets)."""
+    max_batch_size: Annotated[int, Meta(ge=1)] = 32
+    """Most sequences decoded together."""
+    max_queue_size: Annotated[int, Meta(ge=1)] = 256
+    """Requests admitted (running or waiting) before new ones get 503 ``overloaded``."""
+    request_max_body_size: Annotated[int, Meta(ge=1024)] = 10_000_000
+    """Largest request body in bytes; larger ones get 413."""
+    log_format: Literal["console", "json"] = "console"
+    """``console`` for people, ``json`` for one JSON object per line."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    """Minimum level logged."""
+    cors_allow_origins: str = ""
+    """Comma-separated origins allowed by CORS; empty disables CORS."""
+
+    @property
+    def model_name(self) -> str:
+        """The served model name: explicit, else derived from ``model``."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model.startswith("builtin:"):
+            return self.model.removeprefix("builtin:")
+        path = Path(self.model)
+        return path.name if path.exists() else self.model
+
+    @property
+    def cors_origins(self) -> list[str]:
+        """``cors_allow_origins`` split on commas."""
+        return [o.strip() for o in self.cors_allow_origins.split(",") if o.strip()]
+
+
+_FIELDS = {f.name for f in msgspec.structs.fields(Settings)}
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines of a ``.env`` file (comments, ``export`` and quotes allowed)."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        else:
+            value = re.sub(r"\s+#.*$", "", value)
+        values[key.strip()] = value
+    return values
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    dotenv: Path | None = Path(".env"),
+) -> Settings:
+    """Build settings: defaults < ``.env`` < environment < ``overrides`` (CLI flags; ``None`` values skipped).
+
+    Raises:
+        SettingsError: a value is invalid; the message names the variable.
+    """
+    env = dict(read_dotenv(dotenv)) if dotenv is not None else {}
+    env.update(os.environ if environ is None else environ)
+    raw: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    for key, value in env.items():
+        if key.startswith(ENV_PREFIX):
+            name = key[len(ENV_PREFIX) :].lower()
+            if name in _FIELDS and value != "":
+                raw[name] = value
+                source[name] = key
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            raw[name] = value
+            source[name] = f"--{name.replace('_', '-')}"
+    try:
+        return msgspec.convert(raw, Settings, strict=False, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        match = re.search(r"at `\$\.(\w+)", str(exc))
+        name = match.group(1) if match else ""
+        where = source.get(name, ENV_PREFIX + name.upper()) if name else "settings"
+        detail = str(exc).split(" - at ")[0]
+        raise SettingsError(f"invalid {where}={raw.get(name)!r}: {detail}") from None
+
+
+def _dec_hook(tp: type, obj: Any) -> Any:
+    if tp is Path and isinstance(obj, str):
+        return Path(obj)
+    raise NotImplementedError
