@@ -116,6 +116,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         before_send=[before_send],
         lifespan=[lifespan],
         request_max_body_size=settings.request_max_body_size,
+        logging_config=None,
         cors_config=cors,
         openapi_config=OpenAPIConfig(
             title="llm-server",

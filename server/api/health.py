@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from litestar.di import NamedDependency
 from litestar import Response, get
 from litestar.datastructures import State
 from prometheus_client import generate_latest
@@ -30,6 +31,6 @@ def readyz(state: State) -> Response[dict[str, str]]:
 
 
 @get("/metrics", tags=["ops"], sync_to_thread=False)
-def metrics(metrics: Metrics) -> Response[bytes]:
+def metrics(metrics: NamedDependency[Metrics]) -> Response[bytes]:
     """Prometheus text exposition."""
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from litestar.di import NamedDependency
+from litestar.params import FromPath
 from litestar import get
 
 from schemas.openai.models import Model, ModelList
@@ -15,13 +17,13 @@ def _model(engine: Engine) -> Model:
 
 
 @get("/v1/models", tags=["openai"], sync_to_thread=False)
-def list_models(engine: Engine) -> ModelList:
+def list_models(engine: NamedDependency[Engine]) -> ModelList:
     """The served models."""
     return ModelList(data=[_model(engine)])
 
 
 @get("/v1/models/{model_id:path}", tags=["openai"], sync_to_thread=False)
-def retrieve_model(model_id: str, engine: Engine) -> Model:
+def retrieve_model(model_id: FromPath[str], engine: NamedDependency[Engine]) -> Model:
     """One served model."""
     model_id = model_id.lstrip("/")
     if model_id != engine.info.name:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
 from litestar import Request, Response, post
 
 from schemas.openai.chat import ChatCompletion, ChatCompletionRequest
@@ -26,7 +28,7 @@ _DOC = {
     tags=["openai"],
 )
 async def create_chat_completion(
-    request: Request[Any, Any, Any], data: ChatCompletionRequest, engine: Engine
+    request: Request[Any, Any, Any], data: JSONBody[ChatCompletionRequest], engine: NamedDependency[Engine]
 ) -> Response[ChatCompletion]:
     body: ChatCompletionRequest = request.state.body
     prep = chat.prepare(engine, body)
@@ -44,7 +46,7 @@ async def create_chat_completion(
     tags=["openai"],
 )
 async def create_completion(
-    request: Request[Any, Any, Any], data: CompletionRequest, engine: Engine
+    request: Request[Any, Any, Any], data: JSONBody[CompletionRequest], engine: NamedDependency[Engine]
 ) -> Response[Completion]:
     body: CompletionRequest = request.state.body
     prep = completions.prepare(engine, body)

@@ -1,0 +1,112 @@
+"""The ``llm-server`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from server.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("server")
+
+REAL_MODEL_HINT = "uv run llm-server serve --model Qwen/Qwen2.5-0.5B-Instruct  (any HF id or local folder)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line instead of a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="llm-server", description="Self-hosted, OpenAI-compatible LLM server.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = sub.add_parser("serve", help="run the server (settings from LLM_SERVER_* env vars and .env)")
+    serve.add_argument("--host", help="interface to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--model", help="HF model id or folder, builtin:tiny-chat (default) or builtin:echo")
+    serve.add_argument("--served-model-name", help="model id clients send (default: derived from --model)")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--max-model-len", type=int, help="context window used for validation")
+    serve.add_argument("--data-dir", help="local state folder (default ./.llm-server)")
+
+    demo = sub.add_parser("demo-model", help="write a built-in random-weight demo model to a folder")
+    demo.add_argument("path", help="folder to write")
+    demo.add_argument("--preset", choices=["tiny", "bench-0.5b"], default="tiny")
+    return parser
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    print(f"llm-server: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    overrides: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "model": args.model,
+        "served_model_name": args.served_model_name,
+        "device": args.device,
+        "dtype": args.dtype,
+        "max_model_len": args.max_model_len,
+        "data_dir": args.data_dir,
+    }
+    settings = load_settings(overrides)
+    serve(settings)
+
+
+def serve(settings: Settings) -> None:
+    """Run uvicorn with one worker: the model lives in this process (see README, "one worker per model")."""
+    import uvicorn
+
+    from server.app import create_app
+    from server.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+    if settings.model == "builtin:tiny-chat":
+        log.warning(
+            "Serving the built-in demo model 'tiny-chat': random weights, its output is noise. "
+            "To serve a real model: %s",
+            REAL_MODEL_HINT,
+        )
+    elif settings.model == "builtin:echo":
+        log.warning("Serving builtin:echo: it repeats the last user message (for load-testing the gateway).")
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+        server_header=False,
+    )
+
+
+def cmd_demo_model(args: argparse.Namespace) -> None:
+    from server.engine.demo_model import write_demo_model
+
+    path = write_demo_model(Path(args.path), args.preset)
+    print(f"wrote the {args.preset} demo model (random weights) to {path}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            cmd_serve(args)
+        elif args.command == "demo-model":
+            cmd_demo_model(args)
+    except SettingsError as exc:
+        _fail(str(exc), 2)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except OSError as exc:
+        _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
