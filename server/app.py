@@ -36,7 +36,7 @@ _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 def request_id_of(scope: Scope) -> str:
     """The request's id: the client's ``x-request-id`` when it is a sane token, else a new one (cached)."""
-    state = scope.setdefault("state", {})  # type: ignore[misc]
+    state = scope.setdefault("state", {})
     rid = state.get("request_id")
     if rid is None:
         supplied = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), b"").decode("latin-1")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from schemas.openai.common import MaxTokens, MinP, Seed, Stop, Temperature, TopK, TopP, CompletionUsage
+from schemas.openai.common import CompletionUsage, MaxTokens, MinP, Seed, Stop, Temperature, TopK, TopP
 
 
 class GenerateRequest(msgspec.Struct, kw_only=True):

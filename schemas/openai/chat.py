@@ -216,4 +216,4 @@ class ChatCompletionChunk(msgspec.Struct, kw_only=True):
     model: str
     system_fingerprint: str | None = None
     choices: list[ChunkChoice]
-    usage: CompletionUsage | None | msgspec.UnsetType = msgspec.UNSET
+    usage: CompletionUsage | msgspec.UnsetType | None = msgspec.UNSET

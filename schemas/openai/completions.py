@@ -70,4 +70,4 @@ class Completion(msgspec.Struct, kw_only=True):
     model: str
     system_fingerprint: str | None = None
     choices: list[CompletionChoice]
-    usage: CompletionUsage | None | msgspec.UnsetType = msgspec.UNSET
+    usage: CompletionUsage | msgspec.UnsetType | None = msgspec.UNSET

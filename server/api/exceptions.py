@@ -42,9 +42,7 @@ def from_msgspec(exc: msgspec.ValidationError | msgspec.DecodeError) -> OpenAIEr
             return invalid_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
         where = f" for '{param}'" if param else ""
         return invalid_request(f"Invalid value{where}: {detail}.", param)
-    return invalid_request(
-        f"We could not parse the JSON body of your request ({text}).", None, "invalid_json"
-    )
+    return invalid_request(f"We could not parse the JSON body of your request ({text}).", None, "invalid_json")
 
 
 def to_openai_error(exc: Exception) -> OpenAIError:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from litestar.di import NamedDependency
 from litestar import Response, get
 from litestar.datastructures import State
+from litestar.di import NamedDependency
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 

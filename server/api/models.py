@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from litestar import get
 from litestar.di import NamedDependency
 from litestar.params import FromPath
-from litestar import get
 
 from schemas.openai.models import Model, ModelList
 from server.engine.base import Engine

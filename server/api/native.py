@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from litestar import Request, Response, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
-from litestar import Request, Response, post
 from litestar.response import Stream
 
 from schemas.native.generate import GenerateRequest, GenerateResponse
@@ -25,7 +25,9 @@ async def generate_text(
 
 
 @post("/v1/stream", status_code=200, opt={BODY_TYPE: GenerateRequest}, tags=["native"])
-async def stream_text(request: Request[Any, Any, Any], data: JSONBody[GenerateRequest], engine: NamedDependency[Engine]) -> Stream:
+async def stream_text(
+    request: Request[Any, Any, Any], data: JSONBody[GenerateRequest], engine: NamedDependency[Engine]
+) -> Stream:
     """Stream the text for one prompt as Server-Sent Events; the last event has ``finish_reason`` and ``usage``."""
     prep = generate.prepare(engine, request.state.body)
     return sse_response(generate.stream(prep))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from litestar import Request, Response, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
-from litestar import Request, Response, post
 
 from schemas.openai.chat import ChatCompletion, ChatCompletionRequest
 from schemas.openai.completions import Completion, CompletionRequest

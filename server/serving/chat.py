@@ -151,7 +151,9 @@ def prepare(engine: Engine, req: ChatCompletionRequest) -> PreparedChat:
             continue_final_message=req.continue_final_message,
         )
     except ValueError as exc:
-        raise invalid_request(f"The chat template rejected the messages: {exc}", "messages", "chat_template_error")
+        raise invalid_request(
+            f"The chat template rejected the messages: {exc}", "messages", "chat_template_error"
+        ) from None
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = resolve_max_tokens(engine, len(prompt), requested, param)

@@ -147,15 +147,14 @@ def admit(
     return choices
 
 
+_closing: set[asyncio.Task[None]] = set()
+
+
 def abort_soon(stream: RequestStream) -> None:
-    """Close a stream from synchronous code (QueueStream's aclose does not actually suspend)."""
-    coro = stream.aclose()
-    try:
-        coro.send(None)
-    except StopIteration:
-        pass
-    else:  # pragma: no cover - an engine whose aclose really awaits
-        asyncio.ensure_future(coro)
+    """Close a stream from synchronous code or a cancelled context: a task that runs on the next loop turn."""
+    task = asyncio.get_running_loop().create_task(stream.aclose())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
 
 
 async def run_choice(choice: Choice) -> AsyncIterator[ChoiceEvent]:

@@ -83,7 +83,9 @@ def tokenize_prompts(tokenizer: Tokenizer, prompt: str | list[Any]) -> list[list
     vocab = tokenizer.vocab_size
     for i, ids in enumerate(prompts):
         if not ids:
-            raise invalid_request("The prompt is empty after tokenization.", "prompt" if len(prompts) == 1 else f"prompt[{i}]")
+            raise invalid_request(
+                "The prompt is empty after tokenization.", "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            )
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise invalid_request(f"Token id {bad} is outside the vocabulary (0..{vocab - 1}).", "prompt")

@@ -150,8 +150,11 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str | None]] = [
     ("bad role", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
     ("content type", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ("missing content", {"messages": [{"role": "user"}]}, "messages[0].content"),
-    ("image part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages[0].content[0].type"),
+    (
+        "image part",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages[0].content[0].type",
+    ),
     ("n", {"n": 2}, "n"),
     ("n out of range", {"n": 0}, "n"),
     ("logprobs", {"logprobs": True}, "logprobs"),
@@ -206,7 +209,9 @@ def test_bad_completion_inputs(client: TestClient[Litestar], case: str, body: di
 
 
 def test_malformed_json_is_400(client: TestClient[Litestar]) -> None:
-    r = client.post("/v1/chat/completions", content=b'{"model": "fake", "messages": [', headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/chat/completions", content=b'{"model": "fake", "messages": [', headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "invalid_json"
 
@@ -247,7 +252,9 @@ def test_body_too_large_is_413(make_app: Callable[..., Litestar], settings: Any)
 
     app = create_app(Settings(data_dir=settings.data_dir, request_max_body_size=2048), engine=FakeEngine())
     with TestClient(app) as client:
-        r = client.post("/v1/chat/completions", json={"model": "fake", "messages": [{"role": "user", "content": "x" * 5000}]})
+        r = client.post(
+            "/v1/chat/completions", json={"model": "fake", "messages": [{"role": "user", "content": "x" * 5000}]}
+        )
     assert r.status_code == 413
     assert r.json()["error"]["type"] == "invalid_request_error"
 

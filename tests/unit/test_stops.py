@@ -31,17 +31,24 @@ def splits(text: str, parts: int) -> list[list[str]]:
     return out
 
 
-TEXT = "The answer is 42.\nEND of story"
+TEXT = "is 42.\nEND of it"
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3, 4])
 def test_stop_over_any_token_split(parts: int) -> None:
-    for pieces in splits(TEXT, parts) if parts <= 3 else splits(TEXT[:14], 3) + [[*TEXT[14:]]]:
-        if "".join(pieces) != TEXT:
-            continue
-        text, hit, _ = run(pieces, ["\nEND"])
-        assert hit
-        assert text == "The answer is 42."
+    cases = splits(TEXT, parts)
+    assert cases
+    for pieces in cases:
+        text, hit, emitted = run(pieces, ["\nEND", "42.\nEX"])
+        assert hit, pieces
+        assert text == "is 42.", pieces
+        assert not any("\n" in e for e in emitted), pieces
+
+
+def test_stop_with_one_character_per_token() -> None:
+    text, hit, _ = run(list(TEXT), ["\nEND"])
+    assert hit
+    assert text == "is 42."
 
 
 def test_stop_spread_over_three_tokens_never_leaks_a_prefix() -> None:
