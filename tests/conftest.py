@@ -44,3 +44,11 @@ def fake_engine() -> FakeEngine:
 def client(make_app: Callable[..., Litestar], fake_engine: FakeEngine) -> Iterator[TestClient[Litestar]]:
     with TestClient(make_app(fake_engine)) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``builtin:tiny-chat`` model folder (random 2-layer Llama + trained BPE tokenizer), built offline once."""
+    from server.engine.demo_model import write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("models") / "tiny-chat", "tiny")

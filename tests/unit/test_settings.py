@@ -20,7 +20,9 @@ def test_defaults_match_the_spec(tmp_path: Path) -> None:
 
 def test_precedence_dotenv_env_flags(tmp_path: Path) -> None:
     dotenv = tmp_path / ".env"
-    dotenv.write_text('LLM_SERVER_PORT=7000\nexport LLM_SERVER_HOST="0.0.0.0"  \n# comment\nLLM_SERVER_DTYPE=float32 # x\n')
+    dotenv.write_text(
+        'LLM_SERVER_PORT=7000\nexport LLM_SERVER_HOST="0.0.0.0"  \n# comment\nLLM_SERVER_DTYPE=float32 # x\n'
+    )
     s = load_settings(environ={}, dotenv=dotenv)
     assert (s.port, s.host, s.dtype) == (7000, "0.0.0.0", "float32")
     s = load_settings(environ={"LLM_SERVER_PORT": "7100"}, dotenv=dotenv)

@@ -1,0 +1,149 @@
+"""The real Transformers engine on the tiny model, through the app, the SDK and real sockets."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from litestar import Litestar
+from litestar.testing import TestClient
+
+from server.app import create_app
+from server.engine.hf import HFEngine
+from server.settings import Settings
+from tests.live import live_server
+
+pytestmark = pytest.mark.slow
+
+MESSAGES = [{"role": "user", "content": "Tell me about the for statement."}]
+
+
+@pytest.fixture(scope="module")
+def engine_app(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HFEngine, Litestar]]:
+    settings = Settings(model=str(tiny_model_dir), dtype="float32", data_dir=tmp_path_factory.mktemp("data"))
+    engine = HFEngine(
+        settings.model, served_model_name="tiny", data_dir=settings.data_dir, device="cpu", dtype="float32"
+    )
+    return engine, create_app(settings, engine=engine)
+
+
+@pytest.fixture(scope="module")
+def sdk(engine_app: tuple[HFEngine, Litestar]) -> Iterator[openai.OpenAI]:
+    with TestClient(engine_app[1]) as http:
+        deadline = time.monotonic() + 60
+        while http.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "tiny model did not load"
+            time.sleep(0.05)
+        yield openai.OpenAI(base_url="http://testserver.local/v1", api_key="x", http_client=http, max_retries=0)
+
+
+def test_streamed_text_equals_non_streamed_at_temperature_0(sdk: openai.OpenAI) -> None:
+    full = sdk.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=40)  # type: ignore[arg-type]
+    text = full.choices[0].message.content or ""
+    assert full.usage is not None and full.usage.completion_tokens >= 1
+    chunks = list(
+        sdk.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            temperature=0,
+            max_tokens=40,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert chunks[-1].usage == full.usage
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [full.choices[0].finish_reason]
+
+
+def test_completions_stream_equals_non_stream_and_usage_uses_the_tokenizer(
+    sdk: openai.OpenAI, engine_app: tuple[HFEngine, Litestar]
+) -> None:
+    engine = engine_app[0]
+    prompt = "The while statement is used for"
+    full = sdk.completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=30)
+    streamed = "".join(
+        c.choices[0].text
+        for c in sdk.completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=30, stream=True)
+        if c.choices
+    )
+    assert streamed == full.choices[0].text
+    assert full.usage is not None
+    assert full.usage.prompt_tokens == len(engine.tokenizer.encode(prompt))
+
+
+def test_seed_reproduces_and_differs(sdk: openai.OpenAI) -> None:
+    def run(seed: int) -> str:
+        out = sdk.completions.create(model="tiny", prompt="x = ", temperature=1.0, max_tokens=24, seed=seed)
+        return out.choices[0].text
+
+    assert run(7) == run(7)
+    assert len({run(s) for s in range(4)}) > 1
+
+
+def test_stop_string_cut_from_real_tokens(sdk: openai.OpenAI) -> None:
+    base = sdk.completions.create(
+        model="tiny", prompt="if x:", temperature=0, max_tokens=30, extra_body={"ignore_eos": True}
+    )
+    text = base.choices[0].text
+    assert len(text) > 6
+    stop = text[3:6]  # three characters from the middle, usually spanning token boundaries
+    cut = sdk.completions.create(
+        model="tiny", prompt="if x:", temperature=0, max_tokens=30, stop=[stop], extra_body={"ignore_eos": True}
+    )
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = "".join(
+        c.choices[0].text
+        for c in sdk.completions.create(
+            model="tiny",
+            prompt="if x:",
+            temperature=0,
+            max_tokens=30,
+            stop=[stop],
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        if c.choices
+    )
+    assert streamed == cut.choices[0].text
+
+
+def test_continue_final_message(sdk: openai.OpenAI) -> None:
+    out = sdk.chat.completions.create(
+        model="tiny",
+        messages=[*MESSAGES, {"role": "assistant", "content": "The for"}],  # type: ignore[list-item]
+        temperature=0,
+        max_tokens=5,
+        extra_body={"continue_final_message": True},
+    )
+    assert out.choices[0].finish_reason in {"stop", "length"}
+
+
+def test_disconnect_frees_the_real_engine(tiny_model_dir: Path, tmp_path: Path) -> None:
+    engine = HFEngine(str(tiny_model_dir), served_model_name="tiny", data_dir=tmp_path, device="cpu", dtype="float32")
+    app = create_app(Settings(model=str(tiny_model_dir), data_dir=tmp_path), engine=engine)
+    with live_server(app) as base:
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{base}/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 2000, "stream": True, "ignore_eos": True}
+        with httpx.Client(base_url=base, timeout=30) as http, http.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            for _ in range(6):
+                next(lines)
+            assert engine.num_running == 1
+        freed = time.monotonic()
+        while engine.num_running or engine.num_waiting:
+            assert time.monotonic() - freed < 2.0, "the engine kept decoding after the client left"
+            time.sleep(0.005)
+        r2 = httpx.post(f"{base}/v1/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=30)
+        assert r2.status_code == 200
+        assert r2.json()["usage"]["completion_tokens"] == 3
