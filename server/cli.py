@@ -13,8 +13,6 @@ from server.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("server")
 
-REAL_MODEL_HINT = "uv run llm-server serve --model Qwen/Qwen2.5-0.5B-Instruct  (any HF id or local folder)"
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad command line in one line instead of a usage block."""
@@ -71,13 +69,8 @@ def serve(settings: Settings) -> None:
     from server.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
-    if settings.model == "builtin:tiny-chat":
-        log.warning(
-            "Serving the built-in demo model 'tiny-chat': random weights, its output is noise. "
-            "To serve a real model: %s",
-            REAL_MODEL_HINT,
-        )
-    elif settings.model == "builtin:echo":
+    # The HF engine warns about random-weight demo models (builtin:tiny-chat, demo-model folders) when it loads.
+    if settings.model == "builtin:echo":
         log.warning("Serving builtin:echo: it repeats the last user message (for load-testing the gateway).")
     app = create_app(settings)
     uvicorn.run(

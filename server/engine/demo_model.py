@@ -93,6 +93,15 @@ _PRESETS: Final[dict[str, dict[str, Any]]] = {
 }
 
 
+def demo_preset(path: str | Path) -> str | None:
+    """The preset of a folder written by :func:`write_demo_model`, or ``None`` for any other model."""
+    try:
+        marker = json.loads((Path(path) / _MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return str(marker.get("preset")) if isinstance(marker, dict) else None
+
+
 def is_complete(path: Path, preset: Preset | None = None) -> bool:
     """Whether ``path`` holds a finished demo model (of ``preset``, when given) of the current build format."""
     if not all((path / name).is_file() for name in _REQUIRED_FILES):

@@ -29,7 +29,7 @@ from server.engine.base import (
     ModelInfo,
     RequestStream,
 )
-from server.engine.demo_model import resolve_builtin
+from server.engine.demo_model import demo_preset, resolve_builtin
 from server.engine.detok import IncrementalDetokenizer
 from server.engine.hf_tokenizer import HFTokenizer
 from server.engine.sampling import RowSampler, Sampler
@@ -173,6 +173,13 @@ class HFEngine:
         source: str | Path = self._source
         if self._source.startswith("builtin:"):
             source = resolve_builtin(self._source, self._data_dir)
+        preset = demo_preset(source)
+        if preset is not None:
+            logger.warning(
+                "Serving a built-in demo model (%s preset): random weights, its output is noise. To serve a real "
+                "model: uv run llm-server serve --model Qwen/Qwen2.5-0.5B-Instruct (any HF id or local folder)",
+                preset,
+            )
         device = pick_device(self._device_arg)
         dtype = pick_dtype(self._dtype_arg, device)
         hf_tokenizer = AutoTokenizer.from_pretrained(source)

@@ -321,3 +321,21 @@ def test_metrics_and_openapi(client: TestClient[Litestar]) -> None:
     assert 'llm_server_requests_total{method="POST",route="/v1/chat/completions",status="200"} 1.0' in text
     schema = client.get("/schema/openapi.json").json()
     assert "/v1/chat/completions" in schema["paths"]
+
+
+def test_model_without_chat_template_is_a_clear_400(make_app: Callable[..., Litestar]) -> None:
+    from server.engine.chartok import CharTokenizer
+
+    class NoTemplate(CharTokenizer):
+        @property
+        def has_chat_template(self) -> bool:
+            return False
+
+    engine = FakeEngine()
+    engine._tokenizer = NoTemplate()
+    with TestClient(make_app(engine)) as client:
+        r = chat(client)
+        assert r.status_code == 400
+        assert r.json()["error"]["code"] == "chat_template_missing"
+        assert "/v1/completions" in r.json()["error"]["message"]
+        assert client.post("/v1/completions", json={"model": "fake", "prompt": "a"}).status_code == 200
