@@ -49,6 +49,37 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """Minimum level logged."""
     cors_allow_origins: str = ""
     """Comma-separated origins allowed by CORS; empty disables CORS."""
+    database_url: str | None = None
+    """SQLAlchemy async URL; ``sqlite+aiosqlite:///<DATA_DIR>/llm_server.db`` when unset, ``postgresql+asyncpg://…``
+    in production."""
+    auto_migrate: bool = True
+    """``serve`` applies pending migrations at start-up."""
+    database_timeout_s: Annotated[float, Meta(gt=0)] = 5.0
+    """Longest wait for the database on a request path before answering 503."""
+    ratelimit_storage_uri: str = "async+memory://"
+    """Storage of the short-window limits: ``async+memory://`` (one process) or ``async+redis://host:6379/0``."""
+    ratelimit_fail_open: bool = True
+    """When the rate-limit storage is unreachable: ``true`` admits requests (quotas still apply, they fail
+    closed), ``false`` answers 503."""
+    key_pepper: str | None = None
+    """Secret for HMAC-SHA-256 of API keys; generated into ``DATA_DIR/key_pepper`` on first run with SQLite, must be
+    set explicitly with PostgreSQL."""
+    key_cache_ttl_s: Annotated[float, Meta(ge=0)] = 2.0
+    """How long a replica trusts a looked-up key; bounds how late a revoke made on another replica takes effect."""
+    default_role_rpm: Annotated[int, Meta(ge=1)] | None = 60
+    """Requests per minute of the seeded ``default`` role (``unlimited`` for none)."""
+    default_role_tpm: Annotated[int, Meta(ge=1)] | None = 100_000
+    """Tokens per minute of the seeded ``default`` role (``unlimited`` for none)."""
+    default_role_max_concurrency: Annotated[int, Meta(ge=1)] | None = 8
+    """Concurrent requests per key of the seeded ``default`` role (``unlimited`` for none)."""
+    store_prompts: bool = False
+    """Whether the request log keeps prompt and output text."""
+    request_log_retention_days: Annotated[int, Meta(ge=0)] = 30
+    """Request-log rows older than this are deleted in small chunks (0 keeps them forever)."""
+    cache_enabled: bool = True
+    """Completion cache for deterministic requests (temperature 0 or an explicit seed), scoped per key."""
+    cache_ttl_s: Annotated[int, Meta(ge=1)] = 3600
+    """How long a cached completion is served."""
 
     @property
     def model_name(self) -> str:
@@ -59,6 +90,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             return self.model.removeprefix("builtin:")
         path = Path(self.model)
         return path.name if path.exists() else self.model
+
+    @property
+    def database(self) -> str:
+        """The database URL: explicit, else the SQLite file in ``data_dir``."""
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'llm_server.db'}"
 
     @property
     def cors_origins(self) -> list[str]:
@@ -110,7 +146,7 @@ def load_settings(
         if key.startswith(ENV_PREFIX):
             name = key[len(ENV_PREFIX) :].lower()
             if name in _FIELDS and value != "":
-                raw[name] = value
+                raw[name] = None if value.lower() in ("none", "unlimited") else value
                 source[name] = key
     for name, value in (overrides or {}).items():
         if value is not None:
