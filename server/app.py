@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.config.cors import CORSConfig
-from litestar.datastructures import MutableScopeHeaders
+from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import Message, Scope
 
+from persistence import migrate
+from server.api.admin import admin_handlers
 from server.api.common import strict_body
 from server.api.exceptions import handle_exception
+from server.api.flow import RECORD
+from server.api.guards import require_key
 from server.api.health import health, metrics, readyz
 from server.api.models import list_models, retrieve_model
 from server.api.native import generate_text, stream_text
@@ -27,30 +29,23 @@ from server.api.openai import create_chat_completion, create_completion
 from server.engine.base import Engine
 from server.errors import OpenAIError
 from server.metrics import Metrics
+from server.requestid import request_id_of
+from server.requestlog import RequestRecord
+from server.services import Services, build_services
 from server.settings import Settings, load_settings
 
 log = logging.getLogger("server")
 
-_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
-
-def request_id_of(scope: Scope) -> str:
-    """The request's id: the client's ``x-request-id`` when it is a sane token, else a new one (cached)."""
-    state = scope.setdefault("state", {})
-    rid = state.get("request_id")
-    if rid is None:
-        supplied = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), b"").decode("latin-1")
-        rid = supplied if _SANE_REQUEST_ID.match(supplied) else f"req_{secrets.token_hex(12)}"
-        state["request_id"] = rid
-    return str(rid)
-
-
-def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> Litestar:
+def create_app(
+    settings: Settings | None = None, *, engine: Engine | None = None, services: Services | None = None
+) -> Litestar:
     """Build the ASGI app.
 
     Args:
         settings: Configuration; read from the environment when ``None``.
         engine: The model runtime; built from ``settings`` when ``None`` (tests pass a ``FakeEngine``).
+        services: The gateway (database, limits, auth, log); built from ``settings`` when ``None``.
     """
     settings = settings or load_settings()
     if engine is None:
@@ -58,7 +53,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
 
         engine = build_engine(settings)
     the_engine: Engine = engine
-    app_metrics = Metrics()
+    app_metrics = services.metrics if services is not None else Metrics()
+    the_services = services or build_services(settings, app_metrics)
 
     async def load_engine(app: Litestar) -> None:
         try:
@@ -69,19 +65,42 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        if settings.auto_migrate:
+            default_role = {
+                "rpm": settings.default_role_rpm,
+                "tpm": settings.default_role_tpm,
+                "max_concurrency": settings.default_role_max_concurrency,
+            }
+            await migrate.upgrade(settings.database, default_role=default_role)
+        the_services.writer.start()
         loader = asyncio.create_task(load_engine(app))
         try:
             yield
         finally:
             loader.cancel()
             await the_engine.stop()
+            await the_services.writer.stop()
+            await the_services.db.close()
+            the_services.limiter.close()
 
     async def before_send(message: Message, scope: Scope) -> None:
-        if message["type"] == "http.response.start":
-            headers = MutableScopeHeaders.from_message(message)
-            headers["x-request-id"] = request_id_of(scope)
-            route = scope.get("path_template") or "unmatched"
-            app_metrics.requests_total.labels(route, scope.get("method", ""), str(message["status"])).inc()
+        if message["type"] != "http.response.start":
+            return
+        headers = MutableScopeHeaders.from_message(message)
+        headers["x-request-id"] = request_id_of(scope)
+        status = message["status"]
+        route = scope.get("path_template") or "unmatched"
+        app_metrics.requests_total.labels(route, scope.get("method", ""), str(status)).inc()
+        state: dict[str, Any] = scope.get("state", {})
+        principal = state.get("principal")
+        if principal is not None and scope["path"].startswith("/v1/") and "x-ratelimit-limit-requests" not in headers:
+            for name, value in (await the_services.gateway.headers(principal)).items():
+                headers[name] = value
+        record: RequestRecord | None = state.get(RECORD)
+        if record is not None:
+            record.status = status
+            if not record.streaming or status >= 400:
+                the_services.writer.add_row(record)
 
     def ready_engine() -> Engine:
         if not the_engine.ready:
@@ -94,12 +113,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             )
         return the_engine
 
-    cors = CORSConfig(allow_origins=settings.cors_origins) if settings.cors_origins else None
-    return Litestar(
+    v1 = Router(
+        path="/",
+        guards=[require_key],
         route_handlers=[
-            health,
-            readyz,
-            metrics,
             list_models,
             retrieve_model,
             create_chat_completion,
@@ -107,9 +124,15 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             generate_text,
             stream_text,
         ],
+        security=[{"bearer": []}],
+    )
+    cors = CORSConfig(allow_origins=settings.cors_origins) if settings.cors_origins else None
+    return Litestar(
+        route_handlers=[health, readyz, metrics, v1, *admin_handlers()],
         dependencies={
             "engine": Provide(ready_engine, sync_to_thread=False),
             "metrics": Provide(lambda: app_metrics, sync_to_thread=False),
+            "services": Provide(lambda: the_services, sync_to_thread=False),
         },
         exception_handlers={Exception: handle_exception},
         before_request=strict_body,
@@ -126,11 +149,13 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
                 security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="API key")}
             ),
         ),
-        state=_initial_state(settings, the_engine, app_metrics),
+        state=State(
+            {
+                "settings": settings,
+                "engine_ref": the_engine,
+                "metrics": app_metrics,
+                "services": the_services,
+                "engine_failure": None,
+            }
+        ),
     )
-
-
-def _initial_state(settings: Settings, engine: Engine, metrics: Metrics) -> Any:
-    from litestar.datastructures import State
-
-    return State({"settings": settings, "engine_ref": engine, "metrics": metrics, "engine_failure": None})

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, help="context window used for validation")
     serve.add_argument("--data-dir", help="local state folder (default ./.llm-server)")
 
+    from server.cli_admin import add_admin_commands
+
+    add_admin_commands(sub)
+
     demo = sub.add_parser("demo-model", help="write a built-in random-weight demo model to a folder")
     demo.add_argument("path", help="folder to write")
     demo.add_argument("--preset", choices=["tiny", "bench-0.5b"], default="tiny")
@@ -97,6 +101,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             cmd_serve(args)
         elif args.command == "demo-model":
             cmd_demo_model(args)
+        else:
+            from server.cli_admin import CommandError, run_admin
+
+            try:
+                run_admin(args, load_settings())
+            except CommandError as exc:
+                _fail(str(exc))
     except SettingsError as exc:
         _fail(str(exc), 2)
     except KeyboardInterrupt:

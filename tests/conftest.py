@@ -1,10 +1,12 @@
-"""Fixtures shared by every test: the anyio backend and in-process apps over the fake engine."""
+"""Fixtures shared by every test: the anyio backend, a migrated database with a test key, apps over the fake engine."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from litestar import Litestar
@@ -14,15 +16,72 @@ from server.app import create_app
 from server.engine.fake import FakeEngine
 from server.settings import Settings
 
+pytest_plugins = ["tests.db_fixtures"]
+
+TEST_PEPPER = "test-pepper-not-secret-0123456789"
+DB_NAME = "llm_server.db"
+C = TypeVar("C")
+
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
 
 
+async def create_test_key(settings: Settings, *, role: str = "admin", name: str = "test") -> str:
+    """Insert a key into the settings' database and return its secret."""
+    from server.auth import manage
+    from server.database import Database
+
+    db = Database(settings.database)
+    try:
+        _, secret = await db.run(
+            lambda s: manage.create_key(s, TEST_PEPPER.encode(), name=name, role=role, expires_in_days=None)
+        )
+    finally:
+        await db.close()
+    return secret
+
+
+def migrated_settings(folder: Path, **overrides: Any) -> tuple[Settings, str]:
+    """Settings over a freshly migrated SQLite file in ``folder`` and the secret of an admin-role key in it."""
+    from persistence import migrate
+
+    settings = Settings(data_dir=folder, key_pepper=TEST_PEPPER, **overrides)
+    asyncio.run(migrate.upgrade(settings.database))
+    return settings, asyncio.run(create_test_key(settings))
+
+
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A migrated SQLite file holding one admin-role key, copied for each test (migrating per test is slow)."""
+    settings, key = migrated_settings(tmp_path_factory.mktemp("template"))
+    return settings.data_dir / DB_NAME, key
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data")
+def settings(tmp_path: Path, template_db: tuple[Path, str]) -> Settings:
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(template_db[0], data / DB_NAME)
+    return Settings(data_dir=data, key_pepper=TEST_PEPPER)
+
+
+@pytest.fixture
+def api_key(template_db: tuple[Path, str]) -> str:
+    """The secret of the admin-role (unlimited) key present in every test database."""
+    return template_db[1]
+
+
+@pytest.fixture
+def authed(api_key: str) -> Callable[[C], C]:
+    """Give a test client the test key: ``with authed(TestClient(app)) as client``."""
+
+    def give(client: C) -> C:
+        client.headers["Authorization"] = f"Bearer {api_key}"  # type: ignore[attr-defined]
+        return client
+
+    return give
 
 
 @pytest.fixture
@@ -41,8 +100,10 @@ def fake_engine() -> FakeEngine:
 
 
 @pytest.fixture
-def client(make_app: Callable[..., Litestar], fake_engine: FakeEngine) -> Iterator[TestClient[Litestar]]:
-    with TestClient(make_app(fake_engine)) as c:
+def client(
+    make_app: Callable[..., Litestar], fake_engine: FakeEngine, authed: Callable[[Any], Any]
+) -> Iterator[TestClient[Litestar]]:
+    with authed(TestClient(make_app(fake_engine))) as c:
         yield c
 
 
@@ -52,3 +113,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from server.engine.demo_model import write_demo_model
 
     return write_demo_model(tmp_path_factory.mktemp("models") / "tiny-chat", "tiny")
+
+
+async def add_role_key(settings: Settings, role: str, **limits: Any) -> str:
+    """Create ``role`` with ``limits`` (unless it exists) and a key of it; return the secret."""
+    from persistence import store
+    from server.database import Database
+
+    db = Database(settings.database)
+    try:
+
+        async def go(session: Any) -> None:
+            if await store.get_role(session, role) is None:
+                await store.create_role(session, role, **limits)
+
+        await db.run(go)
+    finally:
+        await db.close()
+    return await create_test_key(settings, role=role, name=f"{role}-key")

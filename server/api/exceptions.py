@@ -16,6 +16,8 @@ from litestar.exceptions.http_exceptions import (
 )
 
 from schemas.openai.errors import ErrorBody, ErrorResponse
+from server.auth.principal import database_unavailable
+from server.database import DatabaseUnavailable
 from server.errors import OpenAIError, invalid_request
 
 log = logging.getLogger("server.api")
@@ -49,6 +51,9 @@ def to_openai_error(exc: Exception) -> OpenAIError:
     """Map any exception to an :class:`OpenAIError` (client mistakes are never 5xx)."""
     if isinstance(exc, OpenAIError):
         return exc
+    if isinstance(exc, DatabaseUnavailable):
+        log.warning("database unavailable: %s", exc)
+        return database_unavailable()
     if isinstance(exc, msgspec.ValidationError | msgspec.DecodeError):
         return from_msgspec(exc)
     if isinstance(exc, RequestEntityTooLarge):
@@ -78,6 +83,10 @@ def error_response(err: OpenAIError) -> Response[bytes]:
     )
 
 
-def handle_exception(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     """Litestar exception handler for ``Exception`` (a plain def: an async one renders an empty 500)."""
-    return error_response(to_openai_error(exc))
+    err = to_openai_error(exc)
+    record = request.scope.get("state", {}).get("request_record")
+    if record is not None:
+        record.error_type = err.code or err.type
+    return error_response(err)

@@ -10,24 +10,37 @@ from litestar.params import JSONBody
 from litestar.response import Stream
 
 from schemas.native.generate import GenerateRequest, GenerateResponse
-from server.api.common import BODY_TYPE, json_response, sse_response
+from server.api.common import BODY_TYPE
+from server.api.flow import max_tokens_cap, respond
 from server.engine.base import Engine
+from server.services import Services
 from server.serving import generate
+
+
+async def _run(request: Request[Any, Any, Any], engine: Engine, services: Services, stream: bool) -> Any:
+    body: GenerateRequest = request.state.body
+    cap = max_tokens_cap(request, services, body.max_new_tokens, "max_new_tokens")
+    plan = generate.prepare(engine, body, stream=stream, max_tokens_cap=cap)
+    return await respond(request, engine, services, plan, generate.complete, generate.stream)
 
 
 @post("/v1/generate", status_code=200, opt={BODY_TYPE: GenerateRequest}, tags=["native"])
 async def generate_text(
-    request: Request[Any, Any, Any], data: JSONBody[GenerateRequest], engine: NamedDependency[Engine]
+    request: Request[Any, Any, Any],
+    data: JSONBody[GenerateRequest],
+    engine: NamedDependency[Engine],
+    services: NamedDependency[Services],
 ) -> Response[GenerateResponse]:
     """Generate text for one prompt."""
-    prep = generate.prepare(engine, request.state.body)
-    return json_response(await generate.complete(prep))  # type: ignore[return-value]
+    return await _run(request, engine, services, stream=False)  # type: ignore[no-any-return]
 
 
 @post("/v1/stream", status_code=200, opt={BODY_TYPE: GenerateRequest}, tags=["native"])
 async def stream_text(
-    request: Request[Any, Any, Any], data: JSONBody[GenerateRequest], engine: NamedDependency[Engine]
+    request: Request[Any, Any, Any],
+    data: JSONBody[GenerateRequest],
+    engine: NamedDependency[Engine],
+    services: NamedDependency[Services],
 ) -> Stream:
     """Stream the text for one prompt as Server-Sent Events; the last event has ``finish_reason`` and ``usage``."""
-    prep = generate.prepare(engine, request.state.body)
-    return sse_response(generate.stream(prep))
+    return await _run(request, engine, services, stream=True)  # type: ignore[no-any-return]

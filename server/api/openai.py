@@ -10,13 +10,11 @@ from litestar.params import JSONBody
 
 from schemas.openai.chat import ChatCompletion, ChatCompletionRequest
 from schemas.openai.completions import Completion, CompletionRequest
-from server.api.common import BODY_TYPE, json_response, sse_response
+from server.api.common import BODY_TYPE
+from server.api.flow import max_tokens_cap, respond
 from server.engine.base import Engine
+from server.services import Services
 from server.serving import chat, completions
-
-_DOC = {
-    "responses": None,
-}
 
 
 @post(
@@ -28,13 +26,16 @@ _DOC = {
     tags=["openai"],
 )
 async def create_chat_completion(
-    request: Request[Any, Any, Any], data: JSONBody[ChatCompletionRequest], engine: NamedDependency[Engine]
+    request: Request[Any, Any, Any],
+    data: JSONBody[ChatCompletionRequest],
+    engine: NamedDependency[Engine],
+    services: NamedDependency[Services],
 ) -> Response[ChatCompletion]:
     body: ChatCompletionRequest = request.state.body
-    prep = chat.prepare(engine, body)
-    if body.stream:
-        return sse_response(chat.stream(prep))  # type: ignore[return-value]
-    return json_response(await chat.complete(prep))  # type: ignore[return-value]
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    plan = chat.prepare(engine, body, max_tokens_cap=max_tokens_cap(request, services, requested, param))
+    return await respond(request, engine, services, plan, chat.complete, chat.stream)  # type: ignore[return-value]
 
 
 @post(
@@ -46,10 +47,12 @@ async def create_chat_completion(
     tags=["openai"],
 )
 async def create_completion(
-    request: Request[Any, Any, Any], data: JSONBody[CompletionRequest], engine: NamedDependency[Engine]
+    request: Request[Any, Any, Any],
+    data: JSONBody[CompletionRequest],
+    engine: NamedDependency[Engine],
+    services: NamedDependency[Services],
 ) -> Response[Completion]:
     body: CompletionRequest = request.state.body
-    prep = completions.prepare(engine, body)
-    if body.stream:
-        return sse_response(completions.stream(prep))  # type: ignore[return-value]
-    return json_response(await completions.complete(prep))  # type: ignore[return-value]
+    cap = max_tokens_cap(request, services, body.max_tokens, "max_tokens")
+    plan = completions.prepare(engine, body, max_tokens_cap=cap)
+    return await respond(request, engine, services, plan, completions.complete, completions.stream)  # type: ignore[return-value]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -29,8 +28,7 @@ from schemas.openai.chat import (
 from server.engine.base import Engine, EngineError
 from server.errors import invalid_request, unsupported_param
 from server.serving.common import (
-    Choice,
-    admit,
+    Plan,
     check_model,
     collect,
     engine_failure,
@@ -40,20 +38,8 @@ from server.serving.common import (
     resolve_max_tokens,
     run_choices,
     sampling_params,
-    usage_of,
 )
 from server.serving.streaming import error_event
-
-
-@dataclass(slots=True)
-class PreparedChat:
-    """A validated, admitted chat request."""
-
-    id: str
-    created: int
-    model: str
-    choices: list[Choice]
-    include_usage: bool
 
 
 def reject_unsupported(req: ChatCompletionRequest) -> None:
@@ -125,8 +111,8 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def prepare(engine: Engine, req: ChatCompletionRequest) -> PreparedChat:
-    """Validate, render the chat template, check the context and admit the request to the engine."""
+def prepare(engine: Engine, req: ChatCompletionRequest, *, max_tokens_cap: int | None = None) -> Plan:
+    """Validate, render the chat template and check the context window (nothing is admitted yet)."""
     model = check_model(engine, req.model)
     reject_unsupported(req)
     stops = parse_stops(req.stop)
@@ -156,7 +142,7 @@ def prepare(engine: Engine, req: ChatCompletionRequest) -> PreparedChat:
         ) from None
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    max_tokens = resolve_max_tokens(engine, len(prompt), requested, param)
+    max_tokens = resolve_max_tokens(engine, len(prompt), requested, param, max_tokens_cap)
     params = sampling_params(
         max_tokens=max_tokens,
         temperature=req.temperature,
@@ -166,45 +152,53 @@ def prepare(engine: Engine, req: ChatCompletionRequest) -> PreparedChat:
         seed=req.seed,
         ignore_eos=req.ignore_eos,
     )
-    rid = new_id("chatcmpl")
-    choices = admit(engine, rid, [prompt], params, stops)
-    include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-    return PreparedChat(id=rid, created=now(), model=model, choices=choices, include_usage=include_usage)
-
-
-async def complete(prep: PreparedChat) -> ChatCompletion:
-    """Run to the end and build the non-streaming response."""
-    try:
-        await collect(prep.choices)
-    except EngineError as exc:
-        raise engine_failure(exc) from exc
-    return ChatCompletion(
-        id=prep.id,
-        created=prep.created,
-        model=prep.model,
-        choices=[
-            ChatChoice(
-                index=c.index,
-                message=ChatCompletionMessage(content="".join(c.text_parts)),
-                finish_reason=c.finish_reason or "stop",
-            )
-            for c in prep.choices
-        ],
-        usage=usage_of(prep.choices),
+    return Plan(
+        kind="chat",
+        id=new_id("chatcmpl"),
+        created=now(),
+        model=model,
+        prompts=[prompt],
+        params=params,
+        stops=stops,
+        stream=bool(req.stream),
+        include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
+        explicit_max_tokens=requested is not None,
     )
 
 
-async def stream(prep: PreparedChat) -> AsyncIterator[msgspec.Struct]:
+async def complete(plan: Plan) -> ChatCompletion:
+    """Run to the end and build the non-streaming response."""
+    try:
+        await collect(plan.choices)
+    except EngineError as exc:
+        raise engine_failure(exc) from exc
+    return ChatCompletion(
+        id=plan.id,
+        created=plan.created,
+        model=plan.model,
+        choices=[
+            ChatChoice(
+                index=c.index,
+                message=ChatCompletionMessage(content=c.text),
+                finish_reason=c.finish_reason or "stop",
+            )
+            for c in plan.choices
+        ],
+        usage=plan.usage,
+    )
+
+
+async def stream(plan: Plan) -> AsyncIterator[msgspec.Struct]:
     """Stream chunks: role first, then content, one finish chunk per choice, then usage when asked."""
-    usage: Any = None if prep.include_usage else msgspec.UNSET
+    usage: Any = None if plan.include_usage else msgspec.UNSET
 
     def chunk(choices: list[ChunkChoice]) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=prep.id, created=prep.created, model=prep.model, choices=choices, usage=usage)
+        return ChatCompletionChunk(id=plan.id, created=plan.created, model=plan.model, choices=choices, usage=usage)
 
-    for c in prep.choices:
+    for c in plan.choices:
         yield chunk([ChunkChoice(index=c.index, delta=ChoiceDelta(role="assistant", content=""))])
     try:
-        async for ev in run_choices(prep.choices):
+        async for ev in run_choices(plan.choices):
             if ev.text:
                 yield chunk([ChunkChoice(index=ev.index, delta=ChoiceDelta(content=ev.text))])
             if ev.finish_reason is not None:
@@ -212,7 +206,5 @@ async def stream(prep: PreparedChat) -> AsyncIterator[msgspec.Struct]:
     except EngineError as exc:
         yield error_event(engine_failure(exc))
         return
-    if prep.include_usage:
-        yield ChatCompletionChunk(
-            id=prep.id, created=prep.created, model=prep.model, choices=[], usage=usage_of(prep.choices)
-        )
+    if plan.include_usage:
+        yield ChatCompletionChunk(id=plan.id, created=plan.created, model=plan.model, choices=[], usage=plan.usage)

@@ -62,13 +62,15 @@ def parse_stops(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-def resolve_max_tokens(engine: Engine, prompt_len: int, requested: int | None, param: str) -> int:
-    """Check the context window; ``None`` means "as many as fit"."""
+def resolve_max_tokens(
+    engine: Engine, prompt_len: int, requested: int | None, param: str, cap: int | None = None
+) -> int:
+    """Check the context window; ``None`` means "as many as fit" (at most ``cap``, the role's limit)."""
     window = engine.info.max_model_len
     if requested is None:
         if prompt_len >= window:
             raise context_exceeded(window, prompt_len, 0, param)
-        return window - prompt_len
+        return window - prompt_len if cap is None else min(cap, window - prompt_len)
     if prompt_len + requested > window:
         raise context_exceeded(window, prompt_len, requested, param)
     return requested
@@ -111,15 +113,85 @@ def sampling_params(
 
 @dataclass(slots=True)
 class Choice:
-    """One admitted engine request and what it produced so far."""
+    """One admitted engine request (or a cached result: ``stream`` is ``None``) and what it produced so far."""
 
     index: int
     prompt_tokens: int
-    stream: RequestStream
+    stream: RequestStream | None
     stops: list[str]
     completion_tokens: int = 0
     finish_reason: str | None = None
     text_parts: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+
+@dataclass(slots=True)
+class Plan:
+    """A validated request, ready for admission: everything the gateway, the cache and the engine need.
+
+    ``choices`` is empty until :func:`start` (or a cache hit) fills it.
+    """
+
+    kind: str
+    id: str
+    created: int
+    model: str
+    prompts: list[list[int]]
+    params: SamplingParams
+    stops: list[str]
+    stream: bool
+    include_usage: bool
+    explicit_max_tokens: bool
+    choices: list[Choice] = field(default_factory=list)
+    cached: bool = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Most tokens all choices together may generate (what the gateway reserves)."""
+        return len(self.prompts) * self.params.max_tokens
+
+    @property
+    def deterministic(self) -> bool:
+        """Greedy or explicitly seeded: the same request gives the same output (cacheable)."""
+        return self.params.temperature == 0.0 or self.params.seed is not None
+
+    @property
+    def usage(self) -> CompletionUsage:
+        return usage_of(self.choices)
+
+    @property
+    def choices_finished(self) -> bool:
+        """Every choice ran to a finish reason (not aborted, not failed)."""
+        return bool(self.choices) and all(c.finish_reason is not None for c in self.choices)
+
+
+def start(engine: Engine, plan: Plan) -> None:
+    """Admit every prompt of ``plan`` to the engine (503 ``overloaded`` when its queue is full)."""
+    plan.choices = admit(engine, plan.id, plan.prompts, plan.params, plan.stops)
+
+
+def replay(plan: Plan, results: Sequence[tuple[str, str, int]]) -> None:
+    """Fill ``plan`` with cached ``(text, finish_reason, completion_tokens)`` results instead of running it."""
+    plan.cached = True
+    plan.choices = [
+        Choice(
+            index=i,
+            prompt_tokens=len(prompt),
+            stream=None,
+            stops=plan.stops,
+            completion_tokens=tokens,
+            finish_reason=finish,
+            text_parts=[text],
+        )
+        for i, (prompt, (text, finish, tokens)) in enumerate(zip(plan.prompts, results, strict=True))
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +214,8 @@ def admit(
             choices.append(Choice(index=i, prompt_tokens=len(ids), stream=engine.generate(req), stops=stops))
     except EngineOverloaded as exc:
         for c in choices:
-            abort_soon(c.stream)
+            if c.stream is not None:
+                abort_soon(c.stream)
         raise overloaded(str(exc) or "The request queue is full; retry shortly.") from exc
     return choices
 
@@ -159,9 +232,13 @@ def abort_soon(stream: RequestStream) -> None:
 
 async def run_choice(choice: Choice) -> AsyncIterator[ChoiceEvent]:
     """Yield the text of one choice with stop strings applied; always closes its engine stream."""
+    if choice.stream is None:  # a cached result: replay it as one event
+        yield ChoiceEvent(choice.index, choice.text, choice.finish_reason or "stop")
+        return
+    stream = choice.stream
     matcher = StopMatcher(choice.stops) if choice.stops else None
     try:
-        async for delta in choice.stream:
+        async for delta in stream:
             choice.completion_tokens += len(delta.token_ids)
             text = delta.text
             finish = delta.finish_reason
@@ -181,7 +258,7 @@ async def run_choice(choice: Choice) -> AsyncIterator[ChoiceEvent]:
                 yield ChoiceEvent(choice.index, text)
         raise EngineError("the engine ended a request without a finish reason")
     finally:
-        await choice.stream.aclose()
+        await stream.aclose()
 
 
 async def run_choices(choices: list[Choice]) -> AsyncIterator[ChoiceEvent]:
@@ -217,7 +294,8 @@ async def run_choices(choices: list[Choice]) -> AsyncIterator[ChoiceEvent]:
         for t in tasks:
             t.cancel()
         for c in choices:
-            abort_soon(c.stream)
+            if c.stream is not None:
+                abort_soon(c.stream)
 
 
 async def collect(choices: list[Choice]) -> None:

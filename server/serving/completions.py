@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -12,8 +11,7 @@ from schemas.openai.completions import Completion, CompletionChoice, CompletionR
 from server.engine.base import Engine, EngineError, Tokenizer
 from server.errors import invalid_request, unsupported_param
 from server.serving.common import (
-    Choice,
-    admit,
+    Plan,
     check_model,
     collect,
     engine_failure,
@@ -23,22 +21,10 @@ from server.serving.common import (
     resolve_max_tokens,
     run_choices,
     sampling_params,
-    usage_of,
 )
 from server.serving.streaming import error_event
 
 MAX_PROMPTS = 128
-
-
-@dataclass(slots=True)
-class PreparedCompletion:
-    """A validated, admitted completion request (one choice per prompt)."""
-
-    id: str
-    created: int
-    model: str
-    choices: list[Choice]
-    include_usage: bool
 
 
 def reject_unsupported(req: CompletionRequest) -> None:
@@ -92,8 +78,8 @@ def tokenize_prompts(tokenizer: Tokenizer, prompt: str | list[Any]) -> list[list
     return prompts
 
 
-def prepare(engine: Engine, req: CompletionRequest) -> PreparedCompletion:
-    """Validate, tokenize, check the context and admit every prompt."""
+def prepare(engine: Engine, req: CompletionRequest, *, max_tokens_cap: int | None = None) -> Plan:
+    """Validate, tokenize and check the context window of every prompt (nothing is admitted yet)."""
     model = check_model(engine, req.model)
     reject_unsupported(req)
     stops = parse_stops(req.stop)
@@ -101,7 +87,7 @@ def prepare(engine: Engine, req: CompletionRequest) -> PreparedCompletion:
         raise invalid_request("'stream_options' is only allowed when 'stream' is true.", "stream_options")
     prompts = tokenize_prompts(engine.tokenizer, req.prompt)
     longest = max(len(p) for p in prompts)
-    max_tokens = resolve_max_tokens(engine, longest, req.max_tokens, "max_tokens")
+    max_tokens = resolve_max_tokens(engine, longest, req.max_tokens, "max_tokens", max_tokens_cap)
     params = sampling_params(
         max_tokens=max_tokens,
         temperature=req.temperature,
@@ -111,40 +97,47 @@ def prepare(engine: Engine, req: CompletionRequest) -> PreparedCompletion:
         seed=req.seed,
         ignore_eos=req.ignore_eos,
     )
-    rid = new_id("cmpl")
-    choices = admit(engine, rid, prompts, params, stops)
-    include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-    return PreparedCompletion(id=rid, created=now(), model=model, choices=choices, include_usage=include_usage)
-
-
-async def complete(prep: PreparedCompletion) -> Completion:
-    """Run every prompt to the end and build the response."""
-    try:
-        await collect(prep.choices)
-    except EngineError as exc:
-        raise engine_failure(exc) from exc
-    return Completion(
-        id=prep.id,
-        created=prep.created,
-        model=prep.model,
-        choices=[
-            CompletionChoice(index=c.index, text="".join(c.text_parts), finish_reason=c.finish_reason or "stop")
-            for c in prep.choices
-        ],
-        usage=usage_of(prep.choices),
+    return Plan(
+        kind="completion",
+        id=new_id("cmpl"),
+        created=now(),
+        model=model,
+        prompts=prompts,
+        params=params,
+        stops=stops,
+        stream=bool(req.stream),
+        include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
+        explicit_max_tokens=req.max_tokens is not None,
     )
 
 
-async def stream(prep: PreparedCompletion) -> AsyncIterator[msgspec.Struct]:
-    """Stream chunks; each choice's last chunk carries its finish reason; usage last when asked."""
-    usage: Any = None if prep.include_usage else msgspec.UNSET
+async def complete(plan: Plan) -> Completion:
+    """Run every prompt to the end and build the response."""
     try:
-        async for ev in run_choices(prep.choices):
+        await collect(plan.choices)
+    except EngineError as exc:
+        raise engine_failure(exc) from exc
+    return Completion(
+        id=plan.id,
+        created=plan.created,
+        model=plan.model,
+        choices=[
+            CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason or "stop") for c in plan.choices
+        ],
+        usage=plan.usage,
+    )
+
+
+async def stream(plan: Plan) -> AsyncIterator[msgspec.Struct]:
+    """Stream chunks; each choice's last chunk carries its finish reason; usage last when asked."""
+    usage: Any = None if plan.include_usage else msgspec.UNSET
+    try:
+        async for ev in run_choices(plan.choices):
             if ev.text or ev.finish_reason is not None:
                 choice = CompletionChoice(index=ev.index, text=ev.text, finish_reason=ev.finish_reason)
-                yield Completion(id=prep.id, created=prep.created, model=prep.model, choices=[choice], usage=usage)
+                yield Completion(id=plan.id, created=plan.created, model=plan.model, choices=[choice], usage=usage)
     except EngineError as exc:
         yield error_event(engine_failure(exc))
         return
-    if prep.include_usage:
-        yield Completion(id=prep.id, created=prep.created, model=prep.model, choices=[], usage=usage_of(prep.choices))
+    if plan.include_usage:
+        yield Completion(id=plan.id, created=plan.created, model=plan.model, choices=[], usage=plan.usage)

@@ -25,8 +25,8 @@ def normalise(raw: str) -> str:
     return re.sub(r'"created":\d+', '"created":0', raw)
 
 
-def test_sse_bytes_are_frozen(make_app: Callable[..., Litestar]) -> None:
-    with TestClient(make_app(script=["Hi", " there"])) as client:
+def test_sse_bytes_are_frozen(make_app: Callable[..., Litestar], authed: Callable[[Any], Any]) -> None:
+    with authed(TestClient(make_app(script=["Hi", " there"]))) as client:
         r = chat(client, stream=True, stream_options={"include_usage": True})
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")
@@ -98,8 +98,8 @@ def test_completions_with_every_prompt_form(client: TestClient[Litestar]) -> Non
         assert all(c["text"] == "Hello, world!" for c in body["choices"])
 
 
-def test_completions_default_max_tokens_is_16(make_app: Callable[..., Litestar]) -> None:
-    with TestClient(make_app(script=["x"] * 40)) as client:
+def test_completions_default_max_tokens_is_16(make_app: Callable[..., Litestar], authed: Callable[[Any], Any]) -> None:
+    with authed(TestClient(make_app(script=["x"] * 40))) as client:
         body = client.post("/v1/completions", json={"model": "fake", "prompt": "a"}).json()
     assert body["usage"]["completion_tokens"] == 16
     assert body["choices"][0]["finish_reason"] == "length"
@@ -231,8 +231,10 @@ def test_unknown_model_is_404(client: TestClient[Litestar]) -> None:
     }
 
 
-def test_context_length_exceeded_before_any_stream_byte(make_app: Callable[..., Litestar]) -> None:
-    with TestClient(make_app(max_model_len=64)) as client:
+def test_context_length_exceeded_before_any_stream_byte(
+    make_app: Callable[..., Litestar], authed: Callable[[Any], Any]
+) -> None:
+    with authed(TestClient(make_app(max_model_len=64))) as client:
         for stream in (False, True):
             r = chat(client, max_tokens=60, stream=stream)
             assert r.status_code == 400
@@ -246,12 +248,13 @@ def test_context_length_exceeded_before_any_stream_byte(make_app: Callable[..., 
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
-def test_body_too_large_is_413(make_app: Callable[..., Litestar], settings: Any) -> None:
-    from server.app import create_app
-    from server.settings import Settings
+def test_body_too_large_is_413(make_app: Callable[..., Litestar], settings: Any, authed: Callable[[Any], Any]) -> None:
+    import msgspec
 
-    app = create_app(Settings(data_dir=settings.data_dir, request_max_body_size=2048), engine=FakeEngine())
-    with TestClient(app) as client:
+    from server.app import create_app
+
+    app = create_app(msgspec.structs.replace(settings, request_max_body_size=2048), engine=FakeEngine())
+    with authed(TestClient(app)) as client:
         r = client.post(
             "/v1/chat/completions", json={"model": "fake", "messages": [{"role": "user", "content": "x" * 5000}]}
         )
@@ -274,9 +277,11 @@ def test_request_id_is_kept_when_sane_and_replaced_when_not(client: TestClient[L
     assert rid.startswith("req_")
 
 
-def test_queue_full_is_503_overloaded_with_retry_after(make_app: Callable[..., Litestar]) -> None:
+def test_queue_full_is_503_overloaded_with_retry_after(
+    make_app: Callable[..., Litestar], authed: Callable[[Any], Any]
+) -> None:
     engine = FakeEngine(max_queue_size=1)
-    with TestClient(make_app(engine)) as client:
+    with authed(TestClient(make_app(engine))) as client:
         held = engine.generate(
             __import__("server.engine.base", fromlist=["EngineRequest"]).EngineRequest(
                 "held", [1], __import__("server.engine.base", fromlist=["SamplingParams"]).SamplingParams(max_tokens=1)
@@ -291,8 +296,10 @@ def test_queue_full_is_503_overloaded_with_retry_after(make_app: Callable[..., L
         assert chat(client).status_code == 200
 
 
-def test_engine_failure_mid_stream_is_an_error_frame(make_app: Callable[..., Litestar]) -> None:
-    with TestClient(make_app(script=["a", "b", "c"], fail_after=2)) as client:
+def test_engine_failure_mid_stream_is_an_error_frame(
+    make_app: Callable[..., Litestar], authed: Callable[[Any], Any]
+) -> None:
+    with authed(TestClient(make_app(script=["a", "b", "c"], fail_after=2))) as client:
         r = chat(client, stream=True)
         assert r.status_code == 200
         frames = [f for f in r.text.split("\n\n") if f]
@@ -302,12 +309,14 @@ def test_engine_failure_mid_stream_is_an_error_frame(make_app: Callable[..., Lit
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
 
 
-def test_not_ready_is_503_and_readyz_says_loading(make_app: Callable[..., Litestar]) -> None:
+def test_not_ready_is_503_and_readyz_says_loading(
+    make_app: Callable[..., Litestar], authed: Callable[[Any], Any]
+) -> None:
     class Slow(FakeEngine):
         async def start(self) -> None:  # never becomes ready
             return None
 
-    with TestClient(make_app(Slow())) as client:
+    with authed(TestClient(make_app(Slow()))) as client:
         r = client.get("/readyz")
         assert r.status_code == 503 and r.json()["status"] == "loading"
         r = chat(client)
@@ -323,7 +332,9 @@ def test_metrics_and_openapi(client: TestClient[Litestar]) -> None:
     assert "/v1/chat/completions" in schema["paths"]
 
 
-def test_model_without_chat_template_is_a_clear_400(make_app: Callable[..., Litestar]) -> None:
+def test_model_without_chat_template_is_a_clear_400(
+    make_app: Callable[..., Litestar], authed: Callable[[Any], Any]
+) -> None:
     from server.engine.chartok import CharTokenizer
 
     class NoTemplate(CharTokenizer):
@@ -333,7 +344,7 @@ def test_model_without_chat_template_is_a_clear_400(make_app: Callable[..., Lite
 
     engine = FakeEngine()
     engine._tokenizer = NoTemplate()
-    with TestClient(make_app(engine)) as client:
+    with authed(TestClient(make_app(engine))) as client:
         r = chat(client)
         assert r.status_code == 400
         assert r.json()["error"]["code"] == "chat_template_missing"

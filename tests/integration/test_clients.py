@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from litestar import Litestar
@@ -17,9 +18,9 @@ from tests.live import live_server
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_native_client(make_app: Callable[..., Litestar]) -> None:
-    with TestClient(make_app(script=["a", "b", "c"])) as http:
-        client = NativeClient("http://testserver.local", http=http)
+def test_native_client(make_app: Callable[..., Litestar], authed: Callable[[Any], Any], api_key: str) -> None:
+    with authed(TestClient(make_app(script=["a", "b", "c"]))) as http:
+        client = NativeClient("http://testserver.local", api_key=api_key, http=http)
         out = client.generate(GenerateRequest(prompt="x", max_new_tokens=2))
         assert out.output == "ab"
         assert out.finish_reason == "length"
@@ -31,10 +32,11 @@ def test_native_client(make_app: Callable[..., Litestar]) -> None:
         assert err.value.status == 404
 
 
-def test_example_scripts_run(make_app: Callable[..., Litestar], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_example_scripts_run(make_app: Callable[..., Litestar], monkeypatch: pytest.MonkeyPatch, api_key: str) -> None:
     with live_server(make_app(script=["hi", " there"])) as base:
         monkeypatch.setenv("LLM_SERVER_URL", base)
         monkeypatch.setenv("LLM_SERVER_MODEL", "fake")
+        monkeypatch.setenv("LLM_SERVER_API_KEY", api_key)
         from clients import langchain_chat, openai_sdk
 
         openai_sdk.main()

@@ -14,7 +14,7 @@ from litestar.testing import TestClient
 
 from server.app import create_app
 from server.engine.hf import HFEngine
-from server.settings import Settings
+from tests.conftest import migrated_settings
 from tests.live import live_server
 
 pytestmark = pytest.mark.slow
@@ -23,22 +23,26 @@ MESSAGES = [{"role": "user", "content": "Tell me about the for statement."}]
 
 
 @pytest.fixture(scope="module")
-def engine_app(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HFEngine, Litestar]]:
-    settings = Settings(model=str(tiny_model_dir), dtype="float32", data_dir=tmp_path_factory.mktemp("data"))
+def engine_app(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[HFEngine, Litestar, str]:
+    settings, key = migrated_settings(
+        tmp_path_factory.mktemp("data"), model=str(tiny_model_dir), dtype="float32", cache_enabled=False
+    )
     engine = HFEngine(
         settings.model, served_model_name="tiny", data_dir=settings.data_dir, device="cpu", dtype="float32"
     )
-    return engine, create_app(settings, engine=engine)
+    return engine, create_app(settings, engine=engine), key
 
 
 @pytest.fixture(scope="module")
-def sdk(engine_app: tuple[HFEngine, Litestar]) -> Iterator[openai.OpenAI]:
+def sdk(engine_app: tuple[HFEngine, Litestar, str]) -> Iterator[openai.OpenAI]:
     with TestClient(engine_app[1]) as http:
         deadline = time.monotonic() + 60
         while http.get("/readyz").status_code != 200:
             assert time.monotonic() < deadline, "tiny model did not load"
             time.sleep(0.05)
-        yield openai.OpenAI(base_url="http://testserver.local/v1", api_key="x", http_client=http, max_retries=0)
+        yield openai.OpenAI(
+            base_url="http://testserver.local/v1", api_key=engine_app[2], http_client=http, max_retries=0
+        )
 
 
 def test_streamed_text_equals_non_streamed_at_temperature_0(sdk: openai.OpenAI) -> None:
@@ -63,7 +67,7 @@ def test_streamed_text_equals_non_streamed_at_temperature_0(sdk: openai.OpenAI) 
 
 
 def test_completions_stream_equals_non_stream_and_usage_uses_the_tokenizer(
-    sdk: openai.OpenAI, engine_app: tuple[HFEngine, Litestar]
+    sdk: openai.OpenAI, engine_app: tuple[HFEngine, Litestar, str]
 ) -> None:
     engine = engine_app[0]
     prompt = "The while statement is used for"
@@ -128,14 +132,19 @@ def test_continue_final_message(sdk: openai.OpenAI) -> None:
 
 def test_disconnect_frees_the_real_engine(tiny_model_dir: Path, tmp_path: Path) -> None:
     engine = HFEngine(str(tiny_model_dir), served_model_name="tiny", data_dir=tmp_path, device="cpu", dtype="float32")
-    app = create_app(Settings(model=str(tiny_model_dir), data_dir=tmp_path), engine=engine)
+    settings, key = migrated_settings(tmp_path, model=str(tiny_model_dir))
+    app = create_app(settings, engine=engine)
+    auth = {"Authorization": f"Bearer {key}"}
     with live_server(app) as base:
         deadline = time.monotonic() + 60
         while httpx.get(f"{base}/readyz").status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         body = {"model": "tiny", "prompt": "x", "max_tokens": 2000, "stream": True, "ignore_eos": True}
-        with httpx.Client(base_url=base, timeout=30) as http, http.stream("POST", "/v1/completions", json=body) as r:
+        with (
+            httpx.Client(base_url=base, timeout=30, headers=auth) as http,
+            http.stream("POST", "/v1/completions", json=body) as r,
+        ):
             lines = r.iter_lines()
             for _ in range(6):
                 next(lines)
@@ -144,6 +153,8 @@ def test_disconnect_frees_the_real_engine(tiny_model_dir: Path, tmp_path: Path) 
         while engine.num_running or engine.num_waiting:
             assert time.monotonic() - freed < 2.0, "the engine kept decoding after the client left"
             time.sleep(0.005)
-        r2 = httpx.post(f"{base}/v1/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=30)
+        r2 = httpx.post(
+            f"{base}/v1/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=30, headers=auth
+        )
         assert r2.status_code == 200
         assert r2.json()["usage"]["completion_tokens"] == 3

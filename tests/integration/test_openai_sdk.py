@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -18,9 +19,9 @@ def app(make_app: Callable[..., Litestar]) -> Litestar:
 
 
 @pytest.fixture
-def sync_client(app: Litestar) -> Iterator[openai.OpenAI]:
-    with TestClient(app) as http:
-        yield openai.OpenAI(base_url="http://testserver.local/v1", api_key="sk-test", http_client=http, max_retries=0)
+def sync_client(app: Litestar, authed: Callable[[Any], Any], api_key: str) -> Iterator[openai.OpenAI]:
+    with authed(TestClient(app)) as http:
+        yield openai.OpenAI(base_url="http://testserver.local/v1", api_key=api_key, http_client=http, max_retries=0)
 
 
 def test_sync_non_stream(sync_client: openai.OpenAI) -> None:
@@ -62,10 +63,10 @@ def test_sync_errors_map_to_sdk_exceptions(sync_client: openai.OpenAI) -> None:
 
 
 @pytest.mark.anyio
-async def test_async_stream_and_non_stream(app: Litestar) -> None:
-    async with AsyncTestClient(app) as http:
+async def test_async_stream_and_non_stream(app: Litestar, authed: Callable[[Any], Any], api_key: str) -> None:
+    async with authed(AsyncTestClient(app)) as http:
         client = openai.AsyncOpenAI(
-            base_url="http://testserver.local/v1", api_key="sk-test", http_client=http, max_retries=0
+            base_url="http://testserver.local/v1", api_key=api_key, http_client=http, max_retries=0
         )
         out = await client.chat.completions.create(model="fake", messages=MESSAGES, stop=[", w"])  # type: ignore[arg-type]
         assert out.choices[0].message.content == "Hello"
@@ -80,14 +81,14 @@ async def test_async_stream_and_non_stream(app: Litestar) -> None:
         assert texts == {0: "Hello, world!", 1: "Hello, world!"}
 
 
-def test_langchain_invoke_and_stream(app: Litestar) -> None:
+def test_langchain_invoke_and_stream(app: Litestar, authed: Callable[[Any], Any], api_key: str) -> None:
     from langchain_openai import ChatOpenAI
 
-    with TestClient(app) as http:
+    with authed(TestClient(app)) as http:
         llm = ChatOpenAI(
             model="fake",
             base_url="http://testserver.local/v1",
-            api_key="sk-test",  # type: ignore[arg-type]
+            api_key=api_key,  # type: ignore[arg-type]
             http_client=http,
             max_retries=0,
             temperature=0,

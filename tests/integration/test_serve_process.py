@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,11 +20,20 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     data_dir = tmp_path_factory.mktemp("serve-data")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_SERVER_")}
     env |= {"LLM_SERVER_DATA_DIR": str(data_dir), "LLM_SERVER_DTYPE": "float32", "HF_HUB_OFFLINE": "1"}
+    # The CLI creates the key (migrating the fresh database first), as a newcomer would.
+    created = subprocess.run(
+        [sys.executable, "-m", "server", "keys", "create", "--name", "t", "--role", "admin", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    api_key = json.loads(created.stdout)["key"]
     log = (data_dir / "server.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
@@ -41,7 +51,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 pass
             time.sleep(0.1)
         print(f"\nserve -> /readyz 200 in {time.monotonic() - started:.2f}s")
-        yield base
+        yield base, api_key
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -57,8 +67,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert (data_dir / "models" / "tiny-chat" / "config.json").is_file()
 
 
-def test_sdk_sync_against_the_process(server: str) -> None:
-    with openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0) as client:
+def test_sdk_sync_against_the_process(server: tuple[str, str]) -> None:
+    base, api_key = server
+    with openai.OpenAI(base_url=f"{base}/v1", api_key=api_key, max_retries=0) as client:
         assert [m.id for m in client.models.list().data] == ["tiny-chat"]
         msgs = [{"role": "user", "content": "hello"}]
         full = client.chat.completions.create(model="tiny-chat", messages=msgs, temperature=0, max_tokens=20)  # type: ignore[arg-type]
@@ -73,8 +84,9 @@ def test_sdk_sync_against_the_process(server: str) -> None:
 
 
 @pytest.mark.anyio
-async def test_sdk_async_against_the_process(server: str) -> None:
-    async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0) as client:
+async def test_sdk_async_against_the_process(server: tuple[str, str]) -> None:
+    base, api_key = server
+    async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=api_key, max_retries=0) as client:
         stream = await client.completions.create(model="tiny-chat", prompt="def ", max_tokens=10, stream=True)
         chunks = [c async for c in stream]
         assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -83,13 +95,13 @@ async def test_sdk_async_against_the_process(server: str) -> None:
         assert err.value.code == "context_length_exceeded"
 
 
-def test_langchain_against_the_process(server: str) -> None:
+def test_langchain_against_the_process(server: tuple[str, str]) -> None:
     from langchain_openai import ChatOpenAI
 
     llm = ChatOpenAI(
         model="tiny-chat",
-        base_url=f"{server}/v1",
-        api_key="x",  # type: ignore[arg-type]
+        base_url=f"{server[0]}/v1",
+        api_key=server[1],  # type: ignore[arg-type]
         temperature=0,
         max_completion_tokens=12,  # type: ignore[call-arg]
         max_retries=0,
@@ -99,9 +111,10 @@ def test_langchain_against_the_process(server: str) -> None:
     assert streamed == invoked.content
 
 
-def test_curl_frames_are_exact(server: str) -> None:
+def test_curl_frames_are_exact(server: tuple[str, str]) -> None:
     body = {"model": "tiny-chat", "prompt": "a", "max_tokens": 3, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", f"{server}/v1/completions", json=body) as r:
+    auth = {"Authorization": f"Bearer {server[1]}"}
+    with httpx.stream("POST", f"{server[0]}/v1/completions", json=body, headers=auth) as r:
         raw = b"".join(r.iter_raw())
     frames = raw.split(b"\n\n")
     assert frames[-1] == b"" and frames[-2] == b"data: [DONE]"

@@ -1,0 +1,133 @@
+"""The advanced-alchemy async config: one engine per URL with SQLite and PostgreSQL tuned for a server.
+
+SQLite gets WAL (readers never block the writer), a busy timeout (writers queue instead of failing with
+"database is locked") and foreign keys; PostgreSQL gets a connect timeout and pre-ping so an unreachable or
+restarted database fails a request in seconds instead of hanging it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from advanced_alchemy.config import AlembicAsyncConfig, AsyncSessionConfig
+from advanced_alchemy.extensions.litestar import SQLAlchemyAsyncConfig
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+import migrations
+from persistence.models import Base
+
+__all__ = (
+    "MIGRATIONS_DIR",
+    "VERSION_TABLE",
+    "create_engine",
+    "make_engine_config",
+)
+
+MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
+"""The Alembic script location, found from the installed ``migrations`` package (never the CWD)."""
+VERSION_TABLE = "alembic_versions"
+"""Alembic's version table (advanced-alchemy's default name)."""
+
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_BUSY_TIMEOUT_MS = 5000
+
+
+def _prepare_sqlite_file(url: URL) -> None:
+    database = url.database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def create_engine(
+    database_url: str,
+    *,
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    command_timeout_s: float | None = None,
+    **kwargs: Any,
+) -> AsyncEngine:
+    """Create an async engine with the per-dialect settings described in the module docstring.
+
+    Args:
+        database_url: SQLAlchemy async URL (``sqlite+aiosqlite://…`` or ``postgresql+asyncpg://…``).
+        connect_timeout_s: Longest wait for a new PostgreSQL connection.
+        busy_timeout_ms: How long a SQLite writer waits for the write lock before failing.
+        command_timeout_s: PostgreSQL (asyncpg) default timeout of each statement; ``None``: no limit.
+        **kwargs: Passed on to :func:`sqlalchemy.ext.asyncio.create_async_engine`.
+    """
+    url = make_url(database_url)
+    backend = url.get_backend_name()
+    connect_args: dict[str, Any] = dict(kwargs.pop("connect_args", None) or {})
+    if backend == "sqlite":
+        _prepare_sqlite_file(url)
+        # The driver's own busy handler (seconds) covers the connect itself; the PRAGMA below the rest.
+        connect_args.setdefault("timeout", busy_timeout_ms / 1000)
+    elif backend == "postgresql":
+        kwargs.setdefault("pool_pre_ping", True)
+        if url.get_driver_name() == "asyncpg":
+            connect_args.setdefault("timeout", connect_timeout_s)
+            if command_timeout_s is not None:
+                connect_args.setdefault("command_timeout", command_timeout_s)
+    engine = create_async_engine(url, connect_args=connect_args, **kwargs)
+    if backend == "sqlite":
+        _install_sqlite_pragmas(engine, busy_timeout_ms)
+    return engine
+
+
+def _install_sqlite_pragmas(engine: AsyncEngine, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            # busy_timeout first: switching to WAL needs a lock another connection may briefly hold.
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+
+def make_engine_config(
+    database_url: str,
+    *,
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    command_timeout_s: float | None = None,
+    **engine_kwargs: Any,
+) -> SQLAlchemyAsyncConfig:
+    """Build the config for Litestar's ``SQLAlchemyPlugin``, also usable standalone.
+
+    Standalone use: ``async with config.get_session() as session: ...`` (commit it yourself) and
+    ``await config.get_engine().dispose()`` when done. In an app the request session is committed when the
+    response starts (``before_send_handler="autocommit"``). Sessions do not expire objects on commit, so
+    loaded attributes stay readable without another round trip.
+
+    Args:
+        database_url: SQLAlchemy async URL.
+        connect_timeout_s: Longest wait for a new PostgreSQL connection.
+        busy_timeout_ms: How long a SQLite writer waits for the write lock.
+        command_timeout_s: PostgreSQL default timeout of each statement; ``None``: no limit.
+        **engine_kwargs: Extra :func:`create_async_engine` arguments (``pool_size``, ``echo``, ...).
+    """
+    engine = create_engine(
+        database_url,
+        connect_timeout_s=connect_timeout_s,
+        busy_timeout_ms=busy_timeout_ms,
+        command_timeout_s=command_timeout_s,
+        **engine_kwargs,
+    )
+    return SQLAlchemyAsyncConfig(
+        engine_instance=engine,
+        session_config=AsyncSessionConfig(expire_on_commit=False),
+        metadata=Base.metadata,
+        before_send_handler="autocommit",
+        alembic_config=AlembicAsyncConfig(
+            script_location=str(MIGRATIONS_DIR),
+            version_table_name=VERSION_TABLE,
+            render_as_batch=True,
+        ),
+    )

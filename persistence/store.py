@@ -1,0 +1,67 @@
+"""The persistence API the server uses: async functions over an ``AsyncSession``.
+
+Reads return frozen records (:class:`RoleRecord`, :class:`KeyRecord`, :class:`UsageRecord`) that stay valid
+after the session closes, so callers may cache them. Unless a function says it commits, the caller owns the
+transaction (in a Litestar handler the plugin commits when the response starts). Functions that commit
+themselves: :func:`reserve_usage`, :func:`adjust_usage` (each its own short transaction) and
+:func:`delete_request_logs_before` (one transaction per chunk).
+
+Unknown keys or roles raise :class:`LookupError` from mutations (``get_*`` return ``None``); invalid or duplicate
+input raises :class:`ValueError`.
+"""
+
+from __future__ import annotations
+
+from persistence.keys import (
+    LIMIT_FIELDS,
+    UNSET,
+    create_role,
+    get_key,
+    get_key_by_digest,
+    get_role,
+    insert_key,
+    list_keys,
+    list_roles,
+    mark_rotated,
+    revoke_key,
+    update_role,
+)
+from persistence.logs import (
+    REQUEST_LOG_FIELDS,
+    cache_get,
+    cache_purge_expired,
+    cache_put,
+    delete_request_logs_before,
+    insert_request_logs,
+)
+from persistence.records import KeyRecord, KeyState, RoleRecord, UsageRecord
+from persistence.usage import add_usage, adjust_usage, get_usage, reserve_usage
+
+__all__ = (
+    "LIMIT_FIELDS",
+    "REQUEST_LOG_FIELDS",
+    "UNSET",
+    "KeyRecord",
+    "KeyState",
+    "RoleRecord",
+    "UsageRecord",
+    "add_usage",
+    "adjust_usage",
+    "cache_get",
+    "cache_purge_expired",
+    "cache_put",
+    "create_role",
+    "delete_request_logs_before",
+    "get_key",
+    "get_key_by_digest",
+    "get_role",
+    "get_usage",
+    "insert_key",
+    "insert_request_logs",
+    "list_keys",
+    "list_roles",
+    "mark_rotated",
+    "reserve_usage",
+    "revoke_key",
+    "update_role",
+)

@@ -1,0 +1,247 @@
+"""Admission, all or nothing, before any engine work.
+
+Order (the first limit that fails decides the error): the role's model allowlist (403), its max_tokens cap
+(400), RPM and TPM (429 ``requests`` / ``tokens``), per-key concurrency (429 ``requests``), monthly token and
+request quotas (429 ``insufficient_quota``). Short windows are only *tested* first; the quota reservation (a
+conditional UPDATE in the database) and the concurrency slot are taken next, and only then are the RPM and
+TPM windows hit — so a request refused at any step consumes nothing at the steps before it.
+
+Tokens: the quota reserves prompt + max tokens and is reconciled to the actual count when the request ends
+(success, error, disconnect or cache hit). TPM counts prompt + max tokens at admission, as OpenAI's limiter
+counts ``max_tokens``; when the client sets no max tokens, TPM counts prompt + ``min(remaining context,
+TPM_ESTIMATE)`` and tokens generated beyond that are added when the request ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from server.admission.ratelimit import RateLimiter, StorageUnavailable, Window, duration
+from server.auth.principal import Principal
+from server.errors import OpenAIError, invalid_request
+from server.metrics import Metrics
+
+log = logging.getLogger("server.admission")
+
+TPM_ESTIMATE = 256
+
+ReserveFn = Callable[[str, str, int, int | None, int | None], Awaitable[bool]]
+
+
+def current_month(now: float | None = None) -> str:
+    """``YYYY-MM`` in UTC."""
+    return datetime.fromtimestamp(time.time() if now is None else now, UTC).strftime("%Y-%m")
+
+
+@dataclass(slots=True)
+class Ticket:
+    """What admission granted; :meth:`Gateway.finish` gives back what was not used."""
+
+    principal: Principal
+    month: str
+    reserved_tokens: int
+    tpm_counted: int
+    quota_reserved: bool
+    slot: bool
+    headers: dict[str, str] = field(default_factory=dict)
+    finished: bool = False
+
+
+def rate_headers(requests: Window | None, tokens: Window | None) -> dict[str, str]:
+    """The ``x-ratelimit-*`` headers for the windows that apply."""
+    headers: dict[str, str] = {}
+    for kind, w in (("requests", requests), ("tokens", tokens)):
+        if w is not None:
+            headers[f"x-ratelimit-limit-{kind}"] = str(w.limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(w.remaining)
+            headers[f"x-ratelimit-reset-{kind}"] = duration(w.reset_s)
+    return headers
+
+
+class Gateway:
+    """Admits requests and settles them afterwards.
+
+    Args:
+        limiter: RPM / TPM / concurrency storage.
+        reserve: ``(key_id, month, tokens, max_tokens_per_month, max_requests_per_month) -> admitted`` — the
+            database's atomic conditional update.
+        settle: Called with ``(key_id, month, token_delta, request_delta)`` to record usage off the hot path.
+        metrics: Where rate-limit and quota refusals are counted.
+        fail_open: Admit when the rate-limit storage is unreachable (quotas still fail closed).
+    """
+
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        reserve: ReserveFn,
+        settle: Callable[[str, str, int, int], None],
+        metrics: Metrics,
+        *,
+        fail_open: bool,
+    ) -> None:
+        self.limiter = limiter
+        self._reserve = reserve
+        self._settle = settle
+        self._metrics = metrics
+        self._fail_open = fail_open
+
+    # -- checks that need no storage ----------------------------------------------------------------------
+    @staticmethod
+    def check_model(principal: Principal, model: str) -> None:
+        """403 ``model_not_allowed`` when the role's allowlist excludes ``model``."""
+        allowed = principal.role.allowed_models
+        if allowed is not None and model not in allowed:
+            raise OpenAIError(
+                403,
+                "permission_error",
+                f"Your key's role '{principal.role.name}' may not use the model '{model}'.",
+                param="model",
+                code="model_not_allowed",
+            )
+
+    @staticmethod
+    def max_tokens_cap(principal: Principal, requested: int | None, param: str) -> int | None:
+        """The role's cap; 400 when the request asks for more."""
+        cap = principal.role.max_tokens
+        if cap is not None and requested is not None and requested > cap:
+            raise invalid_request(
+                f"'{param}' is {requested}, above your role's limit of {cap} tokens per request.", param
+            )
+        return cap
+
+    # -- admission ----------------------------------------------------------------------------------------
+    async def admit(
+        self, principal: Principal, *, prompt_tokens: int, max_new_tokens: int, explicit_max: bool
+    ) -> Ticket:
+        """Run the stateful checks in order; raise the first refusal, consuming nothing."""
+        role, key_id = principal.role, principal.key_id
+        reserved = prompt_tokens + max_new_tokens
+        tpm_cost = reserved if explicit_max else prompt_tokens + min(max_new_tokens, TPM_ESTIMATE)
+        ticket = Ticket(principal, current_month(), reserved, tpm_cost, quota_reserved=False, slot=False)
+        limiter_ok = True
+        try:
+            if role.rpm is not None and not await self.limiter.test("requests", key_id, role.rpm, 1):
+                raise await self._rate_limited(principal, "requests", role.rpm, 1)
+            if role.tpm is not None and not await self.limiter.test("tokens", key_id, role.tpm, tpm_cost):
+                raise await self._rate_limited(principal, "tokens", role.tpm, tpm_cost)
+            if role.max_concurrency is not None:
+                if not await self.limiter.acquire_slot(key_id, role.max_concurrency):
+                    self._metrics.rate_limited_total.labels(role.name, "concurrency").inc()
+                    raise OpenAIError(
+                        429,
+                        "requests",
+                        f"Too many concurrent requests for this key (limit {role.max_concurrency}); "
+                        "retry when one finishes.",
+                        code="rate_limit_exceeded",
+                        headers={"retry-after": "1", "retry-after-ms": "1000"},
+                    )
+                ticket.slot = True
+        except StorageUnavailable as exc:
+            limiter_ok = False
+            if not self._fail_open:
+                raise OpenAIError(
+                    503,
+                    "server_error",
+                    "Rate limiting is unavailable; retry shortly.",
+                    code="service_unavailable",
+                    headers={"retry-after": "5"},
+                ) from exc
+            log.warning("rate-limit storage unreachable, admitting (fail-open): %s", exc)
+        try:
+            await self._reserve_quota(ticket)
+            if limiter_ok:
+                await self._hit_windows(ticket)
+        except BaseException:
+            await self.finish(ticket, used_tokens=0, count_request=False)
+            raise
+        return ticket
+
+    async def _reserve_quota(self, ticket: Ticket) -> None:
+        role = ticket.principal.role
+        if role.monthly_tokens is None and role.monthly_requests is None:
+            return
+        ok = await self._reserve(
+            ticket.principal.key_id, ticket.month, ticket.reserved_tokens, role.monthly_tokens, role.monthly_requests
+        )
+        if not ok:
+            self._metrics.quota_exceeded_total.labels(role.name).inc()
+            raise OpenAIError(
+                429,
+                "insufficient_quota",
+                "You exceeded your monthly quota for this key; it resets at the start of next month (UTC).",
+                code="insufficient_quota",
+                headers={"x-should-retry": "false"},
+            )
+        ticket.quota_reserved = True
+
+    async def _hit_windows(self, ticket: Ticket) -> None:
+        role, key_id = ticket.principal.role, ticket.principal.key_id
+        try:
+            # Tested a moment ago; a hit fails only if a concurrent request won the race for the last room.
+            if role.rpm is not None and not await self.limiter.hit("requests", key_id, role.rpm, 1):
+                raise await self._rate_limited(ticket.principal, "requests", role.rpm, 1)
+            if role.tpm is not None and not await self.limiter.hit("tokens", key_id, role.tpm, ticket.tpm_counted):
+                raise await self._rate_limited(ticket.principal, "tokens", role.tpm, ticket.tpm_counted)
+            ticket.headers = await self.headers(ticket.principal)
+        except StorageUnavailable as exc:
+            if not self._fail_open:
+                raise OpenAIError(
+                    503, "server_error", "Rate limiting is unavailable; retry shortly.", code="service_unavailable"
+                ) from exc
+
+    async def _rate_limited(self, principal: Principal, kind: str, limit: int, cost: int) -> OpenAIError:
+        self._metrics.rate_limited_total.labels(principal.role.name, kind).inc()
+        window = await self.limiter.window(kind, principal.key_id, limit)
+        wait_s = max(window.reset_s, 0.001)
+        if cost > limit:
+            msg = f"This request needs {cost} tokens, above your limit of {limit} tokens per minute."
+        else:
+            used = limit - window.remaining
+            msg = f"Rate limit reached for {kind} per minute: limit {limit}, used {used}, requested {cost}."
+        headers = {"retry-after": str(max(1, math.ceil(wait_s))), "retry-after-ms": str(math.ceil(wait_s * 1000))}
+        headers |= await self.headers(principal)
+        return OpenAIError(
+            429, kind, f"{msg} Please try again in {duration(wait_s)}.", code="rate_limit_exceeded", headers=headers
+        )
+
+    async def headers(self, principal: Principal) -> dict[str, str]:
+        """Current ``x-ratelimit-*`` headers for ``principal`` (empty for unlimited windows or no storage)."""
+        role = principal.role
+        try:
+            req = await self.limiter.window("requests", principal.key_id, role.rpm) if role.rpm else None
+            tok = await self.limiter.window("tokens", principal.key_id, role.tpm) if role.tpm else None
+        except StorageUnavailable:
+            return {}
+        return rate_headers(req, tok)
+
+    async def finish(self, ticket: Ticket, *, used_tokens: int, count_request: bool = True) -> None:
+        """Settle once: release the slot, reconcile the quota reservation, add TPM overrun, record usage."""
+        if ticket.finished:
+            return
+        ticket.finished = True
+        key_id, role = ticket.principal.key_id, ticket.principal.role
+        if ticket.slot:
+            try:
+                await self.limiter.release_slot(key_id)
+            except StorageUnavailable as exc:
+                log.warning("could not release a concurrency slot: %s", exc)
+        if count_request and role.tpm is not None and used_tokens > ticket.tpm_counted:
+            with contextlib.suppress(StorageUnavailable):  # best effort: the overrun is added if the window has room
+                await self.limiter.hit("tokens", key_id, role.tpm, min(role.tpm, used_tokens - ticket.tpm_counted))
+        if ticket.quota_reserved:
+            # The reservation already counted one request and reserved_tokens; give back the difference.
+            self._settle(key_id, ticket.month, used_tokens - ticket.reserved_tokens, 0 if count_request else -1)
+        elif count_request:
+            self._settle(key_id, ticket.month, used_tokens, 1)
+
+
+def usage_tokens(usage: Any) -> int:
+    """Total tokens of a usage object (``None`` -> 0)."""
+    return int(getattr(usage, "total_tokens", 0) or 0)

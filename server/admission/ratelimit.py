@@ -1,0 +1,134 @@
+"""Short-window limits (RPM, TPM, per-key concurrency) over a ``limits`` storage: memory or Redis, same code.
+
+RPM uses a moving window (exact; one entry per request). TPM uses a sliding-window counter (two counters per
+key, so large token costs stay cheap). Concurrency is a counter in the same storage, so replicas sharing Redis
+share it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from limits import RateLimitItemPerMinute
+from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
+from limits.storage import storage_from_string
+
+log = logging.getLogger("server.admission")
+T = TypeVar("T")
+
+NAMESPACE = "llm-server"
+# A concurrency counter outlives any request; it only expires to heal slots leaked by a crashed replica.
+CONCURRENCY_TTL_S = 3600
+STORAGE_TIMEOUT_S = 2.0
+
+
+class StorageUnavailable(Exception):
+    """The rate-limit storage (Redis) did not answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """One limit's state for the ``x-ratelimit-*`` headers."""
+
+    limit: int
+    remaining: int
+    reset_s: float
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format: ``6s``, ``1m0s``, ``1m30s``, ``120ms``."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    total = math.ceil(seconds)
+    minutes, secs = divmod(total, 60)
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+class RateLimiter:
+    """RPM, TPM and concurrency for keys, identified by key id.
+
+    Args:
+        uri: ``limits`` storage URI (``async+memory://``, ``async+redis://host:6379/0``).
+        key_prefix: Prefix of every Redis key (tests isolate runs with it).
+    """
+
+    def __init__(self, uri: str, *, key_prefix: str = "LIMITS") -> None:
+        options: dict[str, Any] = {}
+        if "redis" in uri.split("://", 1)[0]:
+            options = {"key_prefix": key_prefix, "wrap_exceptions": True}
+        self.storage: Any = storage_from_string(uri, **options)
+        self._rpm = MovingWindowRateLimiter(self.storage)
+        self._tpm = SlidingWindowCounterRateLimiter(self.storage)
+
+    async def _call(self, coro: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(coro, STORAGE_TIMEOUT_S)
+        except (TimeoutError, OSError) as exc:
+            raise StorageUnavailable(str(exc) or type(exc).__name__) from exc
+        except Exception as exc:  # limits wraps driver errors in StorageError; anything else is the same fault
+            if type(exc).__module__.startswith(("limits", "coredis", "redis")):
+                raise StorageUnavailable(str(exc) or type(exc).__name__) from exc
+            raise
+
+    async def window(self, kind: str, key_id: str, limit: int) -> Window:
+        """Current state of the ``kind`` (``requests``/``tokens``) window without consuming anything."""
+        item = RateLimitItemPerMinute(limit)
+        limiter = self._rpm if kind == "requests" else self._tpm
+        reset_time, remaining = await self._call(limiter.get_window_stats(item, NAMESPACE, kind, key_id))
+        return Window(limit=limit, remaining=max(0, int(remaining)), reset_s=max(0.0, reset_time - time.time()))
+
+    async def test(self, kind: str, key_id: str, limit: int, cost: int) -> bool:
+        """Whether ``cost`` fits now (consumes nothing)."""
+        item = RateLimitItemPerMinute(limit)
+        limiter = self._rpm if kind == "requests" else self._tpm
+        if cost > limit:
+            return False
+        return bool(await self._call(limiter.test(item, NAMESPACE, kind, key_id, cost=cost)))
+
+    async def hit(self, kind: str, key_id: str, limit: int, cost: int) -> bool:
+        """Consume ``cost`` if it fits; a refused hit consumes nothing (moving / sliding windows)."""
+        item = RateLimitItemPerMinute(limit)
+        limiter = self._rpm if kind == "requests" else self._tpm
+        if cost > limit:
+            return False
+        return bool(await self._call(limiter.hit(item, NAMESPACE, kind, key_id, cost=cost)))
+
+    async def acquire_slot(self, key_id: str, limit: int) -> bool:
+        """Take one of ``limit`` concurrent slots of ``key_id``."""
+        key = f"{NAMESPACE}/concurrency/{key_id}"
+        value = int(await self._call(self.storage.incr(key, CONCURRENCY_TTL_S, 1)))
+        if value > limit:
+            await self._call(self.storage.incr(key, CONCURRENCY_TTL_S, -1))
+            return False
+        return True
+
+    async def release_slot(self, key_id: str) -> None:
+        """Give a slot back (never below zero)."""
+        key = f"{NAMESPACE}/concurrency/{key_id}"
+        value = int(await self._call(self.storage.incr(key, CONCURRENCY_TTL_S, -1)))
+        if value < 0:  # the counter expired while the request ran: do not let it go negative
+            await self._call(self.storage.incr(key, CONCURRENCY_TTL_S, -value))
+
+    async def in_use(self, key_id: str) -> int:
+        """Slots currently held by ``key_id``."""
+        return int(await self._call(self.storage.get(f"{NAMESPACE}/concurrency/{key_id}")))
+
+    def close(self) -> None:
+        """Drop the storage's connections (Redis); the memory storage has none."""
+        client = getattr(getattr(self.storage, "bridge", None), "storage", None)
+        pool = getattr(client, "connection_pool", None)
+        if pool is not None:
+            pool.disconnect()
+
+    async def check(self) -> bool:
+        """Whether the storage answers."""
+        try:
+            return bool(await self._call(self.storage.check()))
+        except StorageUnavailable:
+            return False

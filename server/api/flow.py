@@ -1,0 +1,144 @@
+"""The path every generation request takes after validation: admission, cache, engine, accounting.
+
+Handlers build a :class:`Plan` with the serving layer and call :func:`respond`; this module turns it into a
+JSON or SSE response with the rate-limit headers, settles the gateway ticket exactly once (success, error,
+client disconnect) and queues the request-log row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import msgspec
+from litestar import Request, Response
+from litestar.response import Stream
+
+from schemas.openai.errors import ErrorResponse
+from server.admission.gateway import Ticket
+from server.api.common import json_response, sse_response
+from server.auth.principal import Principal
+from server.cache import cache_key, encode_results
+from server.engine.base import Engine
+from server.requestlog import RequestRecord
+from server.services import Services
+from server.serving.common import Plan, replay, start
+
+RECORD = "request_record"
+
+
+def record_of(request: Request[Any, Any, Any]) -> RequestRecord | None:
+    """The request-log record of a ``/v1`` request (created by the auth guard)."""
+    record: RequestRecord | None = request.scope.get("state", {}).get(RECORD)
+    return record
+
+
+def principal_of(request: Request[Any, Any, Any]) -> Principal:
+    return request.scope["state"]["principal"]  # type: ignore[no-any-return]
+
+
+def max_tokens_cap(
+    request: Request[Any, Any, Any], services: Services, requested: int | None, param: str
+) -> int | None:
+    """The caller's role cap on max tokens (400 when ``requested`` exceeds it)."""
+    return services.gateway.max_tokens_cap(principal_of(request), requested, param)
+
+
+async def respond(
+    request: Request[Any, Any, Any],
+    engine: Engine,
+    services: Services,
+    plan: Plan,
+    complete: Callable[[Plan], Awaitable[msgspec.Struct]],
+    stream: Callable[[Plan], AsyncIterator[msgspec.Struct]],
+) -> Response[Any] | Stream:
+    """Admit ``plan``, answer from the cache or the engine, and account for it."""
+    principal = principal_of(request)
+    gateway = services.gateway
+    gateway.check_model(principal, plan.model)
+    record = record_of(request)
+    if record is not None:
+        record.model = plan.model
+        record.prompt_tokens = plan.prompt_tokens
+        if services.settings.store_prompts:
+            record.prompt_text = "\n".join(engine.tokenizer.decode(p) for p in plan.prompts)
+    ticket = await gateway.admit(
+        principal,
+        prompt_tokens=plan.prompt_tokens,
+        max_new_tokens=plan.max_new_tokens,
+        explicit_max=plan.explicit_max_tokens,
+    )
+    headers = dict(ticket.headers)
+    key = None
+    try:
+        if services.cache is not None and plan.deterministic:
+            key = cache_key(principal.key_id, plan)
+            results = await services.cache.get(key)
+            if results is not None:
+                replay(plan, results)
+                headers["x-cache"] = "HIT"
+                services.metrics.cache_hits_total.labels(plan.model).inc()
+            else:
+                services.metrics.cache_misses_total.labels(plan.model).inc()
+        if not plan.cached:
+            start(engine, plan)
+    except BaseException:
+        await gateway.finish(ticket, used_tokens=0)
+        raise
+    if plan.stream:
+        if record is not None:
+            record.streaming = True
+        return sse_response(_settled_stream(services, plan, stream, ticket, record, key), headers)
+    try:
+        body = await complete(plan)
+    finally:
+        await _settle(services, plan, ticket, record, key, ok=plan.choices_finished)
+    return json_response(body, headers)
+
+
+async def _settled_stream(
+    services: Services,
+    plan: Plan,
+    stream: Callable[[Plan], AsyncIterator[msgspec.Struct]],
+    ticket: Ticket,
+    record: RequestRecord | None,
+    key: str | None,
+) -> AsyncIterator[msgspec.Struct]:
+    failed = False
+    try:
+        async for event in stream(plan):
+            if isinstance(event, ErrorResponse):
+                failed = True
+                if record is not None:
+                    record.error_type = event.error.type
+            elif record is not None and record.ttft_ms is None:
+                record.first_token()
+            yield event
+    finally:
+        # After a disconnect every await here would be cancelled again: settle under a shield.
+        with anyio.CancelScope(shield=True):
+            await _settle(services, plan, ticket, record, key, ok=plan.choices_finished and not failed)
+
+
+async def _settle(
+    services: Services, plan: Plan, ticket: Ticket, record: RequestRecord | None, key: str | None, *, ok: bool
+) -> None:
+    usage = plan.usage
+    # A cache hit ran no model: it counts as a request but spends no tokens of the quota.
+    used = 0 if plan.cached else usage.total_tokens
+    await services.gateway.finish(ticket, used_tokens=used)
+    if record is not None:
+        record.completion_tokens = usage.completion_tokens
+        record.cached = plan.cached
+        finishes = {c.finish_reason for c in plan.choices if c.finish_reason}
+        record.finish_reason = finishes.pop() if len(finishes) == 1 else ("mixed" if finishes else None)
+        if not ok and record.error_type is None:
+            record.error_type = "cancelled"
+        if services.settings.store_prompts:
+            record.output_text = "\n".join(c.text for c in plan.choices)
+        if record.streaming:
+            record.status = record.status or 200
+            services.writer.add_row(record)
+    if ok and key is not None and not plan.cached:
+        services.writer.add_cache(key, ticket.principal.key_id, plan.model, encode_results(plan), services.cache.ttl_s)  # type: ignore[union-attr]

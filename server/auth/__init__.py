@@ -1,0 +1,1 @@
+"""API keys and principals: key format, digests, authentication with a short cache, guards."""

@@ -1,0 +1,66 @@
+"""Completion cache for deterministic requests (temperature 0 or an explicit seed), scoped per key.
+
+The key hashes the caller's key id, the model, the endpoint family, the prompt token ids and every parameter
+that shapes the output, so one tenant never receives another's output and a different parameter never hits.
+Hits still pass admission (rate limits) and are logged; the cache fails open (a database error is a miss).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from datetime import UTC, datetime
+
+import msgspec
+
+from persistence import store
+from server.database import Database, DatabaseUnavailable
+from server.serving.common import Plan
+
+log = logging.getLogger("server.cache")
+
+Results = list[tuple[str, str, int]]
+_VERSION = 1
+
+
+def cache_key(key_id: str, plan: Plan) -> str:
+    """sha256 over everything that determines the output."""
+    p = plan.params
+    material = msgspec.msgpack.encode(
+        [
+            _VERSION,
+            key_id,
+            plan.model,
+            plan.kind,
+            plan.prompts,
+            [p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.seed, p.ignore_eos],
+            plan.stops,
+        ]
+    )
+    return hashlib.sha256(material).hexdigest()
+
+
+def encode_results(plan: Plan) -> bytes:
+    return msgspec.msgpack.encode([[c.text, c.finish_reason or "stop", c.completion_tokens] for c in plan.choices])
+
+
+class CompletionCache:
+    """Reads the cache on the request path; writes go through the request-log writer's batches."""
+
+    def __init__(self, db: Database, *, ttl_s: int, timeout_s: float = 1.0) -> None:
+        self._db = db
+        self.ttl_s = ttl_s
+        self._timeout = timeout_s
+
+    async def get(self, key: str) -> Results | None:
+        async def read(session: object) -> bytes | None:
+            return await store.cache_get(session, key, datetime.now(UTC))  # type: ignore[arg-type]
+
+        try:
+            raw = await self._db.run(read, timeout_s=self._timeout)
+        except DatabaseUnavailable as exc:
+            log.warning("completion cache unavailable, treating as a miss: %s", exc)
+            return None
+        if raw is None:
+            return None
+        return [(str(t), str(f), int(n)) for t, f, n in msgspec.msgpack.decode(raw)]

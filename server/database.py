@@ -1,0 +1,69 @@
+"""The app's database handle: sessions with a bounded wait, and a uniform "unavailable" error."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from persistence.config import make_engine_config
+
+T = TypeVar("T")
+
+
+class DatabaseUnavailable(Exception):
+    """The database did not answer in time or refused the connection."""
+
+
+class Database:
+    """Owns the SQLAlchemy config for one app (or one CLI command).
+
+    Args:
+        url: SQLAlchemy async URL.
+        timeout_s: Longest wait for one operation before :class:`DatabaseUnavailable`.
+    """
+
+    def __init__(self, url: str, *, timeout_s: float = 5.0) -> None:
+        self.url = url
+        self.config = make_engine_config(url)
+        self.timeout_s = timeout_s
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """A fresh session (the caller commits)."""
+        async with self.config.get_session() as session:
+            yield session
+
+    async def run(self, fn: Callable[[AsyncSession], Awaitable[T]], *, timeout_s: float | None = None) -> T:
+        """Run ``fn(session)`` in a fresh session within the timeout; commit on success."""
+
+        async def go() -> T:
+            async with self.session() as session:
+                result = await fn(session)
+                await session.commit()
+                return result
+
+        try:
+            return await asyncio.wait_for(go(), timeout_s or self.timeout_s)
+        except (TimeoutError, OSError, ConnectionError, OperationalError, DBAPIError) as exc:
+            raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
+
+    async def ping(self) -> bool:
+        """Whether ``SELECT 1`` answers within the timeout."""
+
+        async def select_one(session: AsyncSession) -> Any:
+            return (await session.execute(text("SELECT 1"))).scalar()
+
+        try:
+            return bool(await self.run(select_one))
+        except DatabaseUnavailable:
+            return False
+
+    async def close(self) -> None:
+        """Dispose of the connection pool."""
+        await self.config.get_engine().dispose()

@@ -1,0 +1,58 @@
+"""The gateway's collaborators, built once per app from settings and handed to handlers by dependency."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from persistence import store
+from persistence.store import KeyRecord, RoleRecord
+from server.admission.gateway import Gateway
+from server.admission.ratelimit import RateLimiter
+from server.auth.pepper import load_pepper
+from server.auth.principal import Authenticator
+from server.cache import CompletionCache
+from server.database import Database, DatabaseUnavailable
+from server.metrics import Metrics
+from server.requestlog import RequestLogWriter
+from server.settings import Settings
+
+
+@dataclass(slots=True)
+class Services:
+    """Everything a ``/v1`` or ``/admin`` handler needs besides the engine."""
+
+    settings: Settings
+    db: Database
+    pepper: bytes
+    auth: Authenticator
+    limiter: RateLimiter
+    gateway: Gateway
+    cache: CompletionCache | None
+    writer: RequestLogWriter
+    metrics: Metrics
+
+
+def build_services(settings: Settings, metrics: Metrics, *, ratelimit_key_prefix: str = "LIMITS") -> Services:
+    """Wire the gateway from settings (nothing connects yet; the app's lifespan starts what runs)."""
+    db = Database(settings.database, timeout_s=settings.database_timeout_s)
+    pepper = load_pepper(settings)
+
+    async def lookup(digest: str) -> tuple[KeyRecord, RoleRecord] | None:
+        try:
+            return await db.run(lambda s: store.get_key_by_digest(s, digest))
+        except DatabaseUnavailable as exc:
+            raise ConnectionError(str(exc)) from exc
+
+    async def reserve(key_id: str, month: str, tokens: int, max_tokens: int | None, max_requests: int | None) -> bool:
+        return await db.run(
+            lambda s: store.reserve_usage(
+                s, key_id, month, tokens, max_tokens_per_month=max_tokens, max_requests_per_month=max_requests
+            )
+        )
+
+    writer = RequestLogWriter(db, retention_days=settings.request_log_retention_days)
+    limiter = RateLimiter(settings.ratelimit_storage_uri, key_prefix=ratelimit_key_prefix)
+    gateway = Gateway(limiter, reserve, writer.add_usage, metrics, fail_open=settings.ratelimit_fail_open)
+    auth = Authenticator(lookup, pepper, ttl_s=settings.key_cache_ttl_s, timeout_s=settings.database_timeout_s)
+    cache = CompletionCache(db, ttl_s=settings.cache_ttl_s) if settings.cache_enabled else None
+    return Services(settings, db, pepper, auth, limiter, gateway, cache, writer, metrics)

@@ -1,0 +1,79 @@
+"""Real PostgreSQL and Redis (CI sets LLM_SERVER_TEST_POSTGRES_URL / LLM_SERVER_TEST_REDIS_URL)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from typing import Any
+
+import pytest
+from litestar.testing import TestClient
+
+from persistence import migrate
+from server.app import create_app
+from server.engine.fake import FakeEngine
+from server.metrics import Metrics
+from server.services import build_services
+from server.settings import Settings
+from tests.conftest import TEST_PEPPER, add_role_key
+from tests.integration.test_gateway import _concurrent_quota
+
+REDIS_URL = os.environ.get("LLM_SERVER_TEST_REDIS_URL")
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.skipif(not REDIS_URL, reason="LLM_SERVER_TEST_REDIS_URL is not set (CI sets it)")
+def test_two_instances_share_one_rpm_limit_through_redis(settings: Settings) -> None:
+    assert REDIS_URL is not None
+    uri = REDIS_URL.replace("redis://", "async+redis://", 1) if REDIS_URL.startswith("redis://") else REDIS_URL
+    s = Settings(data_dir=settings.data_dir, key_pepper=settings.key_pepper, ratelimit_storage_uri=uri)
+    key = asyncio.run(add_role_key(s, "shared", rpm=3))
+    prefix = f"llmtest-{secrets.token_hex(6)}"  # this run's own Redis keys
+    apps = [
+        create_app(s, engine=FakeEngine(["ok"]), services=build_services(s, Metrics(), ratelimit_key_prefix=prefix))
+        for _ in range(2)
+    ]
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": "fake", "messages": MSGS}
+    with TestClient(apps[0]) as a, TestClient(apps[1]) as b:
+        statuses = [c.post("/v1/chat/completions", json=body, headers=headers).status_code for c in (a, b, a, b, a)]
+        assert statuses == [200, 200, 200, 429, 429]
+        r = b.post("/v1/chat/completions", json=body, headers=headers)
+        assert r.json()["error"]["type"] == "requests"
+        assert r.headers["x-ratelimit-remaining-requests"] == "0"
+    asyncio.run(_cleanup_redis(REDIS_URL, prefix))
+
+
+async def _cleanup_redis(url: str, prefix: str) -> None:
+    import coredis
+
+    client: Any = coredis.Redis.from_url(url.removeprefix("async+"))
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(keys)
+    finally:
+        client.connection_pool.disconnect()
+
+
+def test_fifty_concurrent_requests_against_a_quota_of_ten_postgres(postgres_url: str, tmp_path: Any) -> None:
+    s = Settings(data_dir=tmp_path, database_url=postgres_url, key_pepper=TEST_PEPPER)
+    asyncio.run(migrate.upgrade(postgres_url))
+    key = asyncio.run(add_role_key(s, "ten", monthly_requests=10))
+    app = create_app(s, engine=FakeEngine(["a", "b"], delay_s=0.001, max_queue_size=100))
+    statuses = _concurrent_quota(app, key)
+    assert statuses.count(200) == 10
+    assert statuses.count(429) == 40
+
+
+def test_gateway_on_postgres_end_to_end(postgres_url: str, tmp_path: Any) -> None:
+    s = Settings(data_dir=tmp_path, database_url=postgres_url, key_pepper=TEST_PEPPER)
+    asyncio.run(migrate.upgrade(postgres_url))
+    key = asyncio.run(add_role_key(s, "pg", rpm=100, monthly_tokens=10_000))
+    with TestClient(create_app(s, engine=FakeEngine(["x", "y"]))) as http:
+        h = {"Authorization": f"Bearer {key}"}
+        assert http.get("/readyz").status_code == 200
+        r = http.post("/v1/chat/completions", json={"model": "fake", "messages": MSGS, "temperature": 0}, headers=h)
+        assert r.status_code == 200
+        assert http.get("/v1/models", headers=h).status_code == 200
