@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import Table, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from persistence._sql import dialect_insert, rowcount
@@ -57,7 +57,9 @@ async def insert_request_logs(session: AsyncSession, rows: Sequence[Mapping[str,
         if unknown or missing:
             raise ValueError(f"request log row: unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
         values.append({**_LOG_DEFAULTS, "created_at": now, **row})
-    await session.execute(insert(RequestLog), values)
+    # A Core insert of the table (executemany), not the ORM bulk path: ~10x less Python per row.
+    table = cast("Table", RequestLog.__table__)
+    await session.execute(insert(table), values)
 
 
 async def delete_request_logs_before(session: AsyncSession, cutoff: datetime, chunk_size: int = 1000) -> int:

@@ -113,9 +113,10 @@ async def _admin(args: argparse.Namespace, settings: Settings) -> None:
         if args.command == "db":
             await _db_command(args, settings)
             return
+        pepper = load_pepper(settings) if args.command == "keys" else b""  # a missing pepper fails before any I/O
         if settings.auto_migrate:
             await migrate.upgrade(settings.database, default_role=_default_role(settings))
-        await _dispatch(args, settings, db)
+        await _dispatch(args, settings, db, pepper)
     finally:
         await db.close()
 
@@ -143,10 +144,9 @@ async def _db_command(args: argparse.Namespace, settings: Settings) -> None:
             print(f"{revision}  {message}")
 
 
-async def _dispatch(args: argparse.Namespace, settings: Settings, db: Database) -> None:
+async def _dispatch(args: argparse.Namespace, settings: Settings, db: Database, pepper: bytes) -> None:
     run: Callable[[Callable[[Any], Awaitable[Any]]], Awaitable[Any]] = db.run
     if args.command == "keys":
-        pepper = load_pepper(settings)
         if args.action == "create":
             if await run(lambda s: store.get_role(s, args.role)) is None:
                 raise CommandError(f"no role named '{args.role}' (see: llm-server roles list)")

@@ -157,7 +157,7 @@ class RequestLogWriter:
                     await store.cache_put(session, cache_key, key_id, model, response, expires_at)
 
             try:
-                await self._db.run(write, timeout_s=30)
+                await self._db.run(write, timeout_s=30, write=True)
             except DatabaseUnavailable as exc:
                 # Keep usage (it is owed); requeue rows within the bound; cache entries are optional.
                 log.warning("request log flush failed, will retry: %s", exc)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from persistence import store
 from persistence.store import KeyRecord, RoleRecord
 from server.admission.gateway import Gateway
+from server.admission.ledger import LocalLedger
 from server.admission.ratelimit import RateLimiter
 from server.auth.pepper import load_pepper
 from server.auth.principal import Authenticator
@@ -47,12 +48,18 @@ def build_services(settings: Settings, metrics: Metrics, *, ratelimit_key_prefix
         return await db.run(
             lambda s: store.reserve_usage(
                 s, key_id, month, tokens, max_tokens_per_month=max_tokens, max_requests_per_month=max_requests
-            )
+            ),
+            write=True,
         )
 
     writer = RequestLogWriter(db, retention_days=settings.request_log_retention_days)
     limiter = RateLimiter(settings.ratelimit_storage_uri, key_prefix=ratelimit_key_prefix)
-    gateway = Gateway(limiter, reserve, writer.add_usage, metrics, fail_open=settings.ratelimit_fail_open)
+    if settings.database.startswith("sqlite"):
+        # One process owns a SQLite file: keep exact quota counters in memory, persisted in batches.
+        ledger = LocalLedger(db, writer)
+        gateway = Gateway(limiter, ledger.reserve, ledger.settle, metrics, fail_open=settings.ratelimit_fail_open)
+    else:
+        gateway = Gateway(limiter, reserve, writer.add_usage, metrics, fail_open=settings.ratelimit_fail_open)
     auth = Authenticator(lookup, pepper, ttl_s=settings.key_cache_ttl_s, timeout_s=settings.database_timeout_s)
     cache = CompletionCache(db, ttl_s=settings.cache_ttl_s) if settings.cache_enabled else None
     return Services(settings, db, pepper, auth, limiter, gateway, cache, writer, metrics)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -32,12 +33,29 @@ def sqlite_url(tmp_path: Path) -> str:
     return sqlite_url_for(tmp_path / "db" / "llm_server.db")
 
 
+def skip_or_fail(reason: str) -> None:
+    """Skip a test that needs a missing service, or fail it where the services are required (CI)."""
+    if os.environ.get("LLM_SERVER_REQUIRE_SERVICES"):
+        pytest.fail(f"{reason} (LLM_SERVER_REQUIRE_SERVICES is set: these tests must run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The Redis URL for tests (``LLM_SERVER_TEST_REDIS_URL``); each test uses its own key prefix."""
+    url = os.environ.get("LLM_SERVER_TEST_REDIS_URL")
+    if not url:
+        skip_or_fail("Redis tests need LLM_SERVER_TEST_REDIS_URL, e.g. redis://127.0.0.1:6379/0")
+    assert url is not None
+    return url
+
+
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """URL of a fresh, empty PostgreSQL database, dropped (``WITH (FORCE)``) after the test."""
     server = postgres_server_url()
     if server is None:
-        pytest.skip(f"PostgreSQL tests need {POSTGRES_ENV}, e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+        skip_or_fail(f"PostgreSQL tests need {POSTGRES_ENV}, e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test")
     url: str = run_sync(create_postgres_database(server))
     try:
         yield url

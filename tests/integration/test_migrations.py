@@ -19,7 +19,6 @@ import migrations
 from persistence import migrate, store
 from persistence.config import MIGRATIONS_DIR, VERSION_TABLE, create_engine, make_engine_config
 from persistence.models import Base
-from tests.db_fixtures import db_url, postgres_url, sqlite_url  # noqa: F401  (until conftest registers the plugin)
 
 TABLES = {"roles", "api_keys", "usage_monthly", "request_logs", "completion_cache"}
 
@@ -53,7 +52,7 @@ async def _roles(url: str) -> dict[str, store.RoleRecord]:
 
 
 @pytest.mark.anyio
-async def test_upgrade_drift_seed_downgrade_roundtrip(db_url: str) -> None:  # noqa: F811
+async def test_upgrade_drift_seed_downgrade_roundtrip(db_url: str) -> None:
     assert await migrate.current(db_url) is None
     assert await migrate.pending(db_url)
 
@@ -91,14 +90,14 @@ async def test_upgrade_drift_seed_downgrade_roundtrip(db_url: str) -> None:  # n
 
 
 @pytest.mark.anyio
-async def test_concurrent_upgrades_in_one_process(db_url: str) -> None:  # noqa: F811
+async def test_concurrent_upgrades_in_one_process(db_url: str) -> None:
     await asyncio.gather(*(migrate.upgrade(db_url) for _ in range(3)))
     assert await migrate.current(db_url) == migrate.head()
     assert sorted(await _roles(db_url)) == ["admin", "default"]
 
 
 @pytest.mark.anyio
-async def test_concurrent_upgrades_from_several_processes(db_url: str) -> None:  # noqa: F811
+async def test_concurrent_upgrades_from_several_processes(db_url: str) -> None:
     """Replicas starting together with AUTO_MIGRATE: the database lock serializes them, none fails."""
     code = "import asyncio, sys; from persistence import migrate; asyncio.run(migrate.upgrade(sys.argv[1]))"
     procs = [
@@ -125,7 +124,7 @@ async def test_history_lists_shipped_revisions() -> None:
 
 
 def test_migrations_found_from_the_package_not_the_cwd(
-    sqlite_url: str,  # noqa: F811
+    sqlite_url: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -137,7 +136,7 @@ def test_migrations_found_from_the_package_not_the_cwd(
     assert asyncio.run(migrate.current(sqlite_url)) == migrate.head()
 
 
-def test_advanced_alchemy_commands_use_the_same_scripts(sqlite_url: str) -> None:  # noqa: F811
+def test_advanced_alchemy_commands_use_the_same_scripts(sqlite_url: str) -> None:
     """``litestar database upgrade`` goes through advanced-alchemy's AlembicCommands and our env.py."""
     config = make_engine_config(sqlite_url)
     AlembicCommands(sqlalchemy_config=config).upgrade("head")

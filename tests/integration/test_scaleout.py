@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 from typing import Any
 
-import pytest
 from litestar.testing import TestClient
 
 from persistence import migrate
@@ -19,14 +17,11 @@ from server.settings import Settings
 from tests.conftest import TEST_PEPPER, add_role_key
 from tests.integration.test_gateway import _concurrent_quota
 
-REDIS_URL = os.environ.get("LLM_SERVER_TEST_REDIS_URL")
 MSGS = [{"role": "user", "content": "hi"}]
 
 
-@pytest.mark.skipif(not REDIS_URL, reason="LLM_SERVER_TEST_REDIS_URL is not set (CI sets it)")
-def test_two_instances_share_one_rpm_limit_through_redis(settings: Settings) -> None:
-    assert REDIS_URL is not None
-    uri = REDIS_URL.replace("redis://", "async+redis://", 1) if REDIS_URL.startswith("redis://") else REDIS_URL
+def test_two_instances_share_one_rpm_limit_through_redis(settings: Settings, redis_url: str) -> None:
+    uri = redis_url.replace("redis://", "async+redis://", 1) if redis_url.startswith("redis://") else redis_url
     s = Settings(data_dir=settings.data_dir, key_pepper=settings.key_pepper, ratelimit_storage_uri=uri)
     key = asyncio.run(add_role_key(s, "shared", rpm=3))
     prefix = f"llmtest-{secrets.token_hex(6)}"  # this run's own Redis keys
@@ -42,7 +37,7 @@ def test_two_instances_share_one_rpm_limit_through_redis(settings: Settings) -> 
         r = b.post("/v1/chat/completions", json=body, headers=headers)
         assert r.json()["error"]["type"] == "requests"
         assert r.headers["x-ratelimit-remaining-requests"] == "0"
-    asyncio.run(_cleanup_redis(REDIS_URL, prefix))
+    asyncio.run(_cleanup_redis(redis_url, prefix))
 
 
 async def _cleanup_redis(url: str, prefix: str) -> None:

@@ -16,7 +16,6 @@ from sqlalchemy import text
 from persistence import store
 from persistence.config import make_engine_config
 from tests.db import migrated_config
-from tests.db_fixtures import db_url, postgres_url, sqlite_url  # noqa: F401  (until conftest registers the plugin)
 
 pytestmark = pytest.mark.anyio
 
@@ -25,7 +24,7 @@ MONTH = "2026-11"
 
 
 @pytest.fixture
-async def db(db_url: str) -> AsyncIterator[SQLAlchemyAsyncConfig]:  # noqa: F811
+async def db(db_url: str) -> AsyncIterator[SQLAlchemyAsyncConfig]:
     async with migrated_config(db_url) as config:
         yield config
 
@@ -302,7 +301,7 @@ async def test_completion_cache_get_put_expiry_and_upsert(db: SQLAlchemyAsyncCon
 # --- engine configuration -----------------------------------------------------------------------------------------
 
 
-async def test_sqlite_engine_pragmas_and_folder(sqlite_url: str) -> None:  # noqa: F811
+async def test_sqlite_engine_pragmas_and_folder(sqlite_url: str) -> None:
     config = make_engine_config(sqlite_url)
     try:
         async with config.get_engine().connect() as conn:
@@ -342,7 +341,7 @@ async def test_unreachable_postgres_fails_fast(target: str, silent_server: int) 
     assert time.monotonic() - start < 3.0
 
 
-async def test_postgres_command_timeout_bounds_a_hung_statement(postgres_url: str) -> None:  # noqa: F811
+async def test_postgres_command_timeout_bounds_a_hung_statement(postgres_url: str) -> None:
     config = make_engine_config(postgres_url, command_timeout_s=0.5)
     start = time.monotonic()
     try:
