@@ -32,12 +32,10 @@ from server.serving.common import (
     check_model,
     collect,
     engine_failure,
-    new_id,
-    now,
+    make_plan,
     parse_stops,
     resolve_max_tokens,
     run_choices,
-    sampling_params,
 )
 from server.serving.streaming import error_event
 
@@ -143,26 +141,18 @@ def prepare(engine: Engine, req: ChatCompletionRequest, *, max_tokens_cap: int |
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = resolve_max_tokens(engine, len(prompt), requested, param, max_tokens_cap)
-    params = sampling_params(
+    return make_plan(
+        "chat",
+        "chatcmpl",
+        model,
+        [prompt],
+        req,
         max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        min_p=req.min_p,
-        seed=req.seed,
-        ignore_eos=req.ignore_eos,
-    )
-    return Plan(
-        kind="chat",
-        id=new_id("chatcmpl"),
-        created=now(),
-        model=model,
-        prompts=[prompt],
-        params=params,
         stops=stops,
         stream=bool(req.stream),
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
         explicit_max_tokens=requested is not None,
+        ignore_eos=req.ignore_eos,
     )
 
 

@@ -8,6 +8,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from schemas.openai.common import CompletionUsage
 from server.engine.base import (
@@ -89,25 +90,60 @@ def context_exceeded(window: int, prompt_len: int, requested: int, param: str) -
     )
 
 
-def sampling_params(
-    *,
-    max_tokens: int,
-    temperature: float | None,
-    top_p: float | None,
-    top_k: int | None,
-    min_p: float | None,
-    seed: int | None,
-    ignore_eos: bool = False,
-) -> SamplingParams:
-    """Engine parameters from request values (``None`` = OpenAI's default)."""
+class SamplingFields(Protocol):
+    """The sampling fields every request family shares (``None`` = OpenAI's default)."""
+
+    @property
+    def temperature(self) -> float | None: ...
+    @property
+    def top_p(self) -> float | None: ...
+    @property
+    def top_k(self) -> int | None: ...
+    @property
+    def min_p(self) -> float | None: ...
+    @property
+    def seed(self) -> int | None: ...
+
+
+def sampling_params(req: SamplingFields, *, max_tokens: int, ignore_eos: bool = False) -> SamplingParams:
+    """Engine parameters from a request's fields."""
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if temperature is None else temperature,
-        top_p=1.0 if top_p is None else top_p,
-        top_k=0 if top_k is None or top_k < 0 else top_k,
-        min_p=0.0 if min_p is None else min_p,
-        seed=None if seed is None else seed % (2**64),
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=0 if req.top_k is None or req.top_k < 0 else req.top_k,
+        min_p=0.0 if req.min_p is None else req.min_p,
+        seed=None if req.seed is None else req.seed % (2**64),
         ignore_eos=ignore_eos,
+    )
+
+
+def make_plan(
+    kind: str,
+    id_prefix: str,
+    model: str,
+    prompts: list[list[int]],
+    req: SamplingFields,
+    *,
+    max_tokens: int,
+    stops: list[str],
+    stream: bool,
+    include_usage: bool,
+    explicit_max_tokens: bool,
+    ignore_eos: bool = False,
+) -> Plan:
+    """A :class:`Plan` with a fresh id and timestamp."""
+    return Plan(
+        kind=kind,
+        id=new_id(id_prefix),
+        created=now(),
+        model=model,
+        prompts=prompts,
+        params=sampling_params(req, max_tokens=max_tokens, ignore_eos=ignore_eos),
+        stops=stops,
+        stream=stream,
+        include_usage=include_usage,
+        explicit_max_tokens=explicit_max_tokens,
     )
 
 

@@ -15,12 +15,10 @@ from server.serving.common import (
     check_model,
     collect,
     engine_failure,
-    new_id,
-    now,
+    make_plan,
     parse_stops,
     resolve_max_tokens,
     run_choices,
-    sampling_params,
 )
 from server.serving.streaming import error_event
 
@@ -88,26 +86,18 @@ def prepare(engine: Engine, req: CompletionRequest, *, max_tokens_cap: int | Non
     prompts = tokenize_prompts(engine.tokenizer, req.prompt)
     longest = max(len(p) for p in prompts)
     max_tokens = resolve_max_tokens(engine, longest, req.max_tokens, "max_tokens", max_tokens_cap)
-    params = sampling_params(
+    return make_plan(
+        "completion",
+        "cmpl",
+        model,
+        prompts,
+        req,
         max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        min_p=req.min_p,
-        seed=req.seed,
-        ignore_eos=req.ignore_eos,
-    )
-    return Plan(
-        kind="completion",
-        id=new_id("cmpl"),
-        created=now(),
-        model=model,
-        prompts=prompts,
-        params=params,
         stops=stops,
         stream=bool(req.stream),
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
         explicit_max_tokens=req.max_tokens is not None,
+        ignore_eos=req.ignore_eos,
     )
 
 

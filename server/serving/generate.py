@@ -13,12 +13,10 @@ from server.serving.common import (
     check_model,
     collect,
     engine_failure,
-    new_id,
-    now,
+    make_plan,
     parse_stops,
     resolve_max_tokens,
     run_choices,
-    sampling_params,
 )
 from server.serving.completions import tokenize_prompts
 from server.serving.streaming import error_event
@@ -30,21 +28,13 @@ def prepare(engine: Engine, req: GenerateRequest, *, stream: bool, max_tokens_ca
     stops = parse_stops(req.stop)
     prompt = tokenize_prompts(engine.tokenizer, req.prompt)[0]
     max_tokens = resolve_max_tokens(engine, len(prompt), req.max_new_tokens, "max_new_tokens", max_tokens_cap)
-    params = sampling_params(
+    return make_plan(
+        "generate",
+        "gen",
+        model,
+        [prompt],
+        req,
         max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        min_p=req.min_p,
-        seed=req.seed,
-    )
-    return Plan(
-        kind="generate",
-        id=new_id("gen"),
-        created=now(),
-        model=model,
-        prompts=[prompt],
-        params=params,
         stops=stops,
         stream=stream,
         include_usage=True,
