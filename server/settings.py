@@ -40,7 +40,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     max_batch_size: Annotated[int, Meta(ge=1)] = 32
     """Most sequences decoded together."""
     max_queue_size: Annotated[int, Meta(ge=1)] = 256
-    """Requests admitted (running or waiting) before new ones get 503 ``overloaded``."""
+    """Requests waiting for a batch slot before new ones get 503 ``overloaded``."""
+    max_batch_tokens: Annotated[int, Meta(ge=64)] = 65_536
+    """KV budget of the running batch: the most tokens (prompt + generated, over all rows) it may hold."""
+    prefill_chunk_tokens: Annotated[int, Meta(ge=16)] = 256
+    """Most prompt tokens prefilled per engine step, so a long prompt stalls running streams only briefly."""
     request_max_body_size: Annotated[int, Meta(ge=1024)] = 10_000_000
     """Largest request body in bytes; larger ones get 413."""
     log_format: Literal["console", "json"] = "console"

@@ -26,4 +26,7 @@ def build_engine(settings: Settings) -> Engine:
         dtype=settings.dtype,
         max_model_len=settings.max_model_len,
         max_queue_size=settings.max_queue_size,
+        max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
     )

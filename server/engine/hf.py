@@ -77,6 +77,9 @@ class HFEngine:
         dtype: str = "auto",
         max_model_len: int | None = None,
         max_queue_size: int = 256,
+        max_batch_size: int = 32,
+        max_batch_tokens: int = 65_536,
+        prefill_chunk_tokens: int = 256,
     ) -> None:
         self._source = model
         self._served_name = served_model_name
@@ -85,6 +88,9 @@ class HFEngine:
         self._dtype_arg = dtype
         self._max_model_len_arg = max_model_len
         self._max_queue_size = max_queue_size
+        self._max_batch_size = max_batch_size
+        self._max_batch_tokens = max_batch_tokens
+        self._prefill_chunk_tokens = prefill_chunk_tokens
         self._model: Any = None
         self._device = torch.device("cpu")
         self._tokenizer: HFTokenizer | None = None
