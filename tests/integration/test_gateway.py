@@ -398,3 +398,50 @@ def test_redis_unreachable_fail_open_or_closed(settings: Settings, fail_open: bo
             "/v1/chat/completions", json={"model": "fake", "messages": MSGS}, headers={"Authorization": f"Bearer {key}"}
         )
     assert r.status_code == (200 if fail_open else 503)
+
+
+# ---- request log ----------------------------------------------------------------------------------------
+
+
+def _log_rows(settings: Settings) -> list[dict[str, Any]]:
+    import sqlite3
+
+    con = sqlite3.connect(settings.data_dir / "llm_server.db")
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute("SELECT * FROM request_logs ORDER BY id")]
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("store_prompts", [False, True])
+def test_request_log_rows_for_success_stream_errors(settings: Settings, api_key: str, store_prompts: bool) -> None:
+    import msgspec
+
+    s = msgspec.structs.replace(settings, store_prompts=store_prompts)
+    app = create_app(s, engine=FakeEngine(["Hel", "lo"]))
+    with TestClient(app) as http:
+        h = {"Authorization": f"Bearer {api_key}", "x-request-id": "trace-1"}
+        http.post("/v1/chat/completions", json={"model": "fake", "messages": MSGS, "max_tokens": 5}, headers=h)
+        http.post("/v1/completions", json={"model": "fake", "prompt": "ab", "stream": True}, headers=h)
+        http.post("/v1/chat/completions", json={"model": "nope", "messages": MSGS}, headers=h)
+        http.post("/v1/chat/completions", json={"model": "fake", "messages": MSGS})  # no key
+        http.get("/admin/usage", headers=h)  # flushes the writer
+    rows = _log_rows(s)
+    assert [(r["route"], r["status"]) for r in rows] == [
+        ("/v1/chat/completions", 200),
+        ("/v1/completions", 200),
+        ("/v1/chat/completions", 404),
+        ("/v1/chat/completions", 401),
+    ]
+    ok, stream, missing, unauth = rows
+    assert ok["request_id"] == "trace-1" and ok["key_id"].startswith("key_") and ok["model"] == "fake"
+    assert (ok["completion_tokens"], ok["finish_reason"], ok["cached"], ok["error_type"]) == (3, "stop", 0, None)
+    assert ok["prompt_tokens"] > 0 and ok["latency_ms"] > 0
+    assert stream["completion_tokens"] == 3 and stream["ttft_ms"] is not None and stream["finish_reason"] == "stop"
+    assert missing["error_type"] == "model_not_found"
+    assert unauth["key_id"] is None and unauth["error_type"] == "invalid_api_key"
+    if store_prompts:
+        assert "hi" in ok["prompt_text"] and ok["output_text"] == "Hello"
+    else:
+        assert all(r["prompt_text"] is None and r["output_text"] is None for r in rows)

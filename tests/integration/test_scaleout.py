@@ -72,3 +72,26 @@ def test_gateway_on_postgres_end_to_end(postgres_url: str, tmp_path: Any) -> Non
         r = http.post("/v1/chat/completions", json={"model": "fake", "messages": MSGS, "temperature": 0}, headers=h)
         assert r.status_code == 200
         assert http.get("/v1/models", headers=h).status_code == 200
+
+
+def test_two_replicas_on_one_postgres_never_overshoot_a_quota(postgres_url: str, tmp_path: Any) -> None:
+    """The worst case with replicas: each reserves in the database, so together they admit exactly the quota."""
+    s = Settings(data_dir=tmp_path, database_url=postgres_url, key_pepper=TEST_PEPPER)
+    asyncio.run(migrate.upgrade(postgres_url))
+    key = asyncio.run(add_role_key(s, "ten", monthly_requests=10))
+    apps = [create_app(s, engine=FakeEngine(["a"], delay_s=0.001, max_queue_size=100)) for _ in range(2)]
+
+    async def go() -> list[int]:
+        from litestar.testing import AsyncTestClient
+
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {"model": "fake", "messages": MSGS, "max_tokens": 5}
+        async with AsyncTestClient(apps[0]) as a, AsyncTestClient(apps[1]) as b:
+            rs = await asyncio.gather(
+                *(c.post("/v1/chat/completions", json=body, headers=headers) for c in [a, b] * 25)
+            )
+        return [r.status_code for r in rs]
+
+    statuses = asyncio.run(go())
+    assert statuses.count(200) == 10
+    assert statuses.count(429) == 40
