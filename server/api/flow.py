@@ -140,5 +140,5 @@ async def _settle(
         if record.streaming:
             record.status = record.status or 200
             services.writer.add_row(record)
-    if ok and key is not None and not plan.cached:
-        services.writer.add_cache(key, ticket.principal.key_id, plan.model, encode_results(plan), services.cache.ttl_s)  # type: ignore[union-attr]
+    if ok and key is not None and services.cache is not None and not plan.cached:
+        services.writer.add_cache(key, ticket.principal.key_id, plan.model, encode_results(plan), services.cache.ttl_s)
