@@ -17,6 +17,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import Message, Scope
 
 from persistence import migrate
+from server.api.access import timing_middleware
 from server.api.admin import admin_handlers
 from server.api.common import strict_body
 from server.api.exceptions import handle_exception
@@ -28,7 +29,7 @@ from server.api.native import generate_text, stream_text
 from server.api.openai import create_chat_completion, create_completion
 from server.engine.base import Engine
 from server.errors import OpenAIError
-from server.metrics import Metrics
+from server.metrics import Metrics, status_class
 from server.requestid import request_id_of
 from server.requestlog import RequestRecord
 from server.services import Services, build_services
@@ -59,6 +60,9 @@ def create_app(
     async def load_engine(app: Litestar) -> None:
         try:
             await the_engine.start()
+            app_metrics.watch_engine(
+                the_engine.info.name, lambda: float(the_engine.num_running), lambda: float(the_engine.num_waiting)
+            )
         except Exception as exc:  # readiness reports it; the process keeps answering /health
             log.error("model failed to load: %s", exc, exc_info=exc)
             app.state.engine_failure = str(exc)
@@ -90,7 +94,7 @@ def create_app(
         headers["x-request-id"] = request_id_of(scope)
         status = message["status"]
         route = scope.get("path_template") or "unmatched"
-        app_metrics.requests_total.labels(route, scope.get("method", ""), str(status)).inc()
+        app_metrics.requests_total.labels(route, scope.get("method", ""), status_class(status)).inc()
         state: dict[str, Any] = scope.get("state", {})
         principal = state.get("principal")
         if principal is not None and scope["path"].startswith("/v1/") and "x-ratelimit-limit-requests" not in headers:
@@ -136,6 +140,7 @@ def create_app(
         },
         exception_handlers={Exception: handle_exception},
         before_request=strict_body,
+        middleware=[timing_middleware(app_metrics)],
         before_send=[before_send],
         lifespan=[lifespan],
         request_max_body_size=settings.request_max_body_size,

@@ -83,6 +83,7 @@ def serve(settings: Settings) -> None:
         port=settings.port,
         log_config=None,
         timeout_graceful_shutdown=30,
+        access_log=False,  # server.access logs every request with its request id, route, status and latency
         server_header=False,
     )
 

@@ -86,6 +86,9 @@ def error_response(err: OpenAIError) -> Response[bytes]:
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     """Litestar exception handler for ``Exception`` (a plain def: an async one renders an empty 500)."""
     err = to_openai_error(exc)
+    metrics = request.scope["app"].state.get("metrics") if "app" in request.scope else None
+    if metrics is not None:
+        metrics.errors_total.labels(err.type).inc()
     record = request.scope.get("state", {}).get("request_record")
     if record is not None:
         record.error_type = err.code or err.type

@@ -28,6 +28,37 @@ from server.serving.common import Plan, replay, start
 RECORD = "request_record"
 
 
+def observe(services: Services, plan: Plan) -> None:
+    """Token counters, finish reasons and the latency histograms of a request that has ended."""
+    m, model = services.metrics, plan.model
+    for c in plan.choices:
+        if c.finish_reason is not None:
+            m.request_success_total.labels(model, c.finish_reason).inc()
+    if plan.cached:
+        return
+    started = [c for c in plan.choices if c.stream is not None]
+    if not started:
+        return
+    m.prompt_tokens_total.labels(model).inc(sum(c.prompt_tokens for c in started))
+    m.generation_tokens_total.labels(model).inc(sum(c.completion_tokens for c in started))
+    ttft, itl, e2e, queue = (
+        m.time_to_first_token_seconds.labels(model),
+        m.inter_token_latency_seconds.labels(model),
+        m.e2e_request_latency_seconds.labels(model),
+        m.request_queue_time_seconds.labels(model),
+    )
+    for c in started:
+        engine_started = c.stream.started_at if c.stream is not None else None
+        if engine_started is not None:
+            queue.observe(max(0.0, engine_started - c.admitted_at))
+        if c.first_token_at is not None:
+            ttft.observe(c.first_token_at - c.admitted_at)
+        for gap in c.token_gaps:
+            itl.observe(gap)
+        if c.finish_reason is not None and c.last_token_at is not None:
+            e2e.observe(c.last_token_at - c.admitted_at)
+
+
 def record_of(request: Request[Any, Any, Any]) -> RequestRecord | None:
     """The request-log record of a ``/v1`` request (created by the auth guard)."""
     record: RequestRecord | None = request.scope.get("state", {}).get(RECORD)
@@ -110,6 +141,7 @@ async def _settled_stream(
         async for event in stream(plan):
             if isinstance(event, ErrorResponse):
                 failed = True
+                services.metrics.errors_total.labels(event.error.type).inc()
                 if record is not None:
                     record.error_type = event.error.type
             elif record is not None and record.ttft_ms is None:
@@ -128,6 +160,7 @@ async def _settle(
     # A cache hit ran no model: it counts as a request but spends no tokens of the quota.
     used = 0 if plan.cached else usage.total_tokens
     await services.gateway.finish(ticket, used_tokens=used)
+    observe(services, plan)
     if record is not None:
         record.completion_tokens = usage.completion_tokens
         record.cached = plan.cached

@@ -116,8 +116,11 @@ class RequestStream(Protocol):
     """The deltas of one admitted request; the last one has ``finish_reason`` set.
 
     Iteration raises :class:`EngineError` if the runtime fails. ``aclose()`` aborts the request (idempotent,
-    safe before the first ``__anext__``).
+    safe before the first ``__anext__``). ``started_at`` is the ``time.perf_counter()`` at which the engine
+    began working on the request (``None`` while it waits): the end of its queue time.
     """
+
+    started_at: float | None
 
     def __aiter__(self) -> RequestStream: ...
 
@@ -150,6 +153,16 @@ class Engine(Protocol):
     @property
     def ready(self) -> bool:
         """True once the model is loaded and requests can be served."""
+        ...
+
+    @property
+    def num_running(self) -> int:
+        """Requests being generated now."""
+        ...
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests admitted and waiting for the engine to start them."""
         ...
 
     async def start(self) -> None:

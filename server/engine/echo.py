@@ -52,6 +52,7 @@ class ScriptedStream:
         self._on_close = on_close
         self._done = False
         self._closed = False
+        self.started_at: float | None = None
 
     def __aiter__(self) -> ScriptedStream:
         return self
@@ -59,6 +60,8 @@ class ScriptedStream:
     async def __anext__(self) -> EngineDelta:
         if self._done or self._closed:
             raise StopAsyncIteration
+        if self.started_at is None:
+            self.started_at = time.perf_counter()
         if self._delay:
             await asyncio.sleep(self._delay)
         if self._fail_after is not None and self._pos >= self._fail_after:
@@ -115,6 +118,14 @@ class EchoEngine:
     def active_requests(self) -> int:
         """Requests admitted and not yet closed."""
         return len(self._active)
+
+    @property
+    def num_running(self) -> int:
+        return sum(1 for s in self._active if s.started_at is not None)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(1 for s in self._active if s.started_at is None)
 
     async def start(self) -> None:
         self._ready = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from server.engine.base import EngineDelta, EngineError
@@ -21,7 +22,7 @@ class QueueStream:
         on_abort: Called (on the loop's thread) when the consumer gives up before the last delta.
     """
 
-    __slots__ = ("_closed", "_finished", "_loop", "_on_abort", "_queue")
+    __slots__ = ("_closed", "_finished", "_loop", "_on_abort", "_queue", "started_at")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_abort: Callable[[], None]) -> None:
         self._loop = loop
@@ -29,6 +30,12 @@ class QueueStream:
         self._on_abort = on_abort
         self._finished = False
         self._closed = False
+        self.started_at: float | None = None
+
+    def mark_started(self) -> None:
+        """The engine begins prefilling this request (any thread): the end of its queue time."""
+        if self.started_at is None:
+            self.started_at = time.perf_counter()
 
     # -- producer side (any thread) -------------------------------------------------------------------
     def put(self, delta: EngineDelta) -> None:

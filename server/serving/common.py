@@ -158,6 +158,11 @@ class Choice:
     completion_tokens: int = 0
     finish_reason: str | None = None
     text_parts: list[str] = field(default_factory=list)
+    # Timing (time.perf_counter()): when the engine admitted it, first and last token, gaps between tokens.
+    admitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    token_gaps: list[float] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -275,6 +280,13 @@ async def run_choice(choice: Choice) -> AsyncIterator[ChoiceEvent]:
     matcher = StopMatcher(choice.stops) if choice.stops else None
     try:
         async for delta in stream:
+            if delta.token_ids:
+                now_ = time.perf_counter()
+                if choice.last_token_at is None:
+                    choice.first_token_at = now_
+                else:
+                    choice.token_gaps.append(now_ - choice.last_token_at)
+                choice.last_token_at = now_
             choice.completion_tokens += len(delta.token_ids)
             text = delta.text
             finish = delta.finish_reason
