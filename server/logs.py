@@ -8,7 +8,8 @@ import sys
 import time
 from typing import Any
 
-_STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+# color_message: uvicorn's ANSI-coloured copy of the message, useless in JSON.
+_STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "color_message"}
 
 
 class JSONFormatter(logging.Formatter):
