@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.live import free_port
+from benchmarks.common import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
