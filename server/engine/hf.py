@@ -1,8 +1,10 @@
-"""The Transformers engine: one worker thread owns the model and decodes step by step.
+"""The Transformers engine: one worker thread owns the model and decodes a continuously batched set of requests.
 
-Requests wait in a bounded FIFO; the worker prefills a request, then runs single-token decode steps over a
-``DynamicCache`` (not ``model.generate``), so the loop can later batch several requests per step. Tokens cross to
-asyncio through a per-request :class:`QueueStream` (an ``asyncio.Queue`` fed with ``loop.call_soon_threadsafe``).
+Requests wait in a bounded FIFO. Between decode steps the worker prefills newly admitted requests (a bounded number
+of prompt tokens per step) and merges them into the running left-padded batch; finished or cancelled rows leave at
+once. See :mod:`server.engine.scheduler` for the step loop and its budgets and :mod:`server.engine.batch` for the
+cache work. Tokens cross to asyncio through a per-request :class:`QueueStream` (an ``asyncio.Queue`` fed with
+``loop.call_soon_threadsafe``).
 """
 
 from __future__ import annotations
@@ -11,51 +13,27 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.engine.base import (
-    EngineDelta,
-    EngineError,
-    EngineOverloaded,
-    EngineRequest,
-    FinishReason,
-    ModelInfo,
-    RequestStream,
-)
+from server.engine.base import EngineOverloaded, EngineRequest, ModelInfo, RequestStream
+from server.engine.batch import supports_merging
 from server.engine.demo_model import demo_preset, resolve_builtin
-from server.engine.detok import IncrementalDetokenizer
 from server.engine.hf_tokenizer import HFTokenizer
-from server.engine.sampling import RowSampler, Sampler
+from server.engine.pending import Pending
+from server.engine.sampling import Sampler
+from server.engine.scheduler import Scheduler
 from server.engine.stream import QueueStream
 
 logger = logging.getLogger("server.engine")
 
 
-@dataclass(eq=False, slots=True)
-class _Pending:
-    """A request between the event loop and the worker; ``aborted`` is the consumer's only signal to the worker."""
-
-    request: EngineRequest
-    stream: QueueStream | None = None
-    aborted: bool = False
-
-    def emit(self, item: EngineDelta | EngineError) -> None:
-        assert self.stream is not None
-        try:
-            self.stream.fail(item) if isinstance(item, EngineError) else self.stream.put(item)
-        except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
-            self.aborted = True
-
-
 class HFEngine:
-    """Serves one Transformers causal LM, one request at a time.
+    """Serves one Transformers causal LM with step-level continuous batching.
 
     Args:
         model: A hub id, a local folder, or ``builtin:tiny-chat``.
@@ -65,6 +43,11 @@ class HFEngine:
         dtype: ``"auto"`` (bfloat16 where the hardware has it natively, else float32) or a dtype name.
         max_model_len: Context length (prompt + output); defaults to the config's ``max_position_embeddings``.
         max_queue_size: Requests allowed to wait; beyond it ``generate`` raises :class:`EngineOverloaded`.
+        max_batch_size: Most requests decoding together (1 for models with sliding-window or linear-attention
+            layers, whose caches cannot be merged).
+        max_batch_tokens: KV budget of the running batch: rows x padded width of its cache, in tokens.
+        prefill_chunk_tokens: Most (padded) prompt tokens prefilled per decode step; bounds how long a new
+            prompt stalls the running streams.
     """
 
     def __init__(
@@ -95,12 +78,9 @@ class HFEngine:
         self._device = torch.device("cpu")
         self._tokenizer: HFTokenizer | None = None
         self._info: ModelInfo | None = None
-        self._sampler: Sampler | None = None
-        self._cv = threading.Condition()
-        self._waiting: deque[_Pending] = deque()
-        self._running: _Pending | None = None
-        self._stopping = False
+        self._scheduler: Scheduler | None = None
         self._thread: threading.Thread | None = None
+        self._stopping = False
 
     @property
     def info(self) -> ModelInfo:
@@ -120,31 +100,30 @@ class HFEngine:
 
     @property
     def num_waiting(self) -> int:
-        """Requests queued behind the running one."""
-        return len(self._waiting)
+        """Requests queued for a batch slot (preempted ones included)."""
+        return 0 if self._scheduler is None else self._scheduler.num_waiting
 
     @property
     def num_running(self) -> int:
-        """Requests the worker is decoding now."""
-        return 0 if self._running is None else 1
+        """Requests being prefilled or decoded now."""
+        return 0 if self._scheduler is None else self._scheduler.num_running
 
     async def start(self) -> None:
         """Load the tokenizer and model in a thread, then start the worker."""
         if self._thread is not None:
             return
         await asyncio.to_thread(self._load)
+        assert self._scheduler is not None
         self._stopping = False
-        self._thread = threading.Thread(target=self._work, name="hf-engine", daemon=True)
+        self._thread = threading.Thread(target=self._scheduler.run, name="hf-engine", daemon=True)
         self._thread.start()
 
     async def stop(self) -> None:
-        """Refuse new requests, fail queued ones with :class:`EngineOverloaded`, abort the running one, join."""
-        with self._cv:
-            self._stopping = True
-            dropped = list(self._waiting)
-            self._waiting.clear()
-            self._cv.notify_all()
-        for pending in dropped:
+        """Refuse new requests, fail queued ones with :class:`EngineOverloaded`, abort running ones, join."""
+        self._stopping = True
+        if self._scheduler is None:
+            return
+        for pending in self._scheduler.shutdown():
             pending.emit(EngineOverloaded("the engine is shutting down"))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
@@ -156,23 +135,12 @@ class HFEngine:
         Raises:
             EngineOverloaded: the queue is full, or the engine is not running.
         """
-        pending = _Pending(request)
-        pending.stream = QueueStream(asyncio.get_running_loop(), partial(self._abort, pending))
-        with self._cv:
-            if not self.ready:
-                raise EngineOverloaded("the engine is not running")
-            if len(self._waiting) >= self._max_queue_size:
-                raise EngineOverloaded(f"the request queue is full ({self._max_queue_size} waiting)")
-            self._waiting.append(pending)
-            self._cv.notify()
+        if not self.ready or self._scheduler is None:
+            raise EngineOverloaded("the engine is not running")
+        pending = Pending(request)
+        pending.stream = QueueStream(asyncio.get_running_loop(), partial(self._scheduler.abort, pending))
+        self._scheduler.submit(pending)
         return pending.stream
-
-    def _abort(self, pending: _Pending) -> None:
-        # Runs on the event loop: a queued request leaves at once; a running one is dropped at the worker's next step.
-        pending.aborted = True
-        with self._cv:
-            if pending in self._waiting:
-                self._waiting.remove(pending)
 
     def _load(self) -> None:
         started = time.perf_counter()
@@ -198,89 +166,36 @@ class HFEngine:
         if not max_len:
             raise ValueError(f"{self._source}: the config has no max_position_embeddings; pass max_model_len")
         self._model, self._device = model, device
-        # Ids past the tokenizer's length are padding rows of the embedding matrix: never emit them.
-        self._sampler = Sampler(vocab_limit=self._tokenizer.vocab_size)
+        max_batch_size = self._max_batch_size
+        if max_batch_size > 1 and not supports_merging(model.config):
+            logger.warning(
+                "%s has sliding-window or linear-attention layers, whose caches cannot be merged into a padded "
+                "batch: serving one request at a time (max_batch_size 1)",
+                self._served_name,
+            )
+            max_batch_size = 1
         self._info = ModelInfo(
             name=self._served_name, source=self._source, max_model_len=int(max_len), created=int(time.time())
         )
-        params, seconds = sum(p.numel() for p in model.parameters()) / 1e6, time.perf_counter() - started
-        logger.info(
-            "loaded model %s (%s) on %s as %s: %.1fM parameters, max_model_len %d, in %.2fs",
-            *(self._served_name, self._source, device, str(dtype).removeprefix("torch."), params, max_len, seconds),
+        self._scheduler = Scheduler(
+            model,
+            lambda: self.tokenizer,
+            # Ids past the tokenizer's length are padding rows of the embedding matrix: never emit them.
+            Sampler(vocab_limit=self._tokenizer.vocab_size),
+            device=device,
+            max_model_len=int(max_len),
+            max_queue_size=self._max_queue_size,
+            max_batch_size=max_batch_size,
+            max_batch_tokens=self._max_batch_tokens,
+            prefill_chunk_tokens=self._prefill_chunk_tokens,
         )
-
-    def _work(self) -> None:
-        # inference_mode is thread-local, so it is entered here, in the thread that runs the model.
-        with torch.inference_mode():
-            while True:
-                with self._cv:
-                    while not self._waiting and not self._stopping:
-                        self._cv.wait()
-                    if self._stopping:
-                        return
-                    pending = self._running = self._waiting.popleft()
-                try:
-                    self._run(pending)
-                except EngineError as exc:
-                    pending.emit(exc)
-                except Exception as exc:
-                    logger.exception("request %s failed", pending.request.request_id)
-                    pending.emit(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
-                finally:
-                    self._running = None
-
-    def _run(self, pending: _Pending) -> None:
-        """Prefill then decode one token per step until EOS, a length limit, an abort or shutdown."""
-        assert self._sampler is not None
-        assert self._tokenizer is not None
-        assert self._info is not None
-        request, params, tokenizer = pending.request, pending.request.params, self._tokenizer
-        prompt = list(request.prompt_token_ids)
-        if not prompt:
-            raise EngineError("the prompt is empty")
-        if min(prompt) < 0 or max(prompt) >= tokenizer.vocab_size:
-            raise EngineError(f"prompt token ids must be in [0, {tokenizer.vocab_size})")
-        budget = min(params.max_tokens, self._info.max_model_len - len(prompt))
-        if budget <= 0:
-            pending.emit(EngineDelta(finish_reason="length"))
-            return
-        row = RowSampler.create(params, self._device)
-        detok = IncrementalDetokenizer(tokenizer, prompt)
-        cache = DynamicCache(config=self._model.config)
-        input_ids = torch.tensor([prompt], device=self._device)
-        positions = torch.arange(len(prompt), device=self._device).unsqueeze(0)
-        seq_len, generated = len(prompt), 0
-        while True:
-            if pending.aborted:
-                return
-            if self._stopping:
-                pending.emit(EngineOverloaded("the engine is shutting down"))
-                return
-            # The mask must cover exactly cache + new tokens (a shorter one is silently padded and hides tokens).
-            mask = torch.ones((1, seq_len), dtype=torch.long, device=self._device)
-            out = self._model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            token = self._sampler.sample(out.logits[:, -1, :], [row])[0]
-            generated += 1
-            finish: FinishReason | None = None
-            if token in tokenizer.eos_token_ids and not params.ignore_eos:
-                finish, text = "stop", detok.flush()  # EOS counts as a token but is not text
-            else:
-                text = detok.push(token)
-                if generated >= budget:
-                    finish, text = "length", text + detok.flush()
-            pending.emit(EngineDelta(token_ids=[token], text=text, finish_reason=finish))
-            if finish is not None:
-                return
-            input_ids = torch.tensor([[token]], device=self._device)
-            positions = torch.tensor([[seq_len]], device=self._device)
-            seq_len += 1
+        params, seconds = sum(p.numel() for p in model.parameters()) / 1e6, time.perf_counter() - started
+        weights_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        logger.info(
+            "loaded model %s (%s) on %s as %s: %.1fM parameters, %.0f MiB of weights, max_model_len %d, in %.2fs",
+            *(self._served_name, self._source, device, str(dtype).removeprefix("torch."), params, weights_mib),
+            *(max_len, seconds),
+        )
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

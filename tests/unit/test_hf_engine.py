@@ -228,7 +228,8 @@ async def test_closing_aborts_and_next_request_is_served(engine: HFEngine) -> No
 
 @pytest.mark.anyio
 async def test_full_queue_overloads_and_queued_requests_can_leave(tiny_model_dir: Path, tmp_path: Path) -> None:
-    eng = HFEngine(str(tiny_model_dir), served_model_name="tiny", data_dir=tmp_path, max_queue_size=1)
+    # One row at a time, so that a second request has to wait in the queue behind the first.
+    eng = HFEngine(str(tiny_model_dir), served_model_name="tiny", data_dir=tmp_path, max_queue_size=1, max_batch_size=1)
     await eng.start()
     try:
         running = eng.generate(req(eng, "a", temperature=0.0, max_tokens=5000, ignore_eos=True))

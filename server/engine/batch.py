@@ -1,0 +1,217 @@
+"""The running batch of the Transformers engine: left-padded rows over one ``DynamicCache`` that grows and shrinks.
+
+The idea is TGI's ``CausalLMBatch.concatenate`` / ``filter`` over plain Transformers: every row ends at the same
+column (left padding), so one decode step feeds one token per row. A 2-D attention mask ``[rows, width]`` marks the
+real tokens; it is always exactly as wide as the cache plus the new tokens (a shorter mask is silently padded on the
+right and hides the newest tokens). Position ids are each row's count of real tokens (``cumsum(mask) - 1``), never
+the column, so a row sees the same positions, and so the same numbers, as when it runs alone.
+
+New rows are prefilled in a :class:`PrefillJob` with their own cache, at most a token budget per engine step, then
+merged: the narrower side is padded on the left with zeros (keys, values and mask) and the rows are stacked.
+Leaving rows are dropped with an index select, and columns that became padding in every remaining row are trimmed.
+Transformers 5.24 has no helper for either, so this is tensor work on ``cache.layers[i].keys/.values``
+(``[rows, kv_heads, seq, head_dim]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DummyLayer, DynamicLayer
+
+_SEQ = -2  # the sequence dimension of cached keys and values
+
+
+def supports_merging(config: Any) -> bool:
+    """Whether caches of ``config``'s model survive left-pad merging (only plain full-attention layers do).
+
+    Sliding-window layers keep a rolling window whose padding cannot be realigned, and linear-attention layers keep
+    recurrent state that padding tokens have already changed. Dummy layers (KV sharing, attention-free layers) hold
+    nothing and are fine.
+    """
+    cache = DynamicCache(config=config)
+    return all(type(layer) in (DynamicLayer, DummyLayer) for layer in cache.layers)
+
+
+class PaddedBatch:
+    """Rows decoding together: a left-padded KV cache and its 2-D attention mask.
+
+    Args:
+        cache: The rows' cache (``None`` while the batch is empty).
+        mask: ``[rows, width]`` int64, 1 for real tokens; ``width`` equals the cache length.
+    """
+
+    def __init__(self, cache: DynamicCache | None, mask: torch.Tensor) -> None:
+        self.cache = cache
+        self.mask = mask
+
+    @classmethod
+    def empty(cls, device: torch.device) -> PaddedBatch:
+        return cls(None, torch.zeros((0, 0), dtype=torch.long, device=device))
+
+    @property
+    def size(self) -> int:
+        """Number of rows."""
+        return int(self.mask.shape[0])
+
+    @property
+    def width(self) -> int:
+        """Columns of the cache (the longest row; shorter rows are padded on the left)."""
+        return int(self.mask.shape[1])
+
+    @property
+    def footprint(self) -> int:
+        """Cached token slots, padding included: what the batch holds in KV memory."""
+        return self.size * self.width
+
+    def decode(self, model: Any, tokens: Sequence[int]) -> torch.Tensor:
+        """Feed one token per row (the row's last sampled token); return the next token's ``[rows, vocab]`` logits."""
+        device = self.mask.device
+        positions = self.mask.sum(dim=1, keepdim=True)  # real tokens so far = the position of the new one
+        mask = torch.cat([self.mask, torch.ones((self.size, 1), dtype=torch.long, device=device)], dim=1)
+        input_ids = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(1)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.mask = mask
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits
+
+    def extend(self, other: PaddedBatch) -> None:
+        """Append ``other``'s rows (after this batch's rows), left-padding whichever side is narrower."""
+        if other.size == 0:
+            return
+        if self.size == 0 or self.cache is None:
+            self.cache, self.mask = other.cache, other.mask
+            return
+        assert other.cache is not None
+        width = max(self.width, other.width)
+        for mine, theirs in zip(_kv_layers(self.cache), _kv_layers(other.cache), strict=True):
+            assert mine.keys is not None
+            assert mine.values is not None
+            assert theirs.keys is not None
+            assert theirs.values is not None
+            mine.keys = _stack_right_aligned(mine.keys, theirs.keys, width, _SEQ)
+            mine.values = _stack_right_aligned(mine.values, theirs.values, width, _SEQ)
+        self.mask = _stack_right_aligned(self.mask, other.mask, width, -1)
+
+    def select(self, keep: Sequence[int]) -> None:
+        """Keep only rows ``keep`` (in that order) and trim columns that are padding in every kept row."""
+        if len(keep) == self.size:
+            return
+        if not keep:
+            self.cache, self.mask = None, self.mask[:0, :0]
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        start = int(mask.any(dim=0).int().argmax())  # the first column some kept row uses
+        self.mask = mask[:, start:]
+        if self.cache is None:
+            return
+        for layer in _kv_layers(self.cache):
+            assert layer.keys is not None
+            assert layer.values is not None
+            layer.keys = layer.keys.index_select(0, index)[..., start:, :]
+            layer.values = layer.values.index_select(0, index)[..., start:, :]
+
+
+class PrefillJob:
+    """Prompts being prefilled into their own cache, in chunks, before their rows join the running batch.
+
+    The prompts are left-padded into one ``[rows, width]`` matrix; :meth:`step` feeds the next columns, at most
+    ``max_tokens`` padded tokens per call, and returns the next-token logits once the last column is in.
+
+    Args:
+        prompts: Token ids of each row's prompt (non-empty).
+        config: The model config (for the cache's layer types).
+        device: Where the tensors live.
+    """
+
+    def __init__(self, prompts: Sequence[Sequence[int]], config: Any, device: torch.device) -> None:
+        rows, width = len(prompts), max(len(p) for p in prompts)
+        self.ids = torch.zeros((rows, width), dtype=torch.long, device=device)
+        self.mask = torch.zeros((rows, width), dtype=torch.long, device=device)
+        for i, prompt in enumerate(prompts):
+            self.ids[i, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+            self.mask[i, width - len(prompt) :] = 1
+        # Padding columns get position 0; they are masked out, so the value only has to be a valid index.
+        self.positions = (self.mask.cumsum(dim=1) - 1).clamp_(min=0)
+        self.cache = DynamicCache(config=config)
+        self.done = 0  # columns already in the cache
+
+    @property
+    def rows(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.ids.shape[1])
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.width
+
+    @property
+    def footprint(self) -> int:
+        """Cached token slots so far, padding included."""
+        return self.rows * self.done
+
+    def chunks_left(self, max_tokens: int) -> int:
+        """Steps still needed at ``max_tokens`` padded tokens per step."""
+        columns = max(1, max_tokens // self.rows)
+        return -(-(self.width - self.done) // columns)
+
+    def step(self, model: Any, max_tokens: int) -> torch.Tensor | None:
+        """Prefill the next chunk; return ``[rows, vocab]`` next-token logits after the last one, else ``None``."""
+        end = min(self.width, self.done + max(1, max_tokens // self.rows))
+        out = model(
+            input_ids=self.ids[:, self.done : end],
+            attention_mask=self.mask[:, :end],
+            position_ids=self.positions[:, self.done : end],
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.done = end
+        if not self.finished:
+            return None
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits
+
+    def into_batch(self, keep: Sequence[int]) -> PaddedBatch:
+        """The finished job's rows ``keep`` as a batch ready to merge (the job is spent afterwards)."""
+        batch = PaddedBatch(self.cache, self.mask)
+        batch.select(keep)
+        return batch
+
+
+def _kv_layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The layers holding keys and values (a layer sharing another layer's cache holds none of its own)."""
+    layers = []
+    for layer in cache.layers:
+        if isinstance(layer, DummyLayer):
+            continue
+        if not isinstance(layer, DynamicLayer) or type(layer) is not DynamicLayer:
+            raise TypeError(f"cannot merge or filter a {type(layer).__name__} (only full-attention caches)")
+        if layer.keys is not None and layer.values is not None and layer.keys.numel():
+            layers.append(layer)
+    return layers
+
+
+def _stack_right_aligned(top: torch.Tensor, bottom: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Stack ``top`` over ``bottom`` along dim 0, both right-aligned in a zero tensor ``width`` long along ``dim``."""
+    shape = list(top.shape)
+    shape[0] = top.shape[0] + bottom.shape[0]
+    shape[dim] = width
+    out = top.new_zeros(shape)
+    out[: top.shape[0]].narrow(dim, width - top.shape[dim], top.shape[dim]).copy_(top)
+    out[top.shape[0] :].narrow(dim, width - bottom.shape[dim], bottom.shape[dim]).copy_(bottom)
+    return out

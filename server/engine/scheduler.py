@@ -1,0 +1,305 @@
+"""The step loop of the Transformers engine: admission, chunked prefill, one batched decode step, emission.
+
+One worker thread owns the model and runs :meth:`Scheduler.run`. Each step it
+
+1. drops rows whose consumer went away (``aborted``), so a closed stream frees its row within one step;
+2. runs at most one prefill forward of at most ``prefill_chunk_tokens`` padded prompt tokens: either the next chunk
+   of a long prompt, or a group of whole short prompts taken from the head of the FIFO queue. A finished prefill
+   samples each row's first token and merges the rows into the running batch;
+3. runs one decode forward over every running row, samples one token per row, emits it, and drops finished rows.
+
+So a running stream waits at most one prefill chunk plus one decode step between tokens.
+
+KV budget (``max_batch_tokens``): the running batch's padded footprint, ``rows x width`` of its left-padded cache,
+stays within the budget. A request is admitted only if the batch it joins fits, ``_ADMIT_HEADROOM`` steps of growth
+included; when growth would still overflow it, the newest rows are preempted: their cache is dropped and they wait
+at the front of the queue to be prefilled again from prompt + generated tokens (vLLM's recompute preemption). A
+single row always runs, even past the budget, so any request that fits the context can finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from server.engine.base import EngineDelta, EngineError, EngineOverloaded, FinishReason
+from server.engine.batch import PaddedBatch, PrefillJob
+from server.engine.detok import IncrementalDetokenizer
+from server.engine.hf_tokenizer import HFTokenizer
+from server.engine.pending import Pending
+from server.engine.sampling import RowSampler, Sampler
+
+logger = logging.getLogger("server.engine")
+
+# Admission leaves room for this many decode steps of growth, so a full batch does not preempt on the next step.
+_ADMIT_HEADROOM = 16
+
+
+class Scheduler:
+    """Queue, admission and step loop over one model; only :meth:`run`'s thread touches the model and the batch.
+
+    Args:
+        model: A loaded causal LM.
+        tokenizer: Returns the current tokenizer (read once per request, for EOS ids and detokenization).
+        sampler: Picks every row's next token.
+        device: Where the model runs.
+        max_model_len: Context length (prompt + output).
+        max_queue_size: Requests allowed to wait; more raise :class:`EngineOverloaded` in :meth:`submit`.
+        max_batch_size: Most rows decoding together (1 for models whose cache cannot be merged).
+        max_batch_tokens: KV budget of the running batch in padded token slots (see the module docstring).
+        prefill_chunk_tokens: Most padded prompt tokens prefilled per step.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Callable[[], HFTokenizer],
+        sampler: Sampler,
+        *,
+        device: torch.device,
+        max_model_len: int,
+        max_queue_size: int,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        prefill_chunk_tokens: int,
+    ) -> None:
+        self._model, self._tokenizer, self._sampler, self._device = model, tokenizer, sampler, device
+        self._max_model_len, self._max_queue_size = max_model_len, max_queue_size
+        self._max_rows, self._max_tokens, self._chunk = max_batch_size, max_batch_tokens, prefill_chunk_tokens
+        self._cv = threading.Condition()
+        self._waiting: deque[Pending] = deque()  # new requests, FIFO; the event loop appends and removes
+        self._requeued: deque[Pending] = deque()  # preempted rows, oldest first; served before new requests
+        self._batch = PaddedBatch.empty(device)
+        self._rows: list[Pending] = []  # one per batch row, in row order
+        self._job: PrefillJob | None = None
+        self._job_rows: list[Pending] = []
+        self._admitted = 0
+        self._stopping = False
+        # Observed maxima and counters, for tests and benchmarks.
+        self.peak_rows = 0
+        self.peak_footprint = 0
+        self.preemptions = 0
+        self.steps = 0
+
+    # -- any thread ---------------------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting) + len(self._requeued)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._rows) + len(self._job_rows)
+
+    def submit(self, pending: Pending) -> None:
+        """Queue ``pending`` (FIFO); raise :class:`EngineOverloaded` when the queue is full or stopping."""
+        with self._cv:
+            if self._stopping:
+                raise EngineOverloaded("the engine is not running")
+            if len(self._waiting) >= self._max_queue_size:
+                raise EngineOverloaded(f"the request queue is full ({self._max_queue_size} waiting)")
+            self._waiting.append(pending)
+            self._cv.notify()
+
+    def abort(self, pending: Pending) -> None:
+        """A queued request leaves at once; a running one is dropped at the start of the worker's next step."""
+        pending.aborted = True
+        with self._cv:
+            if pending in self._waiting:
+                self._waiting.remove(pending)
+
+    def shutdown(self) -> list[Pending]:
+        """Make :meth:`run` fail its rows and return; return the queued requests (the caller fails them)."""
+        with self._cv:
+            self._stopping = True
+            dropped = list(self._waiting)
+            self._waiting.clear()
+            self._cv.notify_all()
+        return dropped
+
+    # -- the worker thread --------------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Step until :meth:`shutdown`, then fail whatever is still admitted with :class:`EngineOverloaded`."""
+        # inference_mode is thread-local, so it is entered here, in the thread that runs the model.
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not (self._waiting or self._requeued or self._rows or self._job) and not self._stopping:
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self._step()
+                except Exception as exc:  # a bug, not a model failure: fail what is admitted, keep serving
+                    logger.exception("engine step failed")
+                    self._fail(self._rows + self._job_rows + list(self._requeued), _failure(exc))
+                    self._reset_batch()
+                    self._drop_job()
+                    self._requeued.clear()
+        self._fail(self._rows + self._job_rows + list(self._requeued), EngineOverloaded("the engine is shutting down"))
+        self._reset_batch()
+        self._drop_job()
+        self._requeued.clear()
+
+    def _step(self) -> None:
+        self.steps += 1
+        self._drop_aborted()
+        try:
+            if self._job is not None or self._start_job():
+                self._prefill()
+        except Exception as exc:
+            logger.exception("prefill failed")
+            self._fail(self._job_rows, _failure(exc))
+            self._drop_job()
+        if self._rows:
+            try:
+                self._decode()
+            except Exception as exc:
+                logger.exception("decode step failed")
+                self._fail(self._rows, _failure(exc))
+                self._reset_batch()
+
+    def _drop_aborted(self) -> None:
+        self._requeued = deque(p for p in self._requeued if not p.aborted)
+        if any(p.aborted for p in self._rows):
+            self._keep([i for i, p in enumerate(self._rows) if not p.aborted])
+        if self._job_rows and all(p.aborted for p in self._job_rows):
+            self._drop_job()  # partial rows in a live job are dropped when it merges (at most one chunk later)
+
+    def _start_job(self) -> bool:
+        """Take a group of queued requests (FIFO) that fits every bound into a new prefill job."""
+        group: list[Pending] = []
+        contexts: list[list[int]] = []
+        with self._cv:
+            while True:
+                queue = self._requeued or self._waiting
+                if not queue:
+                    break
+                head = queue[0]
+                if head.aborted or (head.sampler is None and not self._prepare(head)):
+                    queue.popleft()
+                    continue
+                context = head.context()
+                if not self._fits(contexts, context):
+                    break
+                queue.popleft()
+                if head.order < 0:
+                    head.order, self._admitted = self._admitted, self._admitted + 1
+                if head.stream is not None:
+                    head.stream.mark_started()  # its queue time ends here (kept if it is preempted later)
+                group.append(head)
+                contexts.append(context)
+        if not group:
+            return False
+        self._job_rows = group  # first, so that a failure below still reaches these requests
+        self._job = PrefillJob(contexts, self._model.config, self._device)
+        return True
+
+    def _fits(self, contexts: Sequence[Sequence[int]], context: Sequence[int]) -> bool:
+        rows = len(self._rows) + len(contexts) + 1
+        if rows > self._max_rows:
+            return False
+        width = max(len(context), *(len(c) for c in contexts)) if contexts else len(context)
+        if contexts and (len(contexts) + 1) * width > self._chunk:
+            return False  # only a lone prompt is chunked; a group prefills in one forward
+        if not self._rows and not contexts:
+            return True  # a lone request always runs
+        steps = -(-width // self._chunk)  # until it merges, while the batch grows one column per step
+        merged = max(self._batch.width + steps, width) + 1 + _ADMIT_HEADROOM
+        return rows * merged <= self._max_tokens
+
+    def _prepare(self, pending: Pending) -> bool:
+        """Validate a request and give it its row state; emit its end and return False if it cannot run."""
+        tokenizer, prompt = self._tokenizer(), list(pending.request.prompt_token_ids)
+        if not prompt:
+            pending.emit(EngineError("the prompt is empty"))
+            return False
+        if min(prompt) < 0 or max(prompt) >= tokenizer.vocab_size:
+            pending.emit(EngineError(f"prompt token ids must be in [0, {tokenizer.vocab_size})"))
+            return False
+        params = pending.request.params
+        pending.budget = min(params.max_tokens, self._max_model_len - len(prompt))
+        if pending.budget <= 0:
+            pending.emit(EngineDelta(finish_reason="length"))
+            return False
+        pending.sampler = RowSampler.create(params, self._device)
+        pending.detok = IncrementalDetokenizer(tokenizer, prompt)
+        pending.eos = tokenizer.eos_token_ids
+        return True
+
+    def _prefill(self) -> None:
+        assert self._job is not None
+        logits = self._job.step(self._model, self._chunk)
+        if logits is None:
+            return
+        rows = self._job_rows
+        picks = self._sample(logits, rows)
+        keep = [i for i, (row, token) in enumerate(zip(rows, picks, strict=True)) if self._advance(row, token)]
+        self._batch.extend(self._job.into_batch(keep))
+        self._rows += [rows[i] for i in keep]
+        self._drop_job()
+
+    def _decode(self) -> None:
+        self._preempt()
+        self.peak_rows = max(self.peak_rows, len(self._rows))
+        self.peak_footprint = max(self.peak_footprint, self._batch.size * (self._batch.width + 1))
+        logits = self._batch.decode(self._model, [row.tokens[-1] for row in self._rows])
+        picks = self._sample(logits, self._rows)
+        rows = self._rows
+        self._keep([i for i, (row, token) in enumerate(zip(rows, picks, strict=True)) if self._advance(row, token)])
+
+    def _preempt(self) -> None:
+        """Evict the newest rows until the next step's batch fits the KV budget (one row always stays)."""
+        evicted: list[Pending] = []
+        while len(self._rows) > 1 and self._batch.size * (self._batch.width + 1) > self._max_tokens:
+            newest = max(range(len(self._rows)), key=lambda i: self._rows[i].order)
+            evicted.append(self._rows[newest])
+            self._keep([i for i in range(len(self._rows)) if i != newest])
+        if evicted:
+            self.preemptions += len(evicted)
+            logger.info("KV budget: preempted %d row(s) to recompute later", len(evicted))
+            self._requeued = deque(sorted([*self._requeued, *evicted], key=lambda p: p.order))
+
+    def _sample(self, logits: torch.Tensor, rows: Sequence[Pending]) -> list[int]:
+        samplers = [row.sampler for row in rows]
+        assert all(s is not None for s in samplers)
+        return self._sampler.sample(logits, samplers)  # type: ignore[arg-type]
+
+    def _advance(self, row: Pending, token: int) -> bool:
+        """Record and emit ``token`` for ``row``; return whether the row keeps running."""
+        assert row.detok is not None
+        row.tokens.append(token)
+        finish: FinishReason | None = None
+        if token in row.eos and not row.request.params.ignore_eos:
+            finish, text = "stop", row.detok.flush()  # EOS counts as a token but is not text
+        else:
+            text = row.detok.push(token)
+            if len(row.tokens) >= row.budget:
+                finish, text = "length", text + row.detok.flush()
+        if not row.aborted:
+            row.emit(EngineDelta(token_ids=[token], text=text, finish_reason=finish))
+        return finish is None and not row.aborted
+
+    def _keep(self, keep: list[int]) -> None:
+        self._batch.select(keep)
+        self._rows = [self._rows[i] for i in keep]
+
+    def _reset_batch(self) -> None:
+        self._batch, self._rows = PaddedBatch.empty(self._device), []
+
+    def _drop_job(self) -> None:
+        self._job, self._job_rows = None, []
+
+    @staticmethod
+    def _fail(rows: Sequence[Pending], exc: EngineError) -> None:
+        for row in rows:
+            if not row.aborted:
+                row.emit(exc)
+
+
+def _failure(exc: Exception) -> EngineError:
+    return EngineError(f"generation failed: {type(exc).__name__}: {exc}")
