@@ -42,9 +42,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     max_queue_size: Annotated[int, Meta(ge=1)] = 256
     """Requests waiting for a batch slot before new ones get 503 ``overloaded``."""
     max_batch_tokens: Annotated[int, Meta(ge=64)] = 65_536
-    """KV budget of the running batch: the most tokens (prompt + generated, over all rows) it may hold."""
+    """KV budget of the running batch: rows x padded cache width. A request joins only if the merged batch fits with
+    room to grow; when growth would overflow it, the newest rows are preempted and later re-prefilled from their
+    prompt and generated tokens. A single row always runs."""
     prefill_chunk_tokens: Annotated[int, Meta(ge=16)] = 256
-    """Most prompt tokens prefilled per engine step, so a long prompt stalls running streams only briefly."""
+    """Most prompt tokens prefilled per engine step: a running stream waits at most one such chunk plus one decode
+    step between tokens (measured on a 2-core CPU with the 0.5B model: ~2.4 s at 256 in float32, ~1.3 s at 64)."""
     request_max_body_size: Annotated[int, Meta(ge=1024)] = 10_000_000
     """Largest request body in bytes; larger ones get 413."""
     log_format: Literal["console", "json"] = "console"
