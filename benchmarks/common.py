@@ -45,6 +45,13 @@ def create_key(env: dict[str, str], role: str = "admin") -> str:
 @contextmanager
 def serve(env: dict[str, str], timeout_s: float = 600.0) -> Iterator[str]:
     """Start ``llm-server serve`` on a free port; yield its base URL once /readyz is 200."""
+    with serve_process(env, timeout_s) as (base, _):
+        yield base
+
+
+@contextmanager
+def serve_process(env: dict[str, str], timeout_s: float = 600.0) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Like :func:`serve`, also yielding the process (for its memory)."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--port", str(port)],
@@ -68,7 +75,7 @@ def serve(env: dict[str, str], timeout_s: float = 600.0) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise TimeoutError("server not ready")
             time.sleep(0.1)
-        yield base
+        yield base, proc
     finally:
         proc.terminate()
         proc.wait(timeout=60)

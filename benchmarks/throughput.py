@@ -21,25 +21,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
 import os
 import random
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from benchmarks.common import ROOT, cli, free_port, percentile, server_env
+from benchmarks.common import cli, percentile, serve_process, server_env
 
 PEPPER = "bench-pepper-0123456789abcdef"
 TOPICS = ["the for statement", "tuples", "exceptions", "the import system", "generators", "slicing", "classes"]
@@ -120,38 +114,6 @@ class Static:
 
 
 # -- the server over HTTP -----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def serve(env: dict[str, str], timeout_s: float = 900.0) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``common.serve``, but also yielding the process (for its RSS)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--port", str(port)],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"serve exited with {proc.returncode}")
-            with (
-                contextlib.suppress(urllib.error.URLError, ConnectionError),
-                urllib.request.urlopen(f"{base}/readyz", timeout=1) as r,
-            ):
-                if r.status == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError("server not ready")
-            time.sleep(0.2)
-        yield base, proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def rss_mib(pid: int) -> dict[str, float]:
@@ -287,7 +249,7 @@ def main() -> None:
             Path(tmp), model=str(folder), dtype=args.dtype, key_pepper=PEPPER, served_model_name="bench"
         ) | {"LLM_SERVER_CACHE_ENABLED": "false"}
         key = str(json.loads(cli(env, "keys", "create", "--name", "b", "--role", "admin", "--json"))["key"])
-        with serve(env) as (base, proc):
+        with serve_process(env, timeout_s=900.0) as (base, proc):
             asyncio.run(drive(base, key, [(prompts[0], 8, 0.0), (prompts[1], 8, 0.0)], 2))  # warm-up
             for concurrency, n in ((1, sequential), (8, 8), (32, 32)):
                 streams = asyncio.run(drive(base, key, [(p, 64, 0.0) for p in prompts[:n]], concurrency))
