@@ -24,6 +24,35 @@ class EngineOverloaded(EngineError):
 
 
 @dataclass(frozen=True, slots=True)
+class Constraint:
+    """A grammar the generated text must follow (structured outputs, forced tool calls).
+
+    The text is ``prefix + value + suffix``, repeated ``min_items``..``max_items`` times with ``separator`` between
+    repetitions, where each ``value`` is JSON that validates against ``json_schema``. After the last repetition only
+    an EOS token may follow, so a constrained row ends with ``finish_reason="stop"`` (or ``"length"`` when
+    ``max_tokens`` cuts it first).
+
+    Attributes:
+        json_schema: JSON text of a JSON Schema (``{"type": "object"}`` for ``json_object`` mode).
+        lenient: Ignore schema keywords the grammar library cannot enforce instead of rejecting the schema
+            (OpenAI's ``strict: false``); a strict constraint with such keywords is a client error.
+        prefix: Literal text before each value (e.g. ``"<tool_call>\\n"``).
+        suffix: Literal text after each value.
+        separator: Literal text between repetitions.
+        min_items: Fewest values.
+        max_items: Most values; ``None`` means no bound.
+    """
+
+    json_schema: str
+    lenient: bool = False
+    prefix: str = ""
+    suffix: str = ""
+    separator: str = "\n"
+    min_items: int = 1
+    max_items: int | None = 1
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Per-request decoding parameters; every request in a batch may differ.
 
@@ -35,6 +64,16 @@ class SamplingParams:
         min_p: Drop tokens whose probability is below ``min_p`` times the top token's; 0 disables it.
         seed: Seed of this request's own random generator; ``None`` draws one at random.
         ignore_eos: Keep generating past EOS (benchmarks).
+        logit_bias: Token id -> bias added to its logit before sampling (OpenAI's -100..100; +-100 bans/forces).
+        presence_penalty: Subtracted once from the logit of every token already generated (OpenAI semantics).
+        frequency_penalty: Subtracted from a token's logit once per time it was generated.
+        repetition_penalty: Extension (CTRL/Transformers semantics): logits of tokens in the prompt or output are
+            divided by it when positive, multiplied when negative; 1 disables it.
+        logprobs: Report the chosen token's log probability and this many most likely alternatives (``None``: no
+            logprobs at all; ``0``: the chosen token only).
+        prompt_logprobs: Also report the log probability of every prompt token after the first, with this many
+            alternatives (``None``: not at all).
+        constraint: A grammar the output must follow.
     """
 
     max_tokens: int
@@ -44,6 +83,13 @@ class SamplingParams:
     min_p: float = 0.0
     seed: int | None = None
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    constraint: Constraint | None = None
 
     @property
     def greedy(self) -> bool:
@@ -59,6 +105,19 @@ class EngineRequest:
     params: SamplingParams
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token's log probability under the model and the most likely alternatives at its position.
+
+    ``logprob`` is the model's own distribution (log-softmax of the raw logits), before temperature, penalties,
+    bias or grammar masks, as OpenAI reports it. ``top`` holds ``(token_id, logprob)`` pairs, most likely first.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(slots=True)
 class EngineDelta:
     """What one step produced for one request.
@@ -67,11 +126,19 @@ class EngineDelta:
         token_ids: Tokens generated in this step (usually one).
         text: Newly decoded text; may be empty while a multi-byte character is incomplete.
         finish_reason: Set on the last delta: ``"stop"`` for EOS, ``"length"`` for max tokens or context end.
+        logprobs: One entry per token of ``token_ids`` when the request asked for logprobs, else ``None``.
+        token_texts: With logprobs: the text each token of ``token_ids`` added (joined they equal ``text``; a
+            token that only starts a multi-byte character adds ``""``, the one completing it adds the character).
+        prompt_logprobs: On the first delta of a request that asked for prompt logprobs: one entry per prompt
+            token after the first.
     """
 
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None
+    token_texts: list[str] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @runtime_checkable
@@ -103,8 +170,12 @@ class Tokenizer(Protocol):
         *,
         add_generation_prompt: bool,
         continue_final_message: bool,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids of ``messages`` rendered through the model's own chat template.
+
+        ``tools`` (OpenAI ``{"type": "function", "function": {...}}`` objects) are handed to the template as its
+        ``tools`` variable.
 
         Raises:
             ValueError: the model has no chat template or the template rejected the messages.
@@ -153,6 +224,11 @@ class Engine(Protocol):
     @property
     def ready(self) -> bool:
         """True once the model is loaded and requests can be served."""
+        ...
+
+    @property
+    def supports_constraints(self) -> bool:
+        """Whether requests may carry a :class:`Constraint` (grammar-constrained decoding)."""
         ...
 
     @property

@@ -22,6 +22,9 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DummyLayer, DynamicLayer
 
+from server.engine.base import TokenLogprob
+from server.engine.sampling import token_logprobs
+
 _SEQ = -2  # the sequence dimension of cached keys and values
 
 
@@ -133,10 +136,25 @@ class PrefillJob:
         prompts: Token ids of each row's prompt (non-empty).
         config: The model config (for the cache's layer types).
         device: Where the tensors live.
+        prompt_logprobs: Per row, ``None`` or the number of alternatives to report with the log probability of each
+            prompt token after the first (:attr:`prompt_entries` holds them once the job is finished). Any such row
+            makes every chunk keep the logits of all positions, not only the last.
+        vocab_limit: Ids the tokenizer can decode (the logits may be wider).
     """
 
-    def __init__(self, prompts: Sequence[Sequence[int]], config: Any, device: torch.device) -> None:
+    def __init__(
+        self,
+        prompts: Sequence[Sequence[int]],
+        config: Any,
+        device: torch.device,
+        *,
+        prompt_logprobs: Sequence[int | None] = (),
+        vocab_limit: int | None = None,
+    ) -> None:
         rows, width = len(prompts), max(len(p) for p in prompts)
+        self.want = list(prompt_logprobs) or [None] * rows
+        self.vocab_limit = vocab_limit
+        self.prompt_entries: list[list[TokenLogprob] | None] = [None if w is None else [] for w in self.want]
         self.ids = torch.zeros((rows, width), dtype=torch.long, device=device)
         self.mask = torch.zeros((rows, width), dtype=torch.long, device=device)
         for i, prompt in enumerate(prompts):
@@ -171,20 +189,37 @@ class PrefillJob:
 
     def step(self, model: Any, max_tokens: int) -> torch.Tensor | None:
         """Prefill the next chunk; return ``[rows, vocab]`` next-token logits after the last one, else ``None``."""
-        end = min(self.width, self.done + max(1, max_tokens // self.rows))
+        start, end = self.done, min(self.width, self.done + max(1, max_tokens // self.rows))
+        every = any(w is not None for w in self.want)
         out = model(
-            input_ids=self.ids[:, self.done : end],
+            input_ids=self.ids[:, start:end],
             attention_mask=self.mask[:, :end],
-            position_ids=self.positions[:, self.done : end],
+            position_ids=self.positions[:, start:end],
             cache=self.cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if every else 1,
         )
         self.done = end
+        if every:
+            self._score_prompts(out.logits, start, end)
         if not self.finished:
             return None
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits
+
+    def _score_prompts(self, logits: torch.Tensor, start: int, end: int) -> None:
+        """Log probabilities of the prompt tokens that columns ``start..end`` predict (column c predicts c + 1)."""
+        for row, want in enumerate(self.want):
+            entries = self.prompt_entries[row]
+            if want is None or entries is None:
+                continue
+            # Column c predicts column c + 1; only real (unpadded) columns that have a successor count.
+            cols = [c for c in range(start, min(end, self.width - 1)) if self.mask[row, c]]
+            if not cols:
+                continue
+            scores = logits[row, [c - start for c in cols], : self.vocab_limit]
+            targets = self.ids[row, [c + 1 for c in cols]].tolist()
+            entries += token_logprobs(scores, targets, [want] * len(cols))
 
     def into_batch(self, keep: Sequence[int]) -> PaddedBatch:
         """The finished job's rows ``keep`` as a batch ready to merge (the job is spent afterwards)."""

@@ -16,6 +16,7 @@ from server.engine.base import (
     EngineRequest,
     ModelInfo,
     RequestStream,
+    TokenLogprob,
 )
 from server.engine.chartok import CharTokenizer, last_user_message
 
@@ -73,7 +74,17 @@ class ScriptedStream:
         text = "" if tid == self._eos_id else self._tokenizer.decode([tid])
         if last:
             self._done = True
-        return EngineDelta(token_ids=[tid], text=text, finish_reason=self._finish if last else None)  # type: ignore[arg-type]
+        delta = EngineDelta(token_ids=[tid], text=text, finish_reason=self._finish if last else None)  # type: ignore[arg-type]
+        params = self.request.params
+        if params.logprobs is not None:
+            # A scripted reply is certain: probability 1 for the token it emits, and no alternatives worth naming.
+            entry = TokenLogprob(tid, 0.0, ((tid, 0.0),) if params.logprobs else ())
+            delta.logprobs, delta.token_texts = ([], []) if tid == self._eos_id else ([entry], [text])
+        if self._pos == 1 and params.prompt_logprobs is not None:
+            prompt = self.request.prompt_token_ids
+            top = params.prompt_logprobs
+            delta.prompt_logprobs = [TokenLogprob(t, 0.0, ((t, 0.0),) if top else ()) for t in prompt[1:]]
+        return delta
 
     async def aclose(self) -> None:
         if self._closed:
@@ -109,6 +120,11 @@ class EchoEngine:
     @property
     def tokenizer(self) -> CharTokenizer:
         return self._tokenizer
+
+    @property
+    def supports_constraints(self) -> bool:
+        """A scripted reply cannot follow a grammar."""
+        return False
 
     @property
     def ready(self) -> bool:

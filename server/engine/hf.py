@@ -95,6 +95,11 @@ class HFEngine:
         return self._tokenizer
 
     @property
+    def supports_constraints(self) -> bool:
+        """Grammar masks apply per row inside the batch."""
+        return True
+
+    @property
     def ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
@@ -181,7 +186,7 @@ class HFEngine:
             model,
             lambda: self.tokenizer,
             # Ids past the tokenizer's length are padding rows of the embedding matrix: never emit them.
-            Sampler(vocab_limit=self._tokenizer.vocab_size),
+            Sampler(vocab_limit=self._tokenizer.vocab_size, apply_masks=_apply_grammar_masks),
             device=device,
             max_model_len=int(max_len),
             max_queue_size=self._max_queue_size,
@@ -240,3 +245,10 @@ def _as_ids(value: int | list[int] | None) -> set[int]:
     if value is None:
         return set()
     return {int(value)} if isinstance(value, int) else {int(v) for v in value}
+
+
+def _apply_grammar_masks(logits: torch.Tensor, rows: Any) -> None:
+    # Imported on first use: llguidance's torch helpers load only when a constrained request arrives.
+    from server.engine.grammar_mask import apply_masks
+
+    apply_masks(logits, rows)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from server.engine.base import EngineDelta, EngineError, EngineRequest
+from server.engine.base import EngineDelta, EngineError, EngineRequest, TokenLogprob
 from server.engine.detok import IncrementalDetokenizer
 from server.engine.sampling import RowSampler
 from server.engine.stream import QueueStream
@@ -23,6 +23,8 @@ class Pending:
     tokens: list[int] = field(default_factory=list)  # generated so far; the last one is not in the cache yet
     budget: int = 0  # most tokens it may generate (max_tokens, cut at the context end)
     order: int = -1  # admission order; the newest rows are preempted first
+    prompt_logprobs: list[TokenLogprob] | None = None  # computed by the prefill, sent with the first delta
+    prompt_reported: bool = False
 
     def emit(self, item: EngineDelta | EngineError) -> None:
         assert self.stream is not None

@@ -14,12 +14,17 @@ same scaled scores.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from server.engine.base import SamplingParams
+from server.engine.base import SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from server.engine.grammar import RowGrammar
 
 # Nucleus sampling without top-k first tries this many candidates: sorting a 152k vocabulary each step costs
 # more than the forward pass, and the nucleus almost always lies within the top few hundred tokens.
@@ -37,15 +42,47 @@ class RowSampler:
 
     params: SamplingParams
     generator: torch.Generator
+    grammar: RowGrammar | None = None
+    counts: Counter[int] = field(default_factory=Counter)  # generated tokens (presence/frequency penalties)
+    seen: set[int] = field(default_factory=set)  # prompt and generated tokens (repetition penalty)
 
     @classmethod
-    def create(cls, params: SamplingParams, device: torch.device | str = "cpu") -> RowSampler:
+    def create(
+        cls,
+        params: SamplingParams,
+        device: torch.device | str = "cpu",
+        *,
+        prompt: Iterable[int] = (),
+        grammar: RowGrammar | None = None,
+    ) -> RowSampler:
         """Make a row for ``params``, seeding its generator from ``params.seed`` or from the OS when it is None."""
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         generator = torch.Generator(device=device)
         # Generators take unsigned 64-bit seeds; map negative user seeds instead of rejecting them.
         generator.manual_seed(seed % (1 << 64))
-        return cls(params=params, generator=generator)
+        seen = set(prompt) if params.repetition_penalty != 1.0 else set()
+        return cls(params=params, generator=generator, grammar=grammar, seen=seen)
+
+    @property
+    def processed(self) -> bool:
+        """Whether this row's logits are edited before selection (penalties, bias, grammar)."""
+        p = self.params
+        return bool(
+            self.grammar is not None
+            or p.logit_bias
+            or (self.counts and (p.presence_penalty or p.frequency_penalty))
+            or (self.seen and p.repetition_penalty != 1.0)
+        )
+
+    def accept(self, token: int) -> None:
+        """Record the chosen ``token``: penalty state, and the grammar's state (which must allow it)."""
+        p = self.params
+        if p.presence_penalty or p.frequency_penalty:
+            self.counts[token] += 1
+        if p.repetition_penalty != 1.0:
+            self.seen.add(token)
+        if self.grammar is not None:
+            self.grammar.consume(token)
 
 
 class Sampler:
@@ -56,15 +93,21 @@ class Sampler:
             often pad their embedding matrix past the tokenizer's length).
     """
 
-    def __init__(self, vocab_limit: int) -> None:
+    def __init__(
+        self,
+        vocab_limit: int,
+        apply_masks: Callable[[torch.Tensor, Sequence[RowGrammar | None]], None] | None = None,
+    ) -> None:
         self.vocab_limit = vocab_limit
+        self._apply_masks = apply_masks
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int]:
         """Pick one token per row.
 
         Args:
-            logits: ``[batch, vocab]`` scores of the next token, any float dtype.
+            logits: ``[batch, vocab]`` scores of the next token, any float dtype. Not modified: rows with
+                penalties, bias or a grammar are edited in a copy.
             rows: One :class:`RowSampler` per batch row, in the same order.
 
         Returns:
@@ -73,6 +116,8 @@ class Sampler:
         if logits.shape[0] != len(rows):
             raise ValueError(f"{logits.shape[0]} logit rows for {len(rows)} samplers")
         logits = logits[:, : self.vocab_limit]
+        if any(row.processed for row in rows):
+            logits = self._process(logits, rows)
         # One argmax serves every greedy row (exact in any dtype, so no float copy); .tolist() is the only sync.
         chosen: list[int] = logits.argmax(dim=-1).tolist()
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
@@ -82,6 +127,78 @@ class Sampler:
             for i, token in zip(sampled, picks, strict=True):
                 chosen[i] = token
         return chosen
+
+    def _process(self, logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
+        """A float copy of ``logits`` with each row's penalties, then its bias, then its grammar mask applied.
+
+        The grammar mask comes last so that no bias or penalty can make a forbidden token possible again.
+        """
+        out = logits.float()  # a copy for half dtypes; a float32 input is cloned below
+        if out.data_ptr() == logits.data_ptr():
+            out = out.clone()
+        device = out.device
+        for i, row in enumerate(rows):
+            p = row.params
+            if row.seen and p.repetition_penalty != 1.0:
+                ids = torch.tensor(sorted(row.seen), device=device)
+                ids = ids[ids < out.shape[1]]
+                vals = out[i, ids]
+                out[i, ids] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if row.counts and (p.presence_penalty or p.frequency_penalty):
+                ids = torch.tensor(list(row.counts), device=device)
+                counts = torch.tensor(list(row.counts.values()), dtype=out.dtype, device=device)
+                keep = ids < out.shape[1]
+                out[i, ids[keep]] -= counts[keep] * p.frequency_penalty + p.presence_penalty
+            if p.logit_bias:
+                ids = torch.tensor([t for t, _ in p.logit_bias], device=device)
+                bias = torch.tensor([b for _, b in p.logit_bias], dtype=out.dtype, device=device)
+                keep = ids < out.shape[1]
+                out[i, ids[keep]] += bias[keep]
+        grammars = [row.grammar for row in rows]
+        if any(g is not None for g in grammars):
+            if self._apply_masks is None:
+                raise RuntimeError("a constrained row reached a sampler without grammar masks")
+            self._apply_masks(out, grammars)
+        return out
+
+    @torch.no_grad()
+    def logprobs(
+        self, logits: torch.Tensor, rows: Sequence[RowSampler], chosen: Sequence[int]
+    ) -> list[TokenLogprob | None]:
+        """The model's log probability of each row's ``chosen`` token and its top alternatives.
+
+        Only rows whose params ask for logprobs get an entry; the others get ``None``. The distribution is the
+        raw model's (``logits`` before temperature, penalties, bias and masks), as OpenAI reports it.
+        """
+        want = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(rows)
+        if not want:
+            return out
+        index = torch.tensor(want, device=logits.device)
+        scores = logits[:, : self.vocab_limit].index_select(0, index)
+        targets = [chosen[i] for i in want]
+        counts = [rows[i].params.logprobs or 0 for i in want]
+        for i, entry in zip(want, token_logprobs(scores, targets, counts), strict=True):
+            out[i] = entry
+        return out
+
+
+def token_logprobs(scores: torch.Tensor, targets: Sequence[int], top: Sequence[int]) -> list[TokenLogprob]:
+    """Log-softmax of ``scores`` (``[n, vocab]``) read at each row's target id, with each row's ``top[i]`` best."""
+    logp = torch.log_softmax(scores.float(), dim=-1)
+    target = torch.tensor(list(targets), device=scores.device).unsqueeze(1)
+    picked = logp.gather(1, target).squeeze(1).tolist()
+    width = max(top, default=0)
+    best_vals: list[list[float]] = []
+    best_ids: list[list[int]] = []
+    if width:
+        values, ids = torch.topk(logp, min(width, logp.shape[1]))
+        best_vals, best_ids = values.tolist(), ids.tolist()
+    entries = []
+    for i, (token, lp, k) in enumerate(zip(targets, picked, top, strict=True)):
+        alternatives = tuple(zip(best_ids[i][:k], best_vals[i][:k], strict=True)) if k else ()
+        entries.append(TokenLogprob(token_id=token, logprob=lp, top=alternatives))
+    return entries
 
 
 def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int]:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from server.engine.base import EngineDelta, EngineError, EngineOverloaded, FinishReason
+from server.engine.base import Constraint, EngineDelta, EngineError, EngineOverloaded, FinishReason, TokenLogprob
 from server.engine.batch import PaddedBatch, PrefillJob
 from server.engine.detok import IncrementalDetokenizer
 from server.engine.hf_tokenizer import HFTokenizer
@@ -80,6 +80,7 @@ class Scheduler:
         self._job_rows: list[Pending] = []
         self._admitted = 0
         self._stopping = False
+        self._compilers: dict[int, Any] = {}  # grammar compilers by tokenizer identity (built on first use)
         # Observed maxima and counters, for tests and benchmarks.
         self.peak_rows = 0
         self.peak_footprint = 0
@@ -196,7 +197,11 @@ class Scheduler:
         if not group:
             return False
         self._job_rows = group  # first, so that a failure below still reaches these requests
-        self._job = PrefillJob(contexts, self._model.config, self._device)
+        # Prompt logprobs are reported once: a preempted row being prefilled again does not ask twice.
+        want = [None if p.prompt_reported else p.request.params.prompt_logprobs for p in group]
+        self._job = PrefillJob(
+            contexts, self._model.config, self._device, prompt_logprobs=want, vocab_limit=self._sampler.vocab_limit
+        )
         return True
 
     def _fits(self, contexts: Sequence[Sequence[int]], context: Sequence[int]) -> bool:
@@ -226,10 +231,25 @@ class Scheduler:
         if pending.budget <= 0:
             pending.emit(EngineDelta(finish_reason="length"))
             return False
-        pending.sampler = RowSampler.create(params, self._device)
+        try:
+            grammar = None if params.constraint is None else self._grammar(tokenizer, params.constraint)
+        except ValueError as exc:  # serving validates constraints first; this is the engine's own safety net
+            pending.emit(EngineError(f"the output constraint cannot be compiled: {exc}"))
+            return False
+        pending.sampler = RowSampler.create(params, self._device, prompt=prompt, grammar=grammar)
         pending.detok = IncrementalDetokenizer(tokenizer, prompt)
         pending.eos = tokenizer.eos_token_ids
         return True
+
+    def _grammar(self, tokenizer: HFTokenizer, constraint: Constraint) -> Any:
+        """A fresh grammar state for one row; the compiler for ``tokenizer`` is built once, on first use."""
+        from server.engine.grammar import GrammarCompiler
+
+        compiler = self._compilers.get(id(tokenizer))
+        if compiler is None:
+            compiler = GrammarCompiler(tokenizer.hf, tokenizer.vocab_size, tokenizer.eos_token_ids)
+            self._compilers = {id(tokenizer): compiler}  # the tokenizer only changes in tests
+        return compiler.matcher(constraint)
 
     def _prefill(self) -> None:
         assert self._job is not None
@@ -237,8 +257,11 @@ class Scheduler:
         if logits is None:
             return
         rows = self._job_rows
-        picks = self._sample(logits, rows)
-        keep = [i for i, (row, token) in enumerate(zip(rows, picks, strict=True)) if self._advance(row, token)]
+        picks, logprobs = self._sample(logits, rows)
+        for row, prompt_lps in zip(rows, self._job.prompt_entries, strict=True):
+            if prompt_lps is not None:
+                row.prompt_logprobs, row.prompt_reported = prompt_lps, True
+        keep = [i for i, row in enumerate(rows) if self._advance(row, picks[i], logprobs[i])]
         self._batch.extend(self._job.into_batch(keep))
         self._rows += [rows[i] for i in keep]
         self._drop_job()
@@ -248,9 +271,9 @@ class Scheduler:
         self.peak_rows = max(self.peak_rows, len(self._rows))
         self.peak_footprint = max(self.peak_footprint, self._batch.size * (self._batch.width + 1))
         logits = self._batch.decode(self._model, [row.tokens[-1] for row in self._rows])
-        picks = self._sample(logits, self._rows)
+        picks, logprobs = self._sample(logits, self._rows)
         rows = self._rows
-        self._keep([i for i, (row, token) in enumerate(zip(rows, picks, strict=True)) if self._advance(row, token)])
+        self._keep([i for i, row in enumerate(rows) if self._advance(row, picks[i], logprobs[i])])
 
     def _preempt(self) -> None:
         """Evict the newest rows until the next step's batch fits the KV budget (one row always stays)."""
@@ -264,24 +287,38 @@ class Scheduler:
             logger.info("KV budget: preempted %d row(s) to recompute later", len(evicted))
             self._requeued = deque(sorted([*self._requeued, *evicted], key=lambda p: p.order))
 
-    def _sample(self, logits: torch.Tensor, rows: Sequence[Pending]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, rows: Sequence[Pending]) -> tuple[list[int], list[TokenLogprob | None]]:
         samplers = [row.sampler for row in rows]
         assert all(s is not None for s in samplers)
-        return self._sampler.sample(logits, samplers)  # type: ignore[arg-type]
+        picks = self._sampler.sample(logits, samplers)  # type: ignore[arg-type]
+        return picks, self._sampler.logprobs(logits, samplers, picks)  # type: ignore[arg-type]
 
-    def _advance(self, row: Pending, token: int) -> bool:
+    def _advance(self, row: Pending, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Record and emit ``token`` for ``row``; return whether the row keeps running."""
         assert row.detok is not None
+        assert row.sampler is not None
         row.tokens.append(token)
+        row.sampler.accept(token)
+        grammar = row.sampler.grammar
         finish: FinishReason | None = None
-        if token in row.eos and not row.request.params.ignore_eos:
+        eos = token in row.eos and (not row.request.params.ignore_eos or grammar is not None)
+        if eos:
             finish, text = "stop", row.detok.flush()  # EOS counts as a token but is not text
         else:
             text = row.detok.push(token)
-            if len(row.tokens) >= row.budget:
+            if grammar is not None and grammar.is_stopped:
+                finish, text = "stop", text + row.detok.flush()  # the grammar is complete: only EOS could follow
+            elif len(row.tokens) >= row.budget:
                 finish, text = "length", text + row.detok.flush()
         if not row.aborted:
-            row.emit(EngineDelta(token_ids=[token], text=text, finish_reason=finish))
+            delta = EngineDelta(token_ids=[token], text=text, finish_reason=finish)
+            if logprob is not None and (text or not eos):  # a final EOS is not text: no entry, as in OpenAI's
+                delta.logprobs, delta.token_texts = [logprob], [text]
+            elif logprob is not None:
+                delta.logprobs, delta.token_texts = [], []
+            if row.prompt_logprobs is not None:
+                delta.prompt_logprobs, row.prompt_logprobs = row.prompt_logprobs, None
+            row.emit(delta)
         return finish is None and not row.aborted
 
     def _keep(self, keep: list[int]) -> None:
