@@ -30,22 +30,63 @@ IM_END: Final = "<|im_end|>"
 SPECIAL_TOKENS: Final = (ENDOFTEXT, IM_START, IM_END)
 
 # Qwen-style ChatML. Content may be a string, null, or a list of {"type": "text", "text": ...} parts (OpenAI's
-# shape); other part types are rejected rather than silently dropped.
+# shape); other part types are rejected rather than silently dropped. With ``tools`` it renders them the way
+# Qwen2.5 (Hermes format) does: a system block listing them inside <tools></tools> (after the first system
+# message's text, which it absorbs), assistant tool calls as <tool_call> blocks and tool results as
+# <tool_response> blocks in one user turn per run of tool messages. Without tools the output is plain ChatML.
 CHAT_TEMPLATE: Final = (
-    "{%- for message in messages -%}\n"
-    "{%- if message['content'] is string -%}\n"
-    "{%- set content = message['content'] -%}\n"
-    "{%- elif message['content'] is none -%}\n"
-    "{%- set content = '' -%}\n"
-    "{%- else -%}\n"
-    "{%- for part in message['content'] -%}\n"
+    "{%- macro render_content(content) -%}\n"
+    "{%- if content is string -%}\n"
+    "{{- content -}}\n"
+    "{%- elif content is not none -%}\n"
+    "{%- for part in content -%}\n"
     "{%- if part['type'] != 'text' -%}\n"
     "{{- raise_exception('only text content parts are supported, got ' ~ part['type']) -}}\n"
     "{%- endif -%}\n"
     "{%- endfor -%}\n"
-    "{%- set content = message['content'] | map(attribute='text') | join('') -%}\n"
+    "{{- content | map(attribute='text') | join('') -}}\n"
     "{%- endif -%}\n"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' -}}\n"
+    "{%- endmacro -%}\n"
+    "{%- if tools -%}\n"
+    "{{- '<|im_start|>system\\n' -}}\n"
+    "{%- if messages and messages[0]['role'] == 'system' -%}\n"
+    "{{- render_content(messages[0]['content']) + '\\n\\n' -}}\n"
+    "{%- endif -%}\n"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n' -}}\n"
+    "{{- 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' -}}\n"
+    "{%- for tool in tools -%}\n"
+    "{{- '\\n' + (tool | tojson) -}}\n"
+    "{%- endfor -%}\n"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments '"
+    " + 'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n'"
+    ' + \'{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n\' -}}\n'
+    "{%- endif -%}\n"
+    "{%- for message in messages -%}\n"
+    "{%- if tools and loop.first and message['role'] == 'system' -%}\n"
+    "{%- elif message['role'] == 'tool' -%}\n"
+    "{%- if loop.first or loop.previtem['role'] != 'tool' -%}\n"
+    "{{- '<|im_start|>user' -}}\n"
+    "{%- endif -%}\n"
+    "{{- '\\n<tool_response>\\n' + render_content(message['content']) + '\\n</tool_response>' -}}\n"
+    "{%- if loop.last or loop.nextitem['role'] != 'tool' -%}\n"
+    "{{- '<|im_end|>\\n' -}}\n"
+    "{%- endif -%}\n"
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] -%}\n"
+    "{{- '<|im_start|>assistant' -}}\n"
+    "{%- set content = render_content(message['content']) -%}\n"
+    "{%- if content -%}\n"
+    "{{- '\\n' + content -}}\n"
+    "{%- endif -%}\n"
+    "{%- for call in message['tool_calls'] -%}\n"
+    "{%- set function = call['function'] if call['function'] is defined else call -%}\n"
+    "{%- set arguments = function['arguments'] -%}\n"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + function['name'] + '\", \"arguments\": ' -}}\n"
+    "{{- (arguments if arguments is string else arguments | tojson) + '}\\n</tool_call>' -}}\n"
+    "{%- endfor -%}\n"
+    "{{- '<|im_end|>\\n' -}}\n"
+    "{%- else -%}\n"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + render_content(message['content']) + '<|im_end|>\\n' -}}\n"
+    "{%- endif -%}\n"
     "{%- endfor -%}\n"
     "{%- if add_generation_prompt -%}\n"
     "{{- '<|im_start|>assistant\\n' -}}\n"
@@ -54,7 +95,7 @@ CHAT_TEMPLATE: Final = (
 
 _MARKER: Final = "llm_server_demo.json"
 # Bump when the build changes, so stale folders in data dirs are rebuilt instead of reused.
-_FORMAT: Final = 1
+_FORMAT: Final = 2
 _REQUIRED_FILES: Final = (
     "config.json",
     "generation_config.json",

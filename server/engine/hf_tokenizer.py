@@ -46,15 +46,22 @@ class HFTokenizer:
         *,
         add_generation_prompt: bool,
         continue_final_message: bool,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use the completions endpoint with a raw prompt")
+        if tools and "tools" not in str(self.hf.chat_template):
+            # Rendering would silently drop them: the model would never learn it has tools.
+            raise ValueError("this model's chat template does not support tools")
+        # Passed only when given: a template's output without tools stays exactly what it always was.
+        extra: dict[str, Any] = {} if tools is None else {"tools": [dict(t) for t in tools]}
         try:
             text = self.hf.apply_chat_template(
                 [dict(m) for m in messages],
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
+                **extra,
             )
         except Exception as exc:  # templates are arbitrary Jinja code: any failure is the messages' fault
             raise ValueError(f"the chat template rejected the messages: {exc}") from exc
