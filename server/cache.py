@@ -20,12 +20,11 @@ from server.serving.common import Plan
 log = logging.getLogger("server.cache")
 
 Results = list[tuple[str, str, int]]
-_VERSION = 1
+_VERSION = 2
 
 
 def cache_key(key_id: str, plan: Plan) -> str:
     """sha256 over everything that determines the output."""
-    p = plan.params
     material = msgspec.msgpack.encode(
         [
             _VERSION,
@@ -33,7 +32,8 @@ def cache_key(key_id: str, plan: Plan) -> str:
             plan.model,
             plan.kind,
             plan.prompts,
-            [p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.seed, p.ignore_eos],
+            plan.params,  # every sampling field, penalties, bias and output constraint included
+            plan.n,
             plan.stops,
         ]
     )

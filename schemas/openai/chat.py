@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
 
 from schemas.openai.common import (
     CompletionUsage,
+    LogitBias,
     MaxTokens,
     MinP,
     N,
     Penalty,
+    RepetitionPenalty,
     Seed,
     Stop,
     StreamOptions,
@@ -126,18 +129,23 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     frequency_penalty: Penalty | None = None
     function_call: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: LogitBias | None = None
     logprobs: bool | None = None
     max_completion_tokens: MaxTokens | None = None
     max_tokens: MaxTokens | None = None
     metadata: dict[str, str] | None = None
     modalities: list[str] | None = None
+    moderation: Any | None = None
     n: N | None = None
     parallel_tool_calls: bool | None = None
     prediction: dict[str, Any] | None = None
     presence_penalty: Penalty | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_options: Any | None = None
+    prompt_cache_retention: str | None = None
     reasoning_effort: str | None = None
     response_format: ResponseFormat | None = None
+    safety_identifier: str | None = None
     seed: Seed | None = None
     service_tier: str | None = None
     stop: Stop | None = None
@@ -147,13 +155,15 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     temperature: Temperature | None = None
     tool_choice: str | dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     top_p: TopP | None = None
     user: str | None = None
+    verbosity: str | None = None
     web_search_options: dict[str, Any] | None = None
     # Extensions (vLLM-compatible names).
     top_k: TopK | None = None
     min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     continue_final_message: bool = False
     add_generation_prompt: bool = True
     ignore_eos: bool = False
@@ -162,12 +172,52 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
 # ---- response ------------------------------------------------------------------------------------------
 
 
+class TopLogprob(msgspec.Struct, kw_only=True):
+    """An alternative token at one position."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobContent(msgspec.Struct, kw_only=True):
+    """One output token: its text, log probability, UTF-8 bytes and the most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(msgspec.Struct, kw_only=True):
+    """``choices[].logprobs``: one entry per output token; the tokens' texts join to the content."""
+
+    content: list[TokenLogprobContent] | None
+    refusal: list[TokenLogprobContent] | None = None
+
+
+class FunctionCall(msgspec.Struct, kw_only=True):
+    """The function a tool call invokes; ``arguments`` is JSON text."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    """A tool call in a generated message."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatCompletionMessage(msgspec.Struct, kw_only=True):
-    """The generated assistant message."""
+    """The generated assistant message (``tool_calls`` only when the model called tools)."""
 
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):
@@ -175,7 +225,7 @@ class ChatChoice(msgspec.Struct, kw_only=True):
 
     index: int
     message: ChatCompletionMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str
 
 
@@ -191,11 +241,28 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
     system_fingerprint: str | None = None
 
 
+class ChoiceDeltaFunction(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A tool call's function as streamed: the name once, then argument fragments."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ChoiceDeltaToolCall(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A streamed piece of tool call ``index``: its id, type and name first, then argument fragments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ChoiceDeltaFunction | None = None
+
+
 class ChoiceDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """What a stream chunk adds to a choice: the role first, then content only."""
+    """What a stream chunk adds to a choice: the role first, then content or tool-call pieces."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ChoiceDeltaToolCall] | None = None
 
 
 class ChunkChoice(msgspec.Struct, kw_only=True):
@@ -203,7 +270,7 @@ class ChunkChoice(msgspec.Struct, kw_only=True):
 
     index: int
     delta: ChoiceDelta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
+from msgspec import Meta
 
 from schemas.openai.common import (
     CompletionUsage,
+    LogitBias,
     MaxTokens,
     MinP,
     N,
     Penalty,
+    RepetitionPenalty,
     Seed,
     Stop,
     StreamOptions,
@@ -33,8 +36,8 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
     best_of: int | None = None
     echo: bool | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, float] | None = None
-    logprobs: int | None = None
+    logit_bias: LogitBias | None = None
+    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
     max_tokens: MaxTokens | None = 16
     n: N | None = None
     presence_penalty: Penalty | None = None
@@ -49,7 +52,21 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
     # Extensions (vLLM-compatible names).
     top_k: TopK | None = None
     min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     ignore_eos: bool = False
+
+
+class CompletionLogprobs(msgspec.Struct, kw_only=True):
+    """Legacy logprobs: parallel lists over the choice's tokens (echoed prompt tokens first).
+
+    ``text_offset`` is each token's character offset in the choice's whole text; ``top_logprobs`` maps token text
+    to log probability (the chosen token included); the first prompt token has ``None`` in both lists.
+    """
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class CompletionChoice(msgspec.Struct, kw_only=True):
@@ -57,7 +74,7 @@ class CompletionChoice(msgspec.Struct, kw_only=True):
 
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 

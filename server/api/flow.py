@@ -39,7 +39,7 @@ def observe(services: Services, plan: Plan) -> None:
     started = [c for c in plan.choices if c.stream is not None]
     if not started:
         return
-    m.prompt_tokens_total.labels(model).inc(sum(c.prompt_tokens for c in started))
+    m.prompt_tokens_total.labels(model).inc(plan.prompt_tokens)
     m.generation_tokens_total.labels(model).inc(sum(c.completion_tokens for c in started))
     ttft, itl, e2e, queue = (
         m.time_to_first_token_seconds.labels(model),
@@ -103,7 +103,7 @@ async def respond(
     headers = dict(ticket.headers)
     key = None
     try:
-        if services.cache is not None and plan.deterministic:
+        if services.cache is not None and plan.cacheable:
             key = cache_key(principal.key_id, plan)
             results = await services.cache.get(key)
             if results is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,18 +17,26 @@ from schemas.openai.chat import (
     ChatCompletionRequest,
     ChatMessage,
     ChoiceDelta,
+    ChoiceDeltaFunction,
+    ChoiceDeltaToolCall,
     ChunkChoice,
     DeveloperMessage,
+    FunctionCall,
     FunctionMessage,
     RefusalPart,
+    ResponseFormat,
     SystemMessage,
     TextPart,
+    ToolCall,
     ToolMessage,
     UserMessage,
 )
-from server.engine.base import Engine, EngineError
+from server.engine.base import Constraint, Engine, EngineError
+from server.engine.grammar import GrammarError
+from server.engine.grammar import check as check_constraint
 from server.errors import invalid_request, unsupported_param
 from server.serving.common import (
+    Choice,
     Plan,
     check_model,
     collect,
@@ -36,40 +45,34 @@ from server.serving.common import (
     parse_stops,
     resolve_max_tokens,
     run_choices,
+    sampling_params,
 )
+from server.serving.logprobs import TokenTexts, chat_logprobs
 from server.serving.streaming import error_event
+from server.serving.toolparse import ContentDelta, ToolCallStart, ToolEvent
+from server.serving.toolparse import ToolCall as ParsedCall
+from server.serving.tools import ToolHistory, plan_tools
 
 
 def reject_unsupported(req: ChatCompletionRequest) -> None:
-    """400 for every OpenAI parameter not implemented yet (never silently accepted)."""
-    if req.n is not None and req.n != 1:
-        raise unsupported_param("n", "'n' other than 1")
-    if req.logprobs:
-        raise unsupported_param("logprobs")
-    if req.top_logprobs is not None:
-        raise unsupported_param("top_logprobs")
-    if req.logit_bias:
-        raise unsupported_param("logit_bias")
-    if req.presence_penalty:
-        raise unsupported_param("presence_penalty", "A non-zero 'presence_penalty'")
-    if req.frequency_penalty:
-        raise unsupported_param("frequency_penalty", "A non-zero 'frequency_penalty'")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise unsupported_param("response_format", f"response_format '{req.response_format.type}'")
-    if req.tools:
-        raise unsupported_param("tools")
-    if req.tool_choice is not None and req.tool_choice != "none":
-        raise unsupported_param("tool_choice")
+    """400 for the OpenAI parameters this server does not implement (never silently accepted)."""
     if req.functions:
-        raise unsupported_param("functions")
+        raise unsupported_param("functions", "The deprecated 'functions' parameter (use 'tools')")
     if req.function_call is not None and req.function_call != "none":
-        raise unsupported_param("function_call")
+        raise unsupported_param("function_call", "The deprecated 'function_call' parameter (use 'tool_choice')")
     if req.audio is not None or (req.modalities is not None and req.modalities != ["text"]):
         raise unsupported_param("modalities", "Output modalities other than text")
     if req.prediction is not None:
         raise unsupported_param("prediction")
     if req.web_search_options is not None:
         raise unsupported_param("web_search_options")
+    # Options of OpenAI's reasoning and moderated models; OpenAI itself answers 400 for models without them.
+    if req.reasoning_effort is not None:
+        raise unsupported_param("reasoning_effort", "'reasoning_effort' (this model does not reason)")
+    if req.verbosity is not None:
+        raise unsupported_param("verbosity")
+    if req.moderation is not None:
+        raise unsupported_param("moderation")
 
 
 def _text_of(content: str | list[Any] | None, param: str) -> str:
@@ -95,14 +98,22 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     if not messages:
         raise invalid_request("'messages' must contain at least one message.", "messages", "empty_array")
     out: list[dict[str, Any]] = []
+    history = ToolHistory()
     for i, msg in enumerate(messages):
         param = f"messages[{i}]"
-        if isinstance(msg, ToolMessage | FunctionMessage):
-            raise unsupported_param(f"{param}.role", f"Messages with role '{msg.__struct_config__.tag}'")
-        if isinstance(msg, AssistantMessage) and (msg.tool_calls or msg.function_call):
-            raise unsupported_param(f"{param}.tool_calls", "Assistant messages with tool calls")
+        if isinstance(msg, FunctionMessage):
+            raise unsupported_param(f"{param}.role", "Messages with the deprecated role 'function' (use 'tool')")
+        if isinstance(msg, ToolMessage):
+            out.append(history.tool(i, _text_of(msg.content, f"{param}.content"), msg.tool_call_id))
+            continue
+        if isinstance(msg, AssistantMessage) and msg.function_call:
+            raise unsupported_param(f"{param}.function_call", "The deprecated 'function_call' (use 'tool_calls')")
         role = "system" if isinstance(msg, DeveloperMessage) else str(msg.__struct_config__.tag)
-        item: dict[str, Any] = {"role": role, "content": _text_of(msg.content, f"{param}.content")}
+        text = _text_of(msg.content, f"{param}.content")
+        if isinstance(msg, AssistantMessage):
+            item = history.assistant(i, text if msg.content is not None else None, msg.tool_calls)
+        else:
+            item = {"role": role, "content": text}
         if isinstance(msg, SystemMessage | DeveloperMessage | UserMessage | AssistantMessage) and msg.name:
             item["name"] = msg.name
         out.append(item)
@@ -117,6 +128,7 @@ def prepare(engine: Engine, req: ChatCompletionRequest, *, max_tokens_cap: int |
     if req.stream_options is not None and not req.stream:
         raise invalid_request("'stream_options' is only allowed when 'stream' is true.", "stream_options")
     messages = template_messages(req.messages)
+    tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
     if req.continue_final_message and messages[-1]["role"] != "assistant":
         raise invalid_request(
             "'continue_final_message' needs the last message to be from the assistant.", "continue_final_message"
@@ -133,6 +145,7 @@ def prepare(engine: Engine, req: ChatCompletionRequest, *, max_tokens_cap: int |
             messages,
             add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
             continue_final_message=req.continue_final_message,
+            tools=tools.template_tools,
         )
     except ValueError as exc:
         raise invalid_request(
@@ -141,46 +154,143 @@ def prepare(engine: Engine, req: ChatCompletionRequest, *, max_tokens_cap: int |
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = resolve_max_tokens(engine, len(prompt), requested, param, max_tokens_cap)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise invalid_request("'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")
+    constraint = output_constraint(engine, req.response_format)
+    if tools.constraint is not None:
+        if constraint is not None:
+            raise invalid_request(
+                "'response_format' cannot be combined with a required or named 'tool_choice'.", "response_format"
+            )
+        constraint = checked(engine, tools.constraint, "tools")
+    params = sampling_params(
+        req,
+        max_tokens=max_tokens,
+        vocab_size=tokenizer.vocab_size,
+        penalties=req,
+        ignore_eos=req.ignore_eos,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        constraint=constraint,
+    )
     return make_plan(
         "chat",
         "chatcmpl",
         model,
         [prompt],
-        req,
-        max_tokens=max_tokens,
+        params,
+        tokenizer=tokenizer,
         stops=stops,
         stream=bool(req.stream),
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
         explicit_max_tokens=requested is not None,
-        ignore_eos=req.ignore_eos,
+        n=req.n or 1,
+        tools=tools if tools.parses_calls else None,
     )
 
 
+_JSON_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+def output_constraint(engine: Engine, fmt: ResponseFormat | None) -> Constraint | None:
+    """The grammar ``response_format`` asks for (``None`` for plain text), checked before admission."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return checked(engine, Constraint(json_schema='{"type":"object"}'), "response_format")
+    spec = fmt.json_schema
+    if not isinstance(spec, dict):
+        raise invalid_request("'response_format.json_schema' is required for type 'json_schema'.", "response_format")
+    name = spec.get("name")
+    if not isinstance(name, str) or not _JSON_NAME.match(name):
+        raise invalid_request(
+            "'response_format.json_schema.name' must be 1-64 letters, digits, underscores or dashes.",
+            "response_format.json_schema.name",
+        )
+    schema = spec.get("schema", {})
+    strict = spec.get("strict")
+    if not isinstance(schema, dict):
+        raise invalid_request(
+            "'response_format.json_schema.schema' must be an object.", "response_format.json_schema.schema"
+        )
+    if strict is not None and not isinstance(strict, bool):
+        raise invalid_request(
+            "'response_format.json_schema.strict' must be a boolean.", "response_format.json_schema.strict"
+        )
+    constraint = Constraint(json_schema=msgspec.json.encode(schema).decode(), lenient=not strict)
+    return checked(engine, constraint, "response_format.json_schema.schema")
+
+
+def checked(engine: Engine, constraint: Constraint, param: str) -> Constraint:
+    """``constraint`` if this engine can enforce it, else a 400 naming ``param``."""
+    if not engine.supports_constraints:
+        raise invalid_request(
+            f"The model '{engine.info.name}' cannot constrain its output (structured outputs and required tool "
+            "calls need a Transformers model).",
+            param,
+            "unsupported_parameter",
+        )
+    try:
+        check_constraint(constraint)
+    except GrammarError as exc:
+        raise invalid_request(f"Invalid schema: {exc}", param, "invalid_json_schema") from None
+    return constraint
+
+
+def _tool_calls(calls: list[ParsedCall]) -> list[ToolCall]:
+    return [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+
+
+def _finish(choice: Choice, called: bool) -> str:
+    """``tool_calls`` when the choice called a tool and was not cut short by ``max_tokens``."""
+    reason = choice.finish_reason or "stop"
+    return "tool_calls" if called and reason == "stop" else reason
+
+
 async def complete(plan: Plan) -> ChatCompletion:
-    """Run to the end and build the non-streaming response."""
+    """Run to the end and build the non-streaming response (tool calls parsed out of the text)."""
     try:
         await collect(plan.choices)
     except EngineError as exc:
         raise engine_failure(exc) from exc
-    return ChatCompletion(
-        id=plan.id,
-        created=plan.created,
-        model=plan.model,
-        choices=[
-            ChatChoice(
-                index=c.index,
-                message=ChatCompletionMessage(content=c.text),
-                finish_reason=c.finish_reason or "stop",
+    texts = TokenTexts(plan.tokenizer) if plan.tokenizer is not None else None
+    choices = []
+    for c in plan.choices:
+        content: str | None = c.text
+        calls: list[ParsedCall] = []
+        if plan.tools is not None and plan.tools.parses_calls:
+            content, calls = plan.tools.parse(c.text)
+        message = ChatCompletionMessage(content=content, tool_calls=_tool_calls(calls) if calls else msgspec.UNSET)
+        logprobs = chat_logprobs(c.logprobs, texts) if c.logprobs is not None and texts is not None else None
+        choices.append(
+            ChatChoice(index=c.index, message=message, logprobs=logprobs, finish_reason=_finish(c, bool(calls)))
+        )
+    return ChatCompletion(id=plan.id, created=plan.created, model=plan.model, choices=choices, usage=plan.usage)
+
+
+def _deltas(events: list[ToolEvent]) -> list[ChoiceDelta]:
+    """Stream deltas of tool-parser events: content text, a call's id and name, then its argument fragments."""
+    out: list[ChoiceDelta] = []
+    for ev in events:
+        if isinstance(ev, ContentDelta):
+            if ev.text:
+                out.append(ChoiceDelta(content=ev.text))
+        elif isinstance(ev, ToolCallStart):
+            call = ChoiceDeltaToolCall(
+                index=ev.index, id=ev.id, type="function", function=ChoiceDeltaFunction(name=ev.name, arguments="")
             )
-            for c in plan.choices
-        ],
-        usage=plan.usage,
-    )
+            out.append(ChoiceDelta(tool_calls=[call]))
+        else:
+            fragment = ChoiceDeltaToolCall(index=ev.index, function=ChoiceDeltaFunction(arguments=ev.text))
+            out.append(ChoiceDelta(tool_calls=[fragment]))
+    return out
 
 
 async def stream(plan: Plan) -> AsyncIterator[msgspec.Struct]:
-    """Stream chunks: role first, then content, one finish chunk per choice, then usage when asked."""
+    """Stream chunks: role first, then content or tool-call pieces, one finish chunk per choice, then usage."""
     usage: Any = None if plan.include_usage else msgspec.UNSET
+    texts = TokenTexts(plan.tokenizer) if plan.tokenizer is not None else None
+    tools = plan.tools if plan.tools is not None and plan.tools.parses_calls else None
+    parsers = {c.index: tools.stream_parser() for c in plan.choices} if tools else {}
 
     def chunk(choices: list[ChunkChoice]) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=plan.id, created=plan.created, model=plan.model, choices=choices, usage=usage)
@@ -189,10 +299,20 @@ async def stream(plan: Plan) -> AsyncIterator[msgspec.Struct]:
         yield chunk([ChunkChoice(index=c.index, delta=ChoiceDelta(role="assistant", content=""))])
     try:
         async for ev in run_choices(plan.choices):
-            if ev.text:
-                yield chunk([ChunkChoice(index=ev.index, delta=ChoiceDelta(content=ev.text))])
+            parser = parsers.get(ev.index)
+            if parser is None:
+                deltas = [ChoiceDelta(content=ev.text)] if ev.text else []
+            else:
+                deltas = _deltas(parser.push(ev.text) + (parser.finish() if ev.finish_reason is not None else []))
+            logprobs = chat_logprobs(ev.logprobs, texts) if ev.logprobs and texts is not None else None
+            if logprobs is not None and not deltas:
+                deltas = [ChoiceDelta(content="")]  # logprobs of text the stop matcher or tool parser still holds
+            for j, delta in enumerate(deltas):
+                yield chunk([ChunkChoice(index=ev.index, delta=delta, logprobs=logprobs if j == 0 else None)])
             if ev.finish_reason is not None:
-                yield chunk([ChunkChoice(index=ev.index, delta=ChoiceDelta(), finish_reason=ev.finish_reason)])
+                called = parser is not None and parser.calls > 0
+                finish = _finish(plan.choices[ev.index], called)
+                yield chunk([ChunkChoice(index=ev.index, delta=ChoiceDelta(), finish_reason=finish)])
     except EngineError as exc:
         yield error_event(engine_failure(exc))
         return

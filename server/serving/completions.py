@@ -7,10 +7,12 @@ from typing import Any
 
 import msgspec
 
-from schemas.openai.completions import Completion, CompletionChoice, CompletionRequest
-from server.engine.base import Engine, EngineError, Tokenizer
+from schemas.openai.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
+from server.engine.base import Engine, EngineError, Tokenizer, TokenLogprob
 from server.errors import invalid_request, unsupported_param
 from server.serving.common import (
+    Choice,
+    LogprobEntry,
     Plan,
     check_model,
     collect,
@@ -19,28 +21,20 @@ from server.serving.common import (
     parse_stops,
     resolve_max_tokens,
     run_choices,
+    sampling_params,
 )
+from server.serving.logprobs import TokenTexts, completion_logprobs, echo_entries
 from server.serving.streaming import error_event
 
 MAX_PROMPTS = 128
+MAX_CHOICES = 128  # prompts x n
 
 
 def reject_unsupported(req: CompletionRequest) -> None:
-    """400 for every OpenAI parameter not implemented yet."""
-    if req.n is not None and req.n != 1:
-        raise unsupported_param("n", "'n' other than 1")
-    if req.best_of is not None and req.best_of != 1:
-        raise unsupported_param("best_of", "'best_of' other than 1")
-    if req.echo:
-        raise unsupported_param("echo")
-    if req.logprobs is not None:
-        raise unsupported_param("logprobs")
-    if req.logit_bias:
-        raise unsupported_param("logit_bias")
-    if req.presence_penalty:
-        raise unsupported_param("presence_penalty", "A non-zero 'presence_penalty'")
-    if req.frequency_penalty:
-        raise unsupported_param("frequency_penalty", "A non-zero 'frequency_penalty'")
+    """400 for the OpenAI parameters this server does not implement (never silently accepted)."""
+    if req.best_of is not None and req.best_of not in (1, req.n or 1):
+        # best_of == n draws no extra candidates, so it is plain n; ranking extra candidates is not implemented.
+        raise unsupported_param("best_of", "'best_of' other than 1 or 'n'")
     if req.suffix is not None:
         raise unsupported_param("suffix")
 
@@ -83,22 +77,66 @@ def prepare(engine: Engine, req: CompletionRequest, *, max_tokens_cap: int | Non
     stops = parse_stops(req.stop)
     if req.stream_options is not None and not req.stream:
         raise invalid_request("'stream_options' is only allowed when 'stream' is true.", "stream_options")
-    prompts = tokenize_prompts(engine.tokenizer, req.prompt)
+    tokenizer = engine.tokenizer
+    prompts = tokenize_prompts(tokenizer, req.prompt)
+    n = req.n or 1
+    if len(prompts) * n > MAX_CHOICES:
+        raise invalid_request(f"At most {MAX_CHOICES} choices per request (prompts x n), got {len(prompts) * n}.", "n")
     longest = max(len(p) for p in prompts)
     max_tokens = resolve_max_tokens(engine, longest, req.max_tokens, "max_tokens", max_tokens_cap)
+    params = sampling_params(
+        req,
+        max_tokens=max_tokens,
+        vocab_size=tokenizer.vocab_size,
+        penalties=req,
+        ignore_eos=req.ignore_eos,
+        logprobs=req.logprobs,
+        prompt_logprobs=req.logprobs if req.echo else None,
+    )
     return make_plan(
         "completion",
         "cmpl",
         model,
         prompts,
-        req,
-        max_tokens=max_tokens,
+        params,
+        tokenizer=tokenizer,
         stops=stops,
         stream=bool(req.stream),
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
         explicit_max_tokens=req.max_tokens is not None,
-        ignore_eos=req.ignore_eos,
+        n=n,
+        echo=bool(req.echo),
     )
+
+
+class _Rendering:
+    """Per-choice text and logprobs as sent: the echoed prompt once, then output, with running text offsets."""
+
+    def __init__(self, plan: Plan) -> None:
+        assert plan.tokenizer is not None
+        self.plan = plan
+        self.texts = TokenTexts(plan.tokenizer)
+        self.offsets: dict[int, int] = {}
+
+    def piece(
+        self, choice: Choice, text: str, entries: list[LogprobEntry] | None
+    ) -> tuple[str, CompletionLogprobs | None]:
+        """Text and logprobs of the next piece of ``choice`` (the echoed prompt is prepended to its first piece)."""
+        plan = self.plan
+        pairs: list[tuple[str, TokenLogprob | None]] = [(e.text, e.logprob) for e in entries or ()]
+        if choice.index not in self.offsets:
+            self.offsets[choice.index] = 0
+            if plan.echo:
+                assert plan.tokenizer is not None
+                prompt = plan.prompts[choice.index // plan.n]
+                echoed = echo_entries(plan.tokenizer, prompt, choice.prompt_logprobs)
+                text = "".join(t for t, _ in echoed) + text
+                pairs = echoed + pairs
+        offset = self.offsets[choice.index]
+        self.offsets[choice.index] = offset + len(text)
+        if plan.params.logprobs is None:
+            return text, None
+        return text, completion_logprobs(pairs, self.texts, offset)
 
 
 async def complete(plan: Plan) -> Completion:
@@ -107,24 +145,26 @@ async def complete(plan: Plan) -> Completion:
         await collect(plan.choices)
     except EngineError as exc:
         raise engine_failure(exc) from exc
-    return Completion(
-        id=plan.id,
-        created=plan.created,
-        model=plan.model,
-        choices=[
-            CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason or "stop") for c in plan.choices
-        ],
-        usage=plan.usage,
-    )
+    rendering = _Rendering(plan)
+    choices = []
+    for c in plan.choices:
+        text, logprobs = rendering.piece(c, c.text, c.logprobs)
+        choices.append(
+            CompletionChoice(index=c.index, text=text, logprobs=logprobs, finish_reason=c.finish_reason or "stop")
+        )
+    return Completion(id=plan.id, created=plan.created, model=plan.model, choices=choices, usage=plan.usage)
 
 
 async def stream(plan: Plan) -> AsyncIterator[msgspec.Struct]:
     """Stream chunks; each choice's last chunk carries its finish reason; usage last when asked."""
     usage: Any = None if plan.include_usage else msgspec.UNSET
+    rendering = _Rendering(plan)
     try:
         async for ev in run_choices(plan.choices):
-            if ev.text or ev.finish_reason is not None:
-                choice = CompletionChoice(index=ev.index, text=ev.text, finish_reason=ev.finish_reason)
+            c = plan.choices[ev.index]
+            if ev.text or ev.logprobs or ev.finish_reason is not None or c.index not in rendering.offsets:
+                text, logprobs = rendering.piece(c, ev.text, ev.logprobs)
+                choice = CompletionChoice(index=ev.index, text=text, logprobs=logprobs, finish_reason=ev.finish_reason)
                 yield Completion(id=plan.id, created=plan.created, model=plan.model, choices=[choice], usage=usage)
     except EngineError as exc:
         yield error_event(engine_failure(exc))

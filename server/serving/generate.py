@@ -17,6 +17,7 @@ from server.serving.common import (
     parse_stops,
     resolve_max_tokens,
     run_choices,
+    sampling_params,
 )
 from server.serving.completions import tokenize_prompts
 from server.serving.streaming import error_event
@@ -33,8 +34,8 @@ def prepare(engine: Engine, req: GenerateRequest, *, stream: bool, max_tokens_ca
         "gen",
         model,
         [prompt],
-        req,
-        max_tokens=max_tokens,
+        sampling_params(req, max_tokens=max_tokens),
+        tokenizer=engine.tokenizer,
         stops=stops,
         stream=stream,
         include_usage=True,

@@ -55,8 +55,8 @@ def test_sync_errors_map_to_sdk_exceptions(sync_client: openai.OpenAI) -> None:
         sync_client.chat.completions.create(model="nope", messages=MESSAGES)  # type: ignore[arg-type]
     assert nf.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as br:
-        sync_client.chat.completions.create(model="fake", messages=MESSAGES, n=3)  # type: ignore[arg-type]
-    assert br.value.param == "n"
+        sync_client.chat.completions.create(model="fake", messages=MESSAGES, top_logprobs=3)  # type: ignore[arg-type]
+    assert br.value.param == "top_logprobs"
     assert br.value.response.headers["x-request-id"]
     assert sync_client.models.list().data[0].id == "fake"
     assert sync_client.models.retrieve("fake").id == "fake"
