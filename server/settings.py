@@ -87,6 +87,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """Completion cache for deterministic requests (temperature 0 or an explicit seed), scoped per key."""
     cache_ttl_s: Annotated[int, Meta(ge=1)] = 3600
     """How long a cached completion is served."""
+    shutdown_grace_s: Annotated[float, Meta(ge=0)] = 30.0
+    """On SIGTERM: how long in-flight requests and streams may run on before they are cancelled."""
+    max_messages: Annotated[int, Meta(ge=1)] = 2048
+    """Most messages in one chat request."""
+    request_read_timeout_s: Annotated[float, Meta(gt=0)] = 30.0
+    """A request body that stalls for this long is answered 408 (slow or stuck clients cannot hold a slot)."""
+    max_header_bytes: Annotated[int, Meta(ge=1024)] = 16_384
+    """Largest request head (request line and headers) accepted; a larger one is refused before routing."""
+    auth_failures_per_minute: Annotated[int, Meta(ge=1)] | None = 30
+    """Failed key checks allowed per client address per minute before 429 (``unlimited`` for none)."""
 
     @property
     def model_name(self) -> str:
