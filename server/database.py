@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from persistence.config import make_engine_config
@@ -20,8 +20,66 @@ class DatabaseUnavailable(Exception):
     """The database did not answer in time or refused the connection."""
 
 
+# Errors that say the database could not be reached or could not do the work now (down, restarting, locked,
+# connection lost, pool exhausted): retrying later can succeed. Integrity, data and programming errors are
+# excluded: they are the statement's fault and would fail again, so they surface as what they are.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    OSError,
+    sa_exc.TimeoutError,
+    sa_exc.DisconnectionError,
+    sa_exc.DBAPIError,
+)
+_NOT_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    sa_exc.IntegrityError,
+    sa_exc.DataError,
+    sa_exc.ProgrammingError,
+    sa_exc.NotSupportedError,
+)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means "the database cannot answer now" rather than "this statement is wrong"."""
+    return (
+        isinstance(exc, _UNAVAILABLE)
+        and not isinstance(exc, _NOT_UNAVAILABLE)
+        and _sqlstate_class(exc) not in _STATEMENT_CLASSES
+    )
+
+
+# SQLSTATE classes that blame the statement or its values, whatever exception class the driver wraps them in:
+# 22 data exception, 23 integrity constraint violation, 42 syntax error or access rule violation.
+_STATEMENT_CLASSES = frozenset({"22", "23", "42"})
+
+
+def _sqlstate_class(exc: BaseException) -> str | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        state = getattr(getattr(seen, "orig", None), "sqlstate", None) or getattr(seen, "sqlstate", None)
+        if isinstance(state, str) and len(state) == 5:
+            return state[:2]
+        seen = seen.__cause__
+    return None
+
+
+def is_data_exception(exc: BaseException) -> bool:
+    """A database *data exception* (SQLSTATE class 22) anywhere in ``exc``'s causes.
+
+    The statements are fixed, so such an error means a value from the request does not fit its column: a NUL
+    character in text or a string over the column's length on PostgreSQL, a number out of range. asyncpg reports
+    them as a plain ``DBAPIError`` (not ``DataError``), so the class is read from the SQLSTATE, not the type.
+    """
+    return _sqlstate_class(exc) == "22"
+
+
 class Database:
     """Owns the SQLAlchemy config for one app (or one CLI command).
+
+    Every operation is bounded by ``timeout_s``: a database that refuses connections, restarts, holds a lock or
+    stops answering (a network partition) costs a caller at most that long, then :class:`DatabaseUnavailable`.
+    The drivers' own waits are set to the same bound (PostgreSQL connect timeout, SQLite busy timeout), and the
+    pool pings a connection before handing it out (PostgreSQL), so a database that comes back is used again
+    without a restart.
 
     Args:
         url: SQLAlchemy async URL.
@@ -30,11 +88,12 @@ class Database:
 
     def __init__(self, url: str, *, timeout_s: float = 5.0) -> None:
         self.url = url
-        self.config = make_engine_config(url)
+        self.config = make_engine_config(url, connect_timeout_s=timeout_s, busy_timeout_ms=int(timeout_s * 1000))
         self.timeout_s = timeout_s
         # SQLite has one writer at a time. Queueing this process's writes here, instead of letting them spin in
         # SQLite's busy handler (which sleeps up to 100 ms per retry), keeps quota reservations fast under load.
         self._write_lock = asyncio.Lock() if url.startswith("sqlite") else None
+        self._abandoned: set[asyncio.Task[Any]] = set()
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -48,6 +107,10 @@ class Database:
         """Run ``fn(session)`` in a fresh session within the timeout; commit on success.
 
         ``write=True`` marks a transaction that writes, so that on SQLite it waits its turn in this process.
+
+        Raises:
+            DatabaseUnavailable: the database did not answer within the timeout, refused the connection, lost it,
+                or is locked; the caller may retry later.
         """
 
         async def go() -> T:
@@ -56,17 +119,35 @@ class Database:
                 await session.commit()
                 return result
 
-        if write and self._write_lock is not None:
-            inner = go
+        async def go_in_turn() -> T:
+            assert self._write_lock is not None
+            async with self._write_lock:
+                return await go()
 
-            async def go() -> T:
-                async with self._write_lock:  # type: ignore[union-attr]
-                    return await inner()
-
+        limit = timeout_s or self.timeout_s
+        task = asyncio.ensure_future(go_in_turn() if write and self._write_lock is not None else go())
         try:
-            return await asyncio.wait_for(go(), timeout_s or self.timeout_s)
-        except (TimeoutError, OSError, ConnectionError, OperationalError, DBAPIError) as exc:
-            raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
+            done, _ = await asyncio.wait({task}, timeout=limit)
+        except asyncio.CancelledError:
+            self._abandon(task)
+            raise
+        if not done:
+            # Not ``wait_for``: it waits for the cancelled operation to finish cleaning up, and closing a connection
+            # to a server that stopped answering takes the driver's own timeout (measured: 2 s more with asyncpg).
+            self._abandon(task)
+            raise DatabaseUnavailable(f"no answer from the database within {limit:g}s")
+        try:
+            return task.result()
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
+            raise
+
+    def _abandon(self, task: asyncio.Task[Any]) -> None:
+        """Cancel ``task`` and let it clean up in the background (its outcome is dropped)."""
+        task.cancel()
+        self._abandoned.add(task)
+        task.add_done_callback(_forget(self._abandoned))
 
     async def ping(self) -> bool:
         """Whether ``SELECT 1`` answers within the timeout."""
@@ -80,5 +161,16 @@ class Database:
             return False
 
     async def close(self) -> None:
-        """Dispose of the connection pool."""
+        """Dispose of the connection pool (after giving abandoned operations a moment to clean up)."""
+        if self._abandoned:
+            await asyncio.wait(set(self._abandoned), timeout=self.timeout_s)
         await self.config.get_engine().dispose()
+
+
+def _forget(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not log "exception was never retrieved"
+
+    return done

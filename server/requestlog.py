@@ -2,9 +2,16 @@
 
 Handlers fill a :class:`RequestRecord` per ``/v1`` request; when the response (or the stream) ends it is queued.
 One background task flushes queued rows, usage increments (summed per key and month) and cache entries every
-``interval_s`` in one transaction. The queue is bounded: when the database falls behind, new log rows are
-dropped and counted (usage increments are never dropped: they are sums, not rows). Everything queued is
-flushed on shutdown.
+``interval_s``, in transactions of at most ``CHUNK_ROWS`` rows, each bounded by the database timeout.
+
+When the database is unavailable (down, restarting, locked, not answering) nothing is lost within these bounds:
+the batch goes back to the queue and the writer retries with a backoff (``interval_s`` doubling up to
+``MAX_BACKOFF_S``), so what was held is written within about ``MAX_BACKOFF_S`` of the database's return. Usage
+increments are sums per (key, month), so they are always kept; log rows are kept up to ``max_rows`` and, beyond
+it, the newest are dropped and counted in ``dropped``; cache entries (an optimisation) are dropped. A batch the
+database *rejects* (an integrity or data error, i.e. a bug) is logged with its usage amounts and dropped, so it
+cannot block the batches behind it. On shutdown one last flush runs; if the database is unavailable then, what is
+still queued is lost and logged.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,6 +30,13 @@ from persistence import store
 from server.database import Database, DatabaseUnavailable
 
 log = logging.getLogger("server.requestlog")
+
+CHUNK_ROWS = 1000
+"""Most log rows written per transaction (a large backlog after an outage is written in several)."""
+MAX_BACKOFF_S = 2.0
+"""Longest pause between flush attempts while the database is unavailable."""
+RETENTION_TIMEOUT_S = 60.0
+"""Longest an hourly retention pass may take (it deletes in small committed chunks)."""
 
 
 @dataclass(slots=True)
@@ -95,6 +110,13 @@ class RequestLogWriter:
         self._lock = asyncio.Lock()
         self.dropped = 0
         self._last_retention = 0.0
+        self._down_since: float | None = None  # monotonic time of the first failed flush of an outage
+        self._flushing = 0  # rows taken by the flush in progress
+
+    @property
+    def pending_rows(self) -> int:
+        """Log rows not written yet: queued, or in a flush that has not committed."""
+        return len(self._rows) + self._flushing
 
     # -- producers (event loop, never block) -----------------------------------------------------------
     def add_row(self, record: RequestRecord) -> None:
@@ -122,57 +144,126 @@ class RequestLogWriter:
             self._task = asyncio.create_task(self._loop(), name="request-log-writer")
 
     async def stop(self) -> None:
-        """Stop the loop and flush what is queued."""
+        """Stop the loop and flush what is queued (what the database cannot take now is logged as lost)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self.flush()
+        if not await self.flush():
+            log.error(
+                "shutting down while the database is unavailable: %d request-log rows and the usage of %d "
+                "key-months were not written",
+                len(self._rows),
+                len(self._usage),
+            )
 
     async def _loop(self) -> None:
+        delay = self._interval
         while True:
-            await asyncio.sleep(self._interval)
+            await asyncio.sleep(delay)
             try:
-                await self.flush()
-                await self._retention()
-            except Exception:  # keep the writer alive whatever one flush hit
-                log.exception("request log flush failed")
+                ok = await self.flush()
+                if ok:
+                    await self._retention()
+            except Exception:  # keep the writer alive whatever one pass hit
+                log.exception("request log writer pass failed")
+                ok = False
+            delay = self._interval if ok else min(delay * 2, MAX_BACKOFF_S)
 
-    async def flush(self) -> None:
-        """Write everything queued now (tests call this to observe the database)."""
+    async def flush(self) -> bool:
+        """Write everything queued now (tests call this to observe the database).
+
+        Returns:
+            False when the database was unavailable: what was not written is queued again (see the module
+            docstring for the bounds).
+        """
         async with self._lock:
             rows, self._rows = self._rows, []
             usage, self._usage = self._usage, defaultdict(lambda: [0, 0])
             cache, self._cache = self._cache, []
             if not (rows or usage or cache):
-                return
+                return True
+            total, first = len(rows), True
+            while first or rows:
+                chunk = rows[:CHUNK_ROWS]
+                self._flushing = len(rows)
+                try:
+                    await self._db.run(_writer(usage, chunk, cache) if first else _writer({}, chunk, []), write=True)
+                except DatabaseUnavailable as exc:
+                    self._requeue(usage if first else {}, rows, exc)
+                    return False
+                except Exception:
+                    # Rejected, not unavailable: retrying would fail again and block every batch behind it.
+                    lost = {k: tuple(v) for k, v in usage.items()} if first else {}
+                    self.dropped += len(chunk)
+                    log.exception(
+                        "the database rejected a request-log batch: dropped %d rows and usage %s", len(chunk), lost
+                    )
+                finally:
+                    self._flushing = 0
+                rows = rows[CHUNK_ROWS:]
+                first = False
+            if self._down_since is not None:
+                log.warning(
+                    "request log: the database is back after %.1fs; wrote the %d rows held (%d dropped so far)",
+                    time.monotonic() - self._down_since,
+                    total,
+                    self.dropped,
+                )
+                self._down_since = None
+            return True
 
-            async def write(session: Any) -> None:
-                for (key_id, month), (tokens, requests) in usage.items():
-                    await store.add_usage(session, key_id, month, tokens, requests)
-                if rows:
-                    await store.insert_request_logs(session, rows)
-                for cache_key, key_id, model, response, expires_at in cache:
-                    await store.cache_put(session, cache_key, key_id, model, response, expires_at)
-
-            try:
-                await self._db.run(write, timeout_s=30, write=True)
-            except DatabaseUnavailable as exc:
-                # Keep usage (it is owed); requeue rows within the bound; cache entries are optional.
-                log.warning("request log flush failed, will retry: %s", exc)
-                for k, (tokens, requests) in usage.items():
-                    self.add_usage(k[0], k[1], tokens, requests)
-                room = max(0, self._max_rows - len(self._rows))
-                self.dropped += max(0, len(rows) - room)
-                self._rows[:0] = rows[:room]
+    def _requeue(self, usage: dict[tuple[str, str], list[int]], rows: list[dict[str, Any]], exc: Exception) -> None:
+        """Put an unwritten batch back: usage always (it is owed), rows within the bound, cache entries never."""
+        for (key_id, month), (tokens, requests) in usage.items():
+            self.add_usage(key_id, month, tokens, requests)
+        room = max(0, self._max_rows - len(self._rows))
+        self.dropped += max(0, len(rows) - room)
+        self._rows[:0] = rows[:room]
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning(
+                "request log: the database is unavailable (%s); holding %d rows (at most %d) and all usage, "
+                "retrying every %.1fs at most",
+                exc,
+                len(self._rows),
+                self._max_rows,
+                MAX_BACKOFF_S,
+            )
 
     async def _retention(self) -> None:
         if not self._retention_days or time.monotonic() - self._last_retention < 3600:
             return
         self._last_retention = time.monotonic()
         cutoff = datetime.now(UTC) - timedelta(days=self._retention_days)
-        async with self._db.session() as session:
-            deleted = await store.delete_request_logs_before(session, cutoff)
+        # Bounded like every other database call (it commits chunk by chunk, so it takes no write turn).
+        try:
+            deleted = await self._db.run(
+                lambda s: store.delete_request_logs_before(s, cutoff),
+                timeout_s=max(RETENTION_TIMEOUT_S, self._db.timeout_s),
+            )
+        except DatabaseUnavailable as exc:
+            log.warning("request log retention skipped, retrying in a minute: %s", exc)
+            self._last_retention -= 3600 - 60
+            return
         if deleted:
             log.info("request log retention deleted %d rows older than %s", deleted, cutoff.date())
+
+
+def _writer(
+    usage: dict[tuple[str, str], list[int]],
+    rows: list[dict[str, Any]],
+    cache: list[tuple[str, str, str, bytes, datetime]],
+) -> Callable[[Any], Awaitable[None]]:
+    """One transaction of the writer: usage increments, log rows, cache entries."""
+
+    async def write(session: Any) -> None:
+        for (key_id, month), (tokens, requests) in usage.items():
+            await store.add_usage(session, key_id, month, tokens, requests)
+        if rows:
+            await store.insert_request_logs(session, rows)
+        for cache_key, key_id, model, response, expires_at in cache:
+            await store.cache_put(session, cache_key, key_id, model, response, expires_at)
+
+    return write

@@ -31,6 +31,8 @@ from server.metrics import Metrics
 log = logging.getLogger("server.admission")
 
 TPM_ESTIMATE = 256
+OPEN_LOG_INTERVAL_S = 60.0
+"""Fail-open admissions are logged as one warning with a count at most this often."""
 
 ReserveFn = Callable[[str, str, int, int | None, int | None], Awaitable[bool]]
 
@@ -91,6 +93,8 @@ class Gateway:
         self._settle = settle
         self._metrics = metrics
         self._fail_open = fail_open
+        self._open_admits = 0  # admitted without limits since the last warning
+        self._open_logged_at = -OPEN_LOG_INTERVAL_S
 
     # -- checks that need no storage ----------------------------------------------------------------------
     @staticmethod
@@ -153,7 +157,7 @@ class Gateway:
                     code="service_unavailable",
                     headers={"retry-after": "5"},
                 ) from exc
-            log.warning("rate-limit storage unreachable, admitting (fail-open): %s", exc)
+            self._admitted_open(exc)
         try:
             await self._reserve_quota(ticket)
             if limiter_ok:
@@ -193,8 +197,26 @@ class Gateway:
         except StorageUnavailable as exc:
             if not self._fail_open:
                 raise OpenAIError(
-                    503, "server_error", "Rate limiting is unavailable; retry shortly.", code="service_unavailable"
+                    503,
+                    "server_error",
+                    "Rate limiting is unavailable; retry shortly.",
+                    code="service_unavailable",
+                    headers={"retry-after": "5"},
                 ) from exc
+            self._admitted_open(exc)
+
+    def _admitted_open(self, exc: StorageUnavailable) -> None:
+        """Count a request admitted without short-window limits; log the count at most once a minute."""
+        self._open_admits += 1
+        now = time.monotonic()
+        if now - self._open_logged_at >= OPEN_LOG_INTERVAL_S:
+            log.warning(
+                "rate-limit storage unreachable: admitted %d request(s) without RPM/TPM/concurrency limits "
+                "(RATELIMIT_FAIL_OPEN): %s",
+                self._open_admits,
+                exc,
+            )
+            self._open_logged_at, self._open_admits = now, 0
 
     async def _rate_limited(self, principal: Principal, kind: str, limit: int, cost: int) -> OpenAIError:
         self._metrics.rate_limited_total.labels(principal.role.name, kind).inc()

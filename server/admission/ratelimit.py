@@ -27,6 +27,11 @@ NAMESPACE = "llm-server"
 # A concurrency counter outlives any request; it only expires to heal slots leaked by a crashed replica.
 CONCURRENCY_TTL_S = 3600
 STORAGE_TIMEOUT_S = 2.0
+"""Longest wait for one storage (Redis) call before :class:`StorageUnavailable`."""
+RETRY_AFTER_FAILURE_S = 1.0
+"""After a failed storage call, calls fail at once for this long instead of each waiting up to
+``STORAGE_TIMEOUT_S``: a request that makes several calls against a Redis that stopped answering pays the timeout at
+most once, and the storage is tried again (and used, once it answers) after this pause."""
 
 
 class SweepingMemoryStorage(MemoryStorage):
@@ -71,7 +76,7 @@ def duration(seconds: float) -> str:
 
 
 class RateLimiter:
-    """RPM, TPM and concurrency for keys, identified by key id.
+    """RPM, TPM and concurrency for keys, identified by key id; failed key checks (``auth``) per client address.
 
     Args:
         uri: ``limits`` storage URI (``async+memory://``, ``async+redis://host:6379/0``).
@@ -89,30 +94,55 @@ class RateLimiter:
             self.storage = storage_from_string(uri, **options)
         self._rpm = MovingWindowRateLimiter(self.storage)
         self._tpm = SlidingWindowCounterRateLimiter(self.storage)
+        self._retry_at = 0.0  # monotonic time before which the storage is not tried (after a failure)
+        self._down_since: float | None = None  # start of the current outage, for the log
+
+    def _strategy(self, kind: str) -> Any:
+        """Tokens: sliding-window counter; requests and failed key checks (``auth``): exact moving window."""
+        return self._tpm if kind == "tokens" else self._rpm
 
     async def _call(self, coro: Awaitable[T]) -> T:
         if not self.remote:  # in-process: cannot hang, and a timeout task per call is not free
             return await coro
+        if time.monotonic() < self._retry_at:
+            close = getattr(coro, "close", None)
+            if close is not None:
+                close()  # a coroutine that will not run: close it so it is not reported as never awaited
+            raise StorageUnavailable("the rate-limit storage failed a moment ago; not retried yet")
         try:
-            return await asyncio.wait_for(coro, STORAGE_TIMEOUT_S)
+            result = await asyncio.wait_for(coro, STORAGE_TIMEOUT_S)
         except (TimeoutError, OSError) as exc:
-            raise StorageUnavailable(str(exc) or type(exc).__name__) from exc
+            raise self._failed(exc) from exc
         except Exception as exc:  # limits wraps driver errors in StorageError; anything else is the same fault
             if type(exc).__module__.startswith(("limits", "coredis", "redis")):
-                raise StorageUnavailable(str(exc) or type(exc).__name__) from exc
+                raise self._failed(exc) from exc
             raise
+        if self._down_since is not None:
+            log.warning("rate-limit storage answers again after %.1fs", time.monotonic() - self._down_since)
+            self._down_since = None
+        return result
+
+    def _failed(self, exc: Exception) -> StorageUnavailable:
+        """Note a failed call (logged once per outage) and pause further calls for ``RETRY_AFTER_FAILURE_S``."""
+        now = time.monotonic()
+        self._retry_at = now + RETRY_AFTER_FAILURE_S
+        reason = str(exc) or type(exc).__name__
+        if self._down_since is None:
+            self._down_since = now
+            log.warning("rate-limit storage unavailable (%s); retrying every %gs", reason, RETRY_AFTER_FAILURE_S)
+        return StorageUnavailable(reason)
 
     async def window(self, kind: str, key_id: str, limit: int) -> Window:
         """Current state of the ``kind`` (``requests``/``tokens``) window without consuming anything."""
         item = RateLimitItemPerMinute(limit)
-        limiter = self._rpm if kind == "requests" else self._tpm
+        limiter = self._strategy(kind)
         reset_time, remaining = await self._call(limiter.get_window_stats(item, NAMESPACE, kind, key_id))
         return Window(limit=limit, remaining=max(0, int(remaining)), reset_s=max(0.0, reset_time - time.time()))
 
     async def test(self, kind: str, key_id: str, limit: int, cost: int) -> bool:
         """Whether ``cost`` fits now (consumes nothing)."""
         item = RateLimitItemPerMinute(limit)
-        limiter = self._rpm if kind == "requests" else self._tpm
+        limiter = self._strategy(kind)
         if cost > limit:
             return False
         return bool(await self._call(limiter.test(item, NAMESPACE, kind, key_id, cost=cost)))
@@ -120,7 +150,7 @@ class RateLimiter:
     async def hit(self, kind: str, key_id: str, limit: int, cost: int) -> bool:
         """Consume ``cost`` if it fits; a refused hit consumes nothing (moving / sliding windows)."""
         item = RateLimitItemPerMinute(limit)
-        limiter = self._rpm if kind == "requests" else self._tpm
+        limiter = self._strategy(kind)
         if cost > limit:
             return False
         return bool(await self._call(limiter.hit(item, NAMESPACE, kind, key_id, cost=cost)))

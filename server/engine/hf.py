@@ -101,7 +101,19 @@ class HFEngine:
 
     @property
     def ready(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return self._thread is not None and self._thread.is_alive() and not self._stopping and self.failure is None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine stopped serving for good (repeated step failures, or its worker thread ended), else ``None``.
+
+        Not part of the :class:`~server.engine.base.Engine` protocol: readiness reads it when an engine has it.
+        """
+        if self._scheduler is not None and self._scheduler.failure is not None:
+            return self._scheduler.failure
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            return "the engine worker thread exited"
+        return None
 
     @property
     def num_waiting(self) -> int:
@@ -140,6 +152,9 @@ class HFEngine:
         Raises:
             EngineOverloaded: the queue is full, or the engine is not running.
         """
+        failure = self.failure
+        if failure is not None:
+            raise EngineOverloaded(f"the engine failed: {failure}")
         if not self.ready or self._scheduler is None:
             raise EngineOverloaded("the engine is not running")
         pending = Pending(request)

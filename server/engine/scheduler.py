@@ -10,6 +10,13 @@ One worker thread owns the model and runs :meth:`Scheduler.run`. Each step it
 
 So a running stream waits at most one prefill chunk plus one decode step between tokens.
 
+Failures: an exception in a prefill fails that prefill's requests; one in a decode step fails every running row
+(their cache is gone); a request the engine cannot prepare fails alone. The worker keeps serving. It gives up only
+when ``MAX_FAILED_STEPS`` steps in a row failed (no forward pass succeeded in between: the model or the device is
+broken, not one request) or when something escapes the step loop and would end the thread. It then records
+:attr:`Scheduler.failure`, fails every queued and running request with :class:`EngineError` and stops; the engine
+reports itself not ready from then on (readiness 503, new requests 503) until the process is restarted.
+
 KV budget (``max_batch_tokens``): the running batch's padded footprint, ``rows x width`` of its left-padded cache,
 stays within the budget. A request is admitted only if the batch it joins fits, ``_ADMIT_HEADROOM`` steps of growth
 included; when growth would still overflow it, the newest rows are preempted: their cache is dropped and they wait
@@ -38,6 +45,8 @@ logger = logging.getLogger("server.engine")
 
 # Admission leaves room for this many decode steps of growth, so a full batch does not preempt on the next step.
 _ADMIT_HEADROOM = 16
+MAX_FAILED_STEPS = 3
+"""Consecutive failed steps after which the engine is marked failed (see the module docstring)."""
 
 
 class Scheduler:
@@ -80,6 +89,9 @@ class Scheduler:
         self._job_rows: list[Pending] = []
         self._admitted = 0
         self._stopping = False
+        self._failed_steps = 0  # consecutive steps whose prefill or decode raised
+        self.failure: str | None = None
+        """Why the worker gave up (set once, by the worker); ``None`` while it serves."""
         self._compilers: dict[int, Any] = {}  # grammar compilers by tokenizer identity (built on first use)
         # Observed maxima and counters, for tests and benchmarks.
         self.peak_rows = 0
@@ -99,6 +111,8 @@ class Scheduler:
     def submit(self, pending: Pending) -> None:
         """Queue ``pending`` (FIFO); raise :class:`EngineOverloaded` when the queue is full or stopping."""
         with self._cv:
+            if self.failure is not None:
+                raise EngineOverloaded(f"the engine failed: {self.failure}")
             if self._stopping:
                 raise EngineOverloaded("the engine is not running")
             if len(self._waiting) >= self._max_queue_size:
@@ -124,7 +138,18 @@ class Scheduler:
 
     # -- the worker thread --------------------------------------------------------------------------------------
     def run(self) -> None:
-        """Step until :meth:`shutdown`, then fail whatever is still admitted with :class:`EngineOverloaded`."""
+        """Step until :meth:`shutdown`, then fail whatever is still admitted with :class:`EngineOverloaded`.
+
+        Never raises: whatever would end the thread marks the engine failed and fails every request first, so no
+        consumer waits forever on a worker that is gone.
+        """
+        try:
+            self._loop()
+        except BaseException as exc:  # the thread is ending for a reason nobody handled
+            logger.critical("the engine worker stopped", exc_info=exc)
+            self._give_up(f"the engine worker stopped: {type(exc).__name__}: {exc}")
+
+    def _loop(self) -> None:
         # inference_mode is thread-local, so it is entered here, in the thread that runs the model.
         with torch.inference_mode():
             while True:
@@ -141,6 +166,7 @@ class Scheduler:
                     self._reset_batch()
                     self._drop_job()
                     self._requeued.clear()
+                    self._step_failed(exc)
         self._fail(self._rows + self._job_rows + list(self._requeued), EngineOverloaded("the engine is shutting down"))
         self._reset_batch()
         self._drop_job()
@@ -149,20 +175,54 @@ class Scheduler:
     def _step(self) -> None:
         self.steps += 1
         self._drop_aborted()
+        error: Exception | None = None
+        ran = False
         try:
             if self._job is not None or self._start_job():
+                ran = True
                 self._prefill()
         except Exception as exc:
             logger.exception("prefill failed")
             self._fail(self._job_rows, _failure(exc))
             self._drop_job()
+            error = exc
         if self._rows:
+            ran = True
             try:
                 self._decode()
             except Exception as exc:
                 logger.exception("decode step failed")
                 self._fail(self._rows, _failure(exc))
                 self._reset_batch()
+                error = exc
+        if error is not None:
+            self._step_failed(error)
+        elif ran:
+            self._failed_steps = 0
+
+    def _step_failed(self, exc: Exception) -> None:
+        """Count a failed step; give up after ``MAX_FAILED_STEPS`` in a row."""
+        self._failed_steps += 1
+        if self._failed_steps >= MAX_FAILED_STEPS:
+            self._give_up(
+                f"{self._failed_steps} engine steps in a row failed, the last with {type(exc).__name__}: {exc}"
+            )
+
+    def _give_up(self, reason: str) -> None:
+        """Mark the engine failed, stop the loop and fail every queued and running request (worker thread)."""
+        logger.critical("the engine failed and stops serving: %s", reason)
+        with self._cv:
+            self.failure = reason
+            self._stopping = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self._cv.notify_all()
+        self._fail(
+            [*self._rows, *self._job_rows, *self._requeued, *waiting], EngineError(f"the engine failed: {reason}")
+        )
+        self._reset_batch()
+        self._drop_job()
+        self._requeued.clear()
 
     def _drop_aborted(self) -> None:
         self._requeued = deque(p for p in self._requeued if not p.aborted)
@@ -181,7 +241,7 @@ class Scheduler:
                 if not queue:
                     break
                 head = queue[0]
-                if head.aborted or (head.sampler is None and not self._prepare(head)):
+                if head.aborted or (head.sampler is None and not self._prepare_or_fail(head)):
                     queue.popleft()
                     continue
                 context = head.context()
@@ -216,6 +276,15 @@ class Scheduler:
         steps = -(-width // self._chunk)  # until it merges, while the batch grows one column per step
         merged = max(self._batch.width + steps, width) + 1 + _ADMIT_HEADROOM
         return rows * merged <= self._max_tokens
+
+    def _prepare_or_fail(self, pending: Pending) -> bool:
+        """:meth:`_prepare`, failing only this request if preparing it raises (it must not fail every step)."""
+        try:
+            return self._prepare(pending)
+        except Exception as exc:
+            logger.exception("could not prepare request %s", pending.request.request_id)
+            pending.emit(_failure(exc))
+            return False
 
     def _prepare(self, pending: Pending) -> bool:
         """Validate a request and give it its row state; emit its end and return False if it cannot run."""
