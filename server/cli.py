@@ -67,25 +67,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def serve(settings: Settings) -> None:
     """Run uvicorn with one worker: the model lives in this process (see README, "one worker per model")."""
-    import uvicorn
-
     from server.app import create_app
     from server.logs import configure_logging
+    from server.runner import ServeError, run
 
     configure_logging(settings.log_format, settings.log_level)
     # The HF engine warns about random-weight demo models (builtin:tiny-chat, demo-model folders) when it loads.
     if settings.model == "builtin:echo":
         log.warning("Serving builtin:echo: it repeats the last user message (for load-testing the gateway).")
     app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        timeout_graceful_shutdown=30,
-        access_log=False,  # server.access logs every request with its request id, route, status and latency
-        server_header=False,
-    )
+    try:
+        run(app, settings)  # returns after SIGTERM/SIGINT and a drained shutdown: exit status 0
+    except ServeError as exc:
+        _fail(str(exc))
 
 
 def cmd_demo_model(args: argparse.Namespace) -> None:

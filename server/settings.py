@@ -92,7 +92,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     max_messages: Annotated[int, Meta(ge=1)] = 2048
     """Most messages in one chat request."""
     request_read_timeout_s: Annotated[float, Meta(gt=0)] = 30.0
-    """A request body that stalls for this long is answered 408 (slow or stuck clients cannot hold a slot)."""
+    """A request head not complete, or a body that sends nothing, for this long is answered 408 and the connection
+    closed (slow or stuck clients cannot hold a slot)."""
     max_header_bytes: Annotated[int, Meta(ge=1024)] = 16_384
     """Largest request head (request line and headers) accepted; a larger one is refused before routing."""
     auth_failures_per_minute: Annotated[int, Meta(ge=1)] | None = 30

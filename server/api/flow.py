@@ -7,6 +7,7 @@ client disconnect) and queues the request-log row.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -21,9 +22,11 @@ from server.api.common import json_response, sse_response
 from server.auth.principal import Principal
 from server.cache import cache_key, encode_results
 from server.engine.base import Engine
+from server.lifecycle import InFlight, Lifecycle, shutting_down
 from server.requestlog import RequestRecord
 from server.services import Services
 from server.serving.common import Plan, replay, start
+from server.serving.streaming import error_event
 
 RECORD = "request_record"
 
@@ -84,7 +87,11 @@ async def respond(
     complete: Callable[[Plan], Awaitable[msgspec.Struct]],
     stream: Callable[[Plan], AsyncIterator[msgspec.Struct]],
 ) -> Response[Any] | Stream:
-    """Admit ``plan``, answer from the cache or the engine, and account for it."""
+    """Admit ``plan``, answer from the cache or the engine, and account for it.
+
+    The request is registered with the app's :class:`Lifecycle` until it has settled, so a shutdown can cut it
+    when its grace period runs out (503 ``overloaded``, or an error frame for a stream) and then wait for it.
+    """
     principal = principal_of(request)
     gateway = services.gateway
     gateway.check_model(principal, plan.model)
@@ -94,12 +101,18 @@ async def respond(
         record.prompt_tokens = plan.prompt_tokens
         if services.settings.store_prompts:
             record.prompt_text = "\n".join(engine.tokenizer.decode(p) for p in plan.prompts)
-    ticket = await gateway.admit(
-        principal,
-        prompt_tokens=plan.prompt_tokens,
-        max_new_tokens=plan.max_new_tokens,
-        explicit_max=plan.explicit_max_tokens,
-    )
+    lifecycle: Lifecycle = request.app.state.lifecycle
+    handle = lifecycle.enter()
+    try:
+        ticket = await gateway.admit(
+            principal,
+            prompt_tokens=plan.prompt_tokens,
+            max_new_tokens=plan.max_new_tokens,
+            explicit_max=plan.explicit_max_tokens,
+        )
+    except BaseException:
+        lifecycle.leave(handle)
+        raise
     headers = dict(ticket.headers)
     key = None
     try:
@@ -116,15 +129,24 @@ async def respond(
             start(engine, plan)
     except BaseException:
         await gateway.finish(ticket, used_tokens=0)
+        lifecycle.leave(handle)
         raise
     if plan.stream:
         if record is not None:
             record.streaming = True
-        return sse_response(_settled_stream(services, plan, stream, ticket, record, key), headers)
+        events = _settled_stream(services, plan, stream, ticket, record, key, lifecycle, handle)
+        return sse_response(events, headers)
+    handle.waiting = True
     try:
         body = await complete(plan)
+    except asyncio.CancelledError:
+        if not handle.absorb():
+            raise
+        raise shutting_down(cut=True) from None
     finally:
+        handle.waiting = False
         await _settle(services, plan, ticket, record, key, ok=plan.choices_finished)
+        lifecycle.leave(handle)
     return json_response(body, headers)
 
 
@@ -135,10 +157,21 @@ async def _settled_stream(
     ticket: Ticket,
     record: RequestRecord | None,
     key: str | None,
+    lifecycle: Lifecycle,
+    handle: InFlight,
 ) -> AsyncIterator[msgspec.Struct]:
+    handle.task = asyncio.current_task()  # the task iterating the body, which a shutdown may cancel
     failed = False
+    events = stream(plan)
     try:
-        async for event in stream(plan):
+        while not handle.cut:
+            handle.waiting = True
+            try:
+                event = await anext(events)
+            except StopAsyncIteration:
+                break
+            finally:
+                handle.waiting = False
             if isinstance(event, ErrorResponse):
                 failed = True
                 services.metrics.errors_total.labels(event.error.type).inc()
@@ -147,10 +180,34 @@ async def _settled_stream(
             elif record is not None and record.ttft_ms is None:
                 record.first_token()
             yield event
+        else:  # cut by a shutdown between two events
+            failed = True
+            yield _cut(services, record)
+    except asyncio.CancelledError:
+        if not handle.absorb():
+            raise
+        failed = True  # cut by a shutdown while waiting on the engine
+        yield _cut(services, record)
     finally:
         # After a disconnect every await here would be cancelled again: settle under a shield.
         with anyio.CancelScope(shield=True):
+            closer = getattr(events, "aclose", None)
+            if closer is not None:
+                await closer()
+            for choice in plan.choices:  # engine rows of a body never iterated (cut or closed before its start)
+                if choice.stream is not None:
+                    await choice.stream.aclose()
             await _settle(services, plan, ticket, record, key, ok=plan.choices_finished and not failed)
+        lifecycle.leave(handle)
+
+
+def _cut(services: Services, record: RequestRecord | None) -> ErrorResponse:
+    """The last frame of a stream cut short by a shutdown."""
+    err = shutting_down(cut=True)
+    services.metrics.errors_total.labels(err.type).inc()
+    if record is not None:
+        record.error_type = err.code
+    return error_event(err)
 
 
 async def _settle(

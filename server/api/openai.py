@@ -8,8 +8,9 @@ from litestar import Request, Response, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
 
-from schemas.openai.chat import ChatCompletion, ChatCompletionRequest
+from schemas.openai.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from schemas.openai.completions import Completion, CompletionRequest
+from server.api.apidoc import WITH_BODY, JsonOrStreamOperation, errors, stream_of
 from server.api.common import BODY_TYPE
 from server.api.flow import max_tokens_cap, respond
 from server.engine.base import Engine
@@ -24,6 +25,8 @@ from server.serving import chat, completions
     summary="Create a chat completion",
     response_description="A chat.completion object, or a text/event-stream of chat.completion.chunk objects",
     tags=["openai"],
+    responses={**errors(*WITH_BODY, 404), **stream_of(ChatCompletionChunk)},
+    operation_class=JsonOrStreamOperation,
 )
 async def create_chat_completion(
     request: Request[Any, Any, Any],
@@ -34,7 +37,8 @@ async def create_chat_completion(
     body: ChatCompletionRequest = request.state.body
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    plan = chat.prepare(engine, body, max_tokens_cap=max_tokens_cap(request, services, requested, param))
+    cap = max_tokens_cap(request, services, requested, param)
+    plan = chat.prepare(engine, body, max_tokens_cap=cap, max_messages=services.settings.max_messages)
     return await respond(request, engine, services, plan, chat.complete, chat.stream)  # type: ignore[return-value]
 
 
@@ -45,6 +49,8 @@ async def create_chat_completion(
     summary="Create a text completion",
     response_description="A text_completion object, or a text/event-stream of them",
     tags=["openai"],
+    responses={**errors(*WITH_BODY, 404), **stream_of(Completion)},
+    operation_class=JsonOrStreamOperation,
 )
 async def create_completion(
     request: Request[Any, Any, Any],

@@ -120,9 +120,21 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def prepare(engine: Engine, req: ChatCompletionRequest, *, max_tokens_cap: int | None = None) -> Plan:
-    """Validate, render the chat template and check the context window (nothing is admitted yet)."""
+def prepare(
+    engine: Engine, req: ChatCompletionRequest, *, max_tokens_cap: int | None = None, max_messages: int | None = None
+) -> Plan:
+    """Validate, render the chat template and check the context window (nothing is admitted yet).
+
+    ``max_messages`` bounds ``messages`` (the ``MAX_MESSAGES`` setting; ``None``: no bound).
+    """
     model = check_model(engine, req.model)
+    if max_messages is not None and len(req.messages) > max_messages:
+        raise invalid_request(
+            f"Invalid 'messages': array too long. Expected an array with maximum length {max_messages}, but got an "
+            f"array with length {len(req.messages)} instead.",
+            "messages",
+            "array_above_max_length",
+        )
     reject_unsupported(req)
     stops = parse_stops(req.stop)
     if req.stream_options is not None and not req.stream:
