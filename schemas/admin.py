@@ -7,7 +7,9 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-Limit = Annotated[int, Meta(ge=1)] | None
+# Bounded by the columns they are stored in (INTEGER / BIGINT): a bigger value was a 500 from the database.
+Limit = Annotated[int, Meta(ge=1, le=2**31 - 1)] | None
+BigLimit = Annotated[int, Meta(ge=1, le=2**63 - 1)] | None
 Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
 
 
@@ -16,13 +18,13 @@ class KeyCreate(msgspec.Struct, kw_only=True):
 
     name: Annotated[str, Meta(min_length=1, max_length=128)]
     role: str = "default"
-    expires_in_days: Annotated[int, Meta(ge=1)] | None = None
+    expires_in_days: Annotated[int, Meta(ge=1, le=36_500)] | None = None  # 100 years; more overflowed datetime
 
 
 class KeyRotate(msgspec.Struct, kw_only=True):
     """Rotate a key: the old one stays valid for ``grace_hours``."""
 
-    grace_hours: Annotated[float, Meta(ge=0)] = 24.0
+    grace_hours: Annotated[float, Meta(ge=0, le=87_600)] = 24.0  # 10 years; more overflowed datetime
 
 
 class KeyOut(msgspec.Struct, kw_only=True):
@@ -47,10 +49,10 @@ class RoleIn(msgspec.Struct, kw_only=True, omit_defaults=True):
     rpm: Limit | msgspec.UnsetType = msgspec.UNSET
     tpm: Limit | msgspec.UnsetType = msgspec.UNSET
     max_concurrency: Limit | msgspec.UnsetType = msgspec.UNSET
-    monthly_tokens: Limit | msgspec.UnsetType = msgspec.UNSET
+    monthly_tokens: BigLimit | msgspec.UnsetType = msgspec.UNSET
     monthly_requests: Limit | msgspec.UnsetType = msgspec.UNSET
     max_tokens: Limit | msgspec.UnsetType = msgspec.UNSET
-    models: list[str] | msgspec.UnsetType | None = msgspec.UNSET
+    models: list[Annotated[str, Meta(min_length=1)]] | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class RoleCreate(RoleIn, kw_only=True):

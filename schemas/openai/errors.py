@@ -10,8 +10,8 @@ class ErrorBody(msgspec.Struct, kw_only=True):
 
     message: str
     type: str
-    param: str | None = None
-    code: str | None = None
+    param: str | None  # always sent, ``null`` when no single parameter is to blame
+    code: str | None
 
 
 class ErrorResponse(msgspec.Struct, kw_only=True):

@@ -12,6 +12,7 @@ from litestar.params import FromPath, FromQuery, JSONBody
 from persistence import store
 from schemas.admin import KeyCreate, KeyList, KeyOut, KeyRotate, RoleCreate, RoleIn, RoleList, RoleOut, UsageList
 from server.admission.gateway import current_month
+from server.api.apidoc import KEY_SECURITY, KEYED, WITH_BODY, ApiOperation, errors
 from server.api.common import BODY_TYPE
 from server.api.guards import require_admin
 from server.auth import manage
@@ -34,14 +35,14 @@ async def _run(services: Services, fn: Any, *, missing: tuple[str, str] | None =
         raise invalid_request(str(exc), None) from exc
 
 
-@get("/keys")
+@get("/keys", responses=errors(*KEYED), operation_class=ApiOperation)
 async def list_keys(services: NamedDependency[Services]) -> KeyList:
     """Every key (never a secret)."""
     keys = await _run(services, store.list_keys)
     return KeyList(data=[manage.key_out(k) for k in keys])
 
 
-@post("/keys", status_code=201, opt={BODY_TYPE: KeyCreate})
+@post("/keys", status_code=201, opt={BODY_TYPE: KeyCreate}, responses=errors(*WITH_BODY), operation_class=ApiOperation)
 async def create_key(data: JSONBody[KeyCreate], services: NamedDependency[Services]) -> KeyOut:
     """Create a key; the response is the only place its secret appears."""
 
@@ -56,7 +57,7 @@ async def create_key(data: JSONBody[KeyCreate], services: NamedDependency[Servic
     return manage.key_out(key, secret)
 
 
-@post("/keys/{key_id:str}/revoke", status_code=200)
+@post("/keys/{key_id:str}/revoke", status_code=200, responses=errors(*KEYED, 400, 404), operation_class=ApiOperation)
 async def revoke_key(key_id: FromPath[str], services: NamedDependency[Services]) -> KeyOut:
     """Revoke now (this replica at once; others within KEY_CACHE_TTL_S)."""
 
@@ -68,7 +69,13 @@ async def revoke_key(key_id: FromPath[str], services: NamedDependency[Services])
     return manage.key_out(key)
 
 
-@post("/keys/{key_id:str}/rotate", status_code=201, opt={BODY_TYPE: KeyRotate})
+@post(
+    "/keys/{key_id:str}/rotate",
+    status_code=201,
+    opt={BODY_TYPE: KeyRotate},
+    responses=errors(*WITH_BODY, 404),
+    operation_class=ApiOperation,
+)
 async def rotate_key(key_id: FromPath[str], data: JSONBody[KeyRotate], services: NamedDependency[Services]) -> KeyOut:
     """A new key; the old one keeps working until its grace deadline."""
     new, secret = await _run(
@@ -78,21 +85,23 @@ async def rotate_key(key_id: FromPath[str], data: JSONBody[KeyRotate], services:
     return manage.key_out(new, secret)
 
 
-@get("/roles")
+@get("/roles", responses=errors(*KEYED), operation_class=ApiOperation)
 async def list_roles(services: NamedDependency[Services]) -> RoleList:
     """Every role and its limits."""
     roles = await _run(services, store.list_roles)
     return RoleList(data=[manage.role_out(r) for r in roles])
 
 
-@post("/roles", status_code=201, opt={BODY_TYPE: RoleCreate})
+@post(
+    "/roles", status_code=201, opt={BODY_TYPE: RoleCreate}, responses=errors(*WITH_BODY), operation_class=ApiOperation
+)
 async def create_role(data: JSONBody[RoleCreate], services: NamedDependency[Services]) -> RoleOut:
     """Create a role (omitted limits are unlimited)."""
     role = await _run(services, lambda s: store.create_role(s, data.name, **manage.role_limits(data)))
     return manage.role_out(role)
 
 
-@patch("/roles/{name:str}", opt={BODY_TYPE: RoleIn})
+@patch("/roles/{name:str}", opt={BODY_TYPE: RoleIn}, responses=errors(*WITH_BODY, 404), operation_class=ApiOperation)
 async def update_role(name: FromPath[str], data: JSONBody[RoleIn], services: NamedDependency[Services]) -> RoleOut:
     """Change the given limits (``null`` = unlimited); applies to cached keys at once on this replica."""
     role = await _run(
@@ -102,7 +111,7 @@ async def update_role(name: FromPath[str], data: JSONBody[RoleIn], services: Nam
     return manage.role_out(role)
 
 
-@get("/usage")
+@get("/usage", responses=errors(*KEYED, 400), operation_class=ApiOperation)
 async def usage(
     services: NamedDependency[Services], key: FromQuery[str | None] = None, month: FromQuery[str | None] = None
 ) -> UsageList:
@@ -123,5 +132,6 @@ def admin_handlers() -> list[Router]:
             guards=[require_admin],
             route_handlers=[list_keys, create_key, revoke_key, rotate_key, list_roles, create_role, update_role, usage],
             tags=["admin"],
+            security=KEY_SECURITY,
         )
     ]

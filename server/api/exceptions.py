@@ -17,7 +17,7 @@ from litestar.exceptions.http_exceptions import (
 
 from schemas.openai.errors import ErrorBody, ErrorResponse
 from server.auth.principal import database_unavailable
-from server.database import DatabaseUnavailable
+from server.database import DatabaseUnavailable, is_data_exception
 from server.errors import OpenAIError, invalid_request
 
 log = logging.getLogger("server.api")
@@ -51,6 +51,13 @@ def to_openai_error(exc: Exception) -> OpenAIError:
     """Map any exception to an :class:`OpenAIError` (client mistakes are never 5xx)."""
     if isinstance(exc, OpenAIError):
         return exc
+    if is_data_exception(exc):
+        log.warning("the database rejected a value from the request: %s", str(exc).splitlines()[0])
+        return invalid_request(
+            "A value in the request cannot be stored: it is out of range, too long or contains a character that "
+            "is not allowed (such as NUL).",
+            None,
+        )
     if isinstance(exc, DatabaseUnavailable):
         log.warning("database unavailable: %s", exc)
         return database_unavailable()

@@ -7,6 +7,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from schemas.openai.models import Model, ModelList
+from server.api.apidoc import KEYED, ApiOperation, errors
 from server.engine.base import Engine
 from server.errors import OpenAIError
 
@@ -16,13 +17,19 @@ def _model(engine: Engine) -> Model:
     return Model(id=info.name, created=info.created, owned_by=info.owned_by)
 
 
-@get("/v1/models", tags=["openai"], sync_to_thread=False)
+@get("/v1/models", tags=["openai"], sync_to_thread=False, responses=errors(*KEYED), operation_class=ApiOperation)
 def list_models(engine: NamedDependency[Engine]) -> ModelList:
     """The served models."""
     return ModelList(data=[_model(engine)])
 
 
-@get("/v1/models/{model_id:path}", tags=["openai"], sync_to_thread=False)
+@get(
+    "/v1/models/{model_id:path}",
+    tags=["openai"],
+    sync_to_thread=False,
+    responses=errors(*KEYED, 400, 404),
+    operation_class=ApiOperation,
+)
 def retrieve_model(model_id: FromPath[str], engine: NamedDependency[Engine]) -> Model:
     """One served model."""
     model_id = model_id.lstrip("/")

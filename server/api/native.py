@@ -9,7 +9,8 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from litestar.response import Stream
 
-from schemas.native.generate import GenerateRequest, GenerateResponse
+from schemas.native.generate import GenerateRequest, GenerateResponse, StreamEvent
+from server.api.apidoc import WITH_BODY, ApiOperation, StreamOperation, errors, stream_of
 from server.api.common import BODY_TYPE
 from server.api.flow import max_tokens_cap, respond
 from server.engine.base import Engine
@@ -24,7 +25,14 @@ async def _run(request: Request[Any, Any, Any], engine: Engine, services: Servic
     return await respond(request, engine, services, plan, generate.complete, generate.stream)
 
 
-@post("/v1/generate", status_code=200, opt={BODY_TYPE: GenerateRequest}, tags=["native"])
+@post(
+    "/v1/generate",
+    status_code=200,
+    opt={BODY_TYPE: GenerateRequest},
+    tags=["native"],
+    responses=errors(*WITH_BODY, 404),
+    operation_class=ApiOperation,
+)
 async def generate_text(
     request: Request[Any, Any, Any],
     data: JSONBody[GenerateRequest],
@@ -35,7 +43,14 @@ async def generate_text(
     return await _run(request, engine, services, stream=False)  # type: ignore[no-any-return]
 
 
-@post("/v1/stream", status_code=200, opt={BODY_TYPE: GenerateRequest}, tags=["native"])
+@post(
+    "/v1/stream",
+    status_code=200,
+    opt={BODY_TYPE: GenerateRequest},
+    tags=["native"],
+    responses={**errors(*WITH_BODY, 404), **stream_of(StreamEvent)},
+    operation_class=StreamOperation,
+)
 async def stream_text(
     request: Request[Any, Any, Any],
     data: JSONBody[GenerateRequest],
