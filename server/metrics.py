@@ -64,7 +64,7 @@ class Metrics:
         )  # fmt: skip
         self.rate_limited_total = Counter(
             "llm_server_rate_limited_total",
-            "Requests refused by a short-window limit (limit = requests, tokens or concurrency).",
+            "Requests refused by a short-window limit: requests, tokens, concurrency, auth (failed key checks).",
             ["role", "limit"], registry=r,
         )  # fmt: skip
         self.quota_exceeded_total = Counter(

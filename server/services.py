@@ -11,6 +11,7 @@ from server.admission.ledger import LocalLedger
 from server.admission.ratelimit import RateLimiter
 from server.auth.pepper import load_pepper
 from server.auth.principal import Authenticator
+from server.auth.throttle import AuthThrottle
 from server.cache import CompletionCache
 from server.database import Database, DatabaseUnavailable
 from server.metrics import Metrics
@@ -31,6 +32,8 @@ class Services:
     cache: CompletionCache | None
     writer: RequestLogWriter
     metrics: Metrics
+    throttle: AuthThrottle | None = None
+    """Brute-force limit on failed key checks per client address (``None``: unlimited)."""
 
 
 def build_services(settings: Settings, metrics: Metrics, *, ratelimit_key_prefix: str = "LIMITS") -> Services:
@@ -62,4 +65,6 @@ def build_services(settings: Settings, metrics: Metrics, *, ratelimit_key_prefix
         gateway = Gateway(limiter, reserve, writer.add_usage, metrics, fail_open=settings.ratelimit_fail_open)
     auth = Authenticator(lookup, pepper, ttl_s=settings.key_cache_ttl_s, timeout_s=settings.database_timeout_s)
     cache = CompletionCache(db, ttl_s=settings.cache_ttl_s) if settings.cache_enabled else None
-    return Services(settings, db, pepper, auth, limiter, gateway, cache, writer, metrics)
+    per_minute = settings.auth_failures_per_minute
+    throttle = AuthThrottle(limiter, per_minute, metrics) if per_minute is not None else None
+    return Services(settings, db, pepper, auth, limiter, gateway, cache, writer, metrics, throttle)

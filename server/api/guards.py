@@ -1,6 +1,7 @@
 """Route guards: a valid key for ``/v1``, a key whose role is ``admin`` for ``/admin``.
 
-Guards run before the body is read, so a request without a key is 401 even when its JSON is malformed.
+Guards run before the body is read, so a request without a key is 401 even when its JSON is malformed. A client
+address with too many failed key checks this minute gets 429 before its key is looked up (``server.auth.throttle``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from litestar.handlers.base import BaseRouteHandler
 
 from server.api.flow import RECORD
 from server.auth.principal import Principal, key_from_headers
+from server.auth.throttle import client_address
 from server.errors import OpenAIError
 from server.requestid import request_id_of
 from server.requestlog import RequestRecord
@@ -29,7 +31,16 @@ async def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRou
             method=str(connection.scope.get("method", "GET")),
         )
     presented = key_from_headers(connection.headers.get("authorization"), connection.headers.get("x-api-key"))
-    principal = await services.auth.authenticate(presented)
+    throttle = services.throttle
+    address = client_address(connection.scope) if throttle is not None else ""
+    if throttle is not None:
+        await throttle.check(address)
+    try:
+        principal = await services.auth.authenticate(presented)
+    except OpenAIError as exc:
+        if throttle is not None and exc.status == 401 and presented:
+            await throttle.failed(address)
+        raise
     state["principal"] = principal
     if RECORD in state:
         state[RECORD].key_id = principal.key_id
