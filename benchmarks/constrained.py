@@ -41,10 +41,9 @@ SCHEMA: dict[str, Any] = {
 
 def big_tokenizer(folder: Path, vocab: int) -> float:
     """Retrain the folder's tokenizer with ``vocab`` tokens on stdlib sources (same special tokens, same ids)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from server.engine.demo_model import ENDOFTEXT, IM_END, SPECIAL_TOKENS
+    from server.engine.demo_model import ENDOFTEXT, IM_END, train_byte_level_bpe
 
     started = time.perf_counter()
     texts, size = [], 0
@@ -56,16 +55,7 @@ def big_tokenizer(folder: Path, vocab: int) -> float:
         size += len(texts[-1])
         if size > 20_000_000:
             break
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
+    tok = train_byte_level_bpe(texts, vocab)
     old = AutoTokenizer.from_pretrained(folder)
     new: Any = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok,

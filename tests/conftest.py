@@ -115,6 +115,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_demo_model(tmp_path_factory.mktemp("models") / "tiny-chat", "tiny")
 
 
+@pytest.fixture(scope="module")
+def engine_app(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Litestar, str]:
+    """The tiny model on the real HF engine (float32, CPU) inside an app with a migrated database and a key.
+
+    Module-scoped: a module's tests share one loaded engine. The app is not started; enter a test client.
+    """
+    from server.engine.hf import HFEngine
+
+    settings, key = migrated_settings(
+        tmp_path_factory.mktemp("data"), model=str(tiny_model_dir), dtype="float32", cache_enabled=False
+    )
+    engine = HFEngine(
+        settings.model, served_model_name="tiny", data_dir=settings.data_dir, device="cpu", dtype="float32"
+    )
+    return engine, create_app(settings, engine=engine), key
+
+
 async def add_role_key(settings: Settings, role: str, **limits: Any) -> str:
     """Create ``role`` with ``limits`` (unless it exists) and a key of it; return the secret."""
     from persistence import store

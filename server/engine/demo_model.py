@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -285,18 +286,23 @@ def _build(folder: Path, preset: Preset) -> None:
 def _train_tokenizer() -> Any:
     import pydoc_data.topics
 
+    topics: dict[str, str] = pydoc_data.topics.topics
+    # Sorted keys: a fixed corpus order keeps the trained merges (and so tokenizer.json) byte-identical.
+    return train_byte_level_bpe([topics[key] for key in sorted(topics)], _TOKENIZER_VOCAB)
+
+
+def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> Any:
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``texts``, with the demo's special tokens first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_TOKENIZER_VOCAB,
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    topics: dict[str, str] = pydoc_data.topics.topics
-    # Sorted keys: a fixed corpus order keeps the trained merges (and so tokenizer.json) byte-identical.
-    tokenizer.train_from_iterator([topics[key] for key in sorted(topics)], trainer)
+    tokenizer.train_from_iterator(texts, trainer)
     return tokenizer

@@ -23,17 +23,6 @@ MESSAGES = [{"role": "user", "content": "Tell me about the for statement."}]
 
 
 @pytest.fixture(scope="module")
-def engine_app(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[HFEngine, Litestar, str]:
-    settings, key = migrated_settings(
-        tmp_path_factory.mktemp("data"), model=str(tiny_model_dir), dtype="float32", cache_enabled=False
-    )
-    engine = HFEngine(
-        settings.model, served_model_name="tiny", data_dir=settings.data_dir, device="cpu", dtype="float32"
-    )
-    return engine, create_app(settings, engine=engine), key
-
-
-@pytest.fixture(scope="module")
 def sdk(engine_app: tuple[HFEngine, Litestar, str]) -> Iterator[openai.OpenAI]:
     with TestClient(engine_app[1]) as http:
         deadline = time.monotonic() + 60

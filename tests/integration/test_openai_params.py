@@ -10,7 +10,6 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
@@ -18,9 +17,7 @@ import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
 
-from server.app import create_app
 from server.engine.hf import HFEngine
-from tests.conftest import migrated_settings
 
 pytestmark = pytest.mark.slow
 
@@ -85,17 +82,6 @@ def valid_person(value: Any) -> bool:
         and len(value["tags"]) <= 3
         and all(isinstance(t, str) and len(t) <= 6 for t in value["tags"])
     )
-
-
-@pytest.fixture(scope="module")
-def engine_app(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[HFEngine, Litestar, str]:
-    settings, key = migrated_settings(
-        tmp_path_factory.mktemp("data"), model=str(tiny_model_dir), dtype="float32", cache_enabled=False
-    )
-    engine = HFEngine(
-        settings.model, served_model_name="tiny", data_dir=settings.data_dir, device="cpu", dtype="float32"
-    )
-    return engine, create_app(settings, engine=engine), key
 
 
 @pytest.fixture(scope="module")
