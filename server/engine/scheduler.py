@@ -34,12 +34,11 @@ from typing import Any
 
 import torch
 
-from server.engine.base import Constraint, EngineDelta, EngineError, EngineOverloaded, FinishReason, TokenLogprob
+from server.engine.base import Constraint, EngineError, EngineOverloaded, TokenLogprob
 from server.engine.batch import PaddedBatch, PrefillJob
-from server.engine.detok import IncrementalDetokenizer
 from server.engine.hf_tokenizer import HFTokenizer
 from server.engine.pending import Pending
-from server.engine.sampling import RowSampler, Sampler
+from server.engine.sampling import Sampler
 
 logger = logging.getLogger("server.engine")
 
@@ -278,37 +277,13 @@ class Scheduler:
         return rows * merged <= self._max_tokens
 
     def _prepare_or_fail(self, pending: Pending) -> bool:
-        """:meth:`_prepare`, failing only this request if preparing it raises (it must not fail every step)."""
+        """:meth:`Pending.prepare`, failing only this request if preparing it raises (not every step)."""
         try:
-            return self._prepare(pending)
+            return pending.prepare(self._tokenizer(), self._device, self._max_model_len, self._grammar)
         except Exception as exc:
             logger.exception("could not prepare request %s", pending.request.request_id)
             pending.emit(_failure(exc))
             return False
-
-    def _prepare(self, pending: Pending) -> bool:
-        """Validate a request and give it its row state; emit its end and return False if it cannot run."""
-        tokenizer, prompt = self._tokenizer(), list(pending.request.prompt_token_ids)
-        if not prompt:
-            pending.emit(EngineError("the prompt is empty"))
-            return False
-        if min(prompt) < 0 or max(prompt) >= tokenizer.vocab_size:
-            pending.emit(EngineError(f"prompt token ids must be in [0, {tokenizer.vocab_size})"))
-            return False
-        params = pending.request.params
-        pending.budget = min(params.max_tokens, self._max_model_len - len(prompt))
-        if pending.budget <= 0:
-            pending.emit(EngineDelta(finish_reason="length"))
-            return False
-        try:
-            grammar = None if params.constraint is None else self._grammar(tokenizer, params.constraint)
-        except ValueError as exc:  # serving validates constraints first; this is the engine's own safety net
-            pending.emit(EngineError(f"the output constraint cannot be compiled: {exc}"))
-            return False
-        pending.sampler = RowSampler.create(params, self._device, prompt=prompt, grammar=grammar)
-        pending.detok = IncrementalDetokenizer(tokenizer, prompt)
-        pending.eos = tokenizer.eos_token_ids
-        return True
 
     def _grammar(self, tokenizer: HFTokenizer, constraint: Constraint) -> Any:
         """A fresh grammar state for one row; the compiler for ``tokenizer`` is built once, on first use."""
@@ -330,7 +305,7 @@ class Scheduler:
         for row, prompt_lps in zip(rows, self._job.prompt_entries, strict=True):
             if prompt_lps is not None:
                 row.prompt_logprobs, row.prompt_reported = prompt_lps, True
-        keep = [i for i, row in enumerate(rows) if self._advance(row, picks[i], logprobs[i])]
+        keep = [i for i, row in enumerate(rows) if row.advance(picks[i], logprobs[i])]
         self._batch.extend(self._job.into_batch(keep))
         self._rows += [rows[i] for i in keep]
         self._drop_job()
@@ -342,7 +317,7 @@ class Scheduler:
         logits = self._batch.decode(self._model, [row.tokens[-1] for row in self._rows])
         picks, logprobs = self._sample(logits, self._rows)
         rows = self._rows
-        self._keep([i for i, row in enumerate(rows) if self._advance(row, picks[i], logprobs[i])])
+        self._keep([i for i, row in enumerate(rows) if row.advance(picks[i], logprobs[i])])
 
     def _preempt(self) -> None:
         """Evict the newest rows until the next step's batch fits the KV budget (one row always stays)."""
@@ -361,34 +336,6 @@ class Scheduler:
         assert all(s is not None for s in samplers)
         picks = self._sampler.sample(logits, samplers)  # type: ignore[arg-type]
         return picks, self._sampler.logprobs(logits, samplers, picks)  # type: ignore[arg-type]
-
-    def _advance(self, row: Pending, token: int, logprob: TokenLogprob | None = None) -> bool:
-        """Record and emit ``token`` for ``row``; return whether the row keeps running."""
-        assert row.detok is not None
-        assert row.sampler is not None
-        row.tokens.append(token)
-        row.sampler.accept(token)
-        grammar = row.sampler.grammar
-        finish: FinishReason | None = None
-        eos = token in row.eos and (not row.request.params.ignore_eos or grammar is not None)
-        if eos:
-            finish, text = "stop", row.detok.flush()  # EOS counts as a token but is not text
-        else:
-            text = row.detok.push(token)
-            if grammar is not None and grammar.is_stopped:
-                finish, text = "stop", text + row.detok.flush()  # the grammar is complete: only EOS could follow
-            elif len(row.tokens) >= row.budget:
-                finish, text = "length", text + row.detok.flush()
-        if not row.aborted:
-            delta = EngineDelta(token_ids=[token], text=text, finish_reason=finish)
-            if logprob is not None and (text or not eos):  # a final EOS is not text: no entry, as in OpenAI's
-                delta.logprobs, delta.token_texts = [logprob], [text]
-            elif logprob is not None:
-                delta.logprobs, delta.token_texts = [], []
-            if row.prompt_logprobs is not None:
-                delta.prompt_logprobs, row.prompt_logprobs = row.prompt_logprobs, None
-            row.emit(delta)
-        return finish is None and not row.aborted
 
     def _keep(self, keep: list[int]) -> None:
         self._batch.select(keep)

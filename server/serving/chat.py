@@ -35,18 +35,8 @@ from server.engine.base import Constraint, Engine, EngineError
 from server.engine.grammar import GrammarError
 from server.engine.grammar import check as check_constraint
 from server.errors import invalid_request, unsupported_param
-from server.serving.common import (
-    Choice,
-    Plan,
-    check_model,
-    collect,
-    engine_failure,
-    make_plan,
-    parse_stops,
-    resolve_max_tokens,
-    run_choices,
-    sampling_params,
-)
+from server.serving.choices import Choice, collect, engine_failure, run_choices
+from server.serving.common import Plan, check_model, make_plan, parse_stops, resolve_max_tokens, sampling_params
 from server.serving.logprobs import TokenTexts, chat_logprobs
 from server.serving.streaming import error_event
 from server.serving.toolparse import ContentDelta, ToolCallStart, ToolEvent

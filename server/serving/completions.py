@@ -10,19 +10,8 @@ import msgspec
 from schemas.openai.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
 from server.engine.base import Engine, EngineError, Tokenizer, TokenLogprob
 from server.errors import invalid_request, unsupported_param
-from server.serving.common import (
-    Choice,
-    LogprobEntry,
-    Plan,
-    check_model,
-    collect,
-    engine_failure,
-    make_plan,
-    parse_stops,
-    resolve_max_tokens,
-    run_choices,
-    sampling_params,
-)
+from server.serving.choices import Choice, LogprobEntry, collect, engine_failure, run_choices
+from server.serving.common import Plan, check_model, make_plan, parse_stops, resolve_max_tokens, sampling_params
 from server.serving.logprobs import TokenTexts, completion_logprobs, echo_entries
 from server.serving.streaming import error_event
 

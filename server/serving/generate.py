@@ -8,17 +8,8 @@ import msgspec
 
 from schemas.native.generate import GenerateRequest, GenerateResponse, StreamEvent
 from server.engine.base import Engine, EngineError
-from server.serving.common import (
-    Plan,
-    check_model,
-    collect,
-    engine_failure,
-    make_plan,
-    parse_stops,
-    resolve_max_tokens,
-    run_choices,
-    sampling_params,
-)
+from server.serving.choices import collect, engine_failure, run_choices
+from server.serving.common import Plan, check_model, make_plan, parse_stops, resolve_max_tokens, sampling_params
 from server.serving.completions import tokenize_prompts
 from server.serving.streaming import error_event
 

@@ -14,7 +14,7 @@ from schemas.openai.chat import ChoiceLogprobs, TokenLogprobContent, TopLogprob
 from schemas.openai.completions import CompletionLogprobs
 from server.engine.base import Tokenizer, TokenLogprob
 from server.engine.detok import IncrementalDetokenizer
-from server.serving.common import LogprobEntry
+from server.serving.choices import LogprobEntry
 
 # JSON has no -Infinity; OpenAI reports impossible tokens with this floor.
 _FLOOR = -9999.0
