@@ -149,15 +149,7 @@ class Gateway:
                 ticket.slot = True
         except StorageUnavailable as exc:
             limiter_ok = False
-            if not self._fail_open:
-                raise OpenAIError(
-                    503,
-                    "server_error",
-                    "Rate limiting is unavailable; retry shortly.",
-                    code="service_unavailable",
-                    headers={"retry-after": "5"},
-                ) from exc
-            self._admitted_open(exc)
+            self._storage_down(exc)
         try:
             await self._reserve_quota(ticket)
             if limiter_ok:
@@ -195,15 +187,19 @@ class Gateway:
                 raise await self._rate_limited(ticket.principal, "tokens", role.tpm, ticket.tpm_counted)
             ticket.headers = await self.headers(ticket.principal)
         except StorageUnavailable as exc:
-            if not self._fail_open:
-                raise OpenAIError(
-                    503,
-                    "server_error",
-                    "Rate limiting is unavailable; retry shortly.",
-                    code="service_unavailable",
-                    headers={"retry-after": "5"},
-                ) from exc
-            self._admitted_open(exc)
+            self._storage_down(exc)
+
+    def _storage_down(self, exc: StorageUnavailable) -> None:
+        """The rate-limit storage failed: 503 when failing closed, else admit without short-window limits."""
+        if not self._fail_open:
+            raise OpenAIError(
+                503,
+                "server_error",
+                "Rate limiting is unavailable; retry shortly.",
+                code="service_unavailable",
+                headers={"retry-after": "5"},
+            ) from exc
+        self._admitted_open(exc)
 
     def _admitted_open(self, exc: StorageUnavailable) -> None:
         """Count a request admitted without short-window limits; log the count at most once a minute."""

@@ -116,10 +116,21 @@ class PrivatePostgres:
         return [postmaster, *children]
 
     def freeze(self) -> None:
-        """SIGSTOP every process of the cluster: connections stay open but nothing answers (a partition)."""
-        self.frozen = self._pids()
-        for pid in self.frozen:
-            os.kill(pid, signal.SIGSTOP)
+        """SIGSTOP every process of the cluster: connections stay open but nothing answers (a partition).
+
+        The postmaster stops first, so it forks no backend after the children are listed (a backend forked
+        between a listing and the stop would go on answering); then the children are listed until none is new.
+        """
+        pids = self._pids()
+        os.kill(pids[0], signal.SIGSTOP)
+        self.frozen = [pids[0]]
+        while True:
+            new = [pid for pid in self._pids()[1:] if pid not in self.frozen]
+            if not new:
+                break
+            for pid in new:
+                os.kill(pid, signal.SIGSTOP)
+            self.frozen += new
 
     def thaw(self) -> None:
         for pid in self.frozen:
