@@ -150,10 +150,14 @@ def data_frames(lines: Iterator[str]) -> Iterator[tuple[float, str]]:
 
 
 def connection_refused(base: str) -> bool:
+    """Whether a new connection is refused; one the kernel accepted just before the listener closed is closed
+    by the drain without a response (not served either), so the caller asks again."""
     try:
         httpx.get(f"{base}/health", timeout=2)
     except httpx.ConnectError:
         return True
+    except httpx.RemoteProtocolError:
+        return False
     return False
 
 
