@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from persistence import migrate, store
 from schemas.admin import RoleCreate, RoleIn
 from server.admission.gateway import current_month
 from server.auth import manage
+from server.auth.keys import generate_key, is_well_formed
 from server.auth.pepper import load_pepper
 from server.database import Database, DatabaseUnavailable
 from server.settings import Settings
@@ -29,11 +31,32 @@ def add_admin_commands(sub: Any) -> None:
     keys = sub.add_parser("keys", help="create, list, revoke and rotate API keys").add_subparsers(
         dest="action", required=True
     )
-    k = keys.add_parser("create", help="create a key and print its secret once")
+    k = keys.add_parser(
+        "create",
+        help="create a key and print its secret once",
+        description="Create a key and print its secret once, or store a key you already hold (--key-env).",
+    )
     k.add_argument("--name", required=True)
     k.add_argument("--role", default="default")
     k.add_argument("--expires-in-days", type=int)
+    k.add_argument(
+        "--key-env",
+        metavar="VAR",
+        help="store the key held in environment variable VAR (e.g. from `keys generate`) instead of generating "
+        "one; the secret is never printed (--json omits the `key` field)",
+    )
+    k.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="with --key-env: exit 0 without changes when that key already exists (idempotent provisioning)",
+    )
     k.add_argument("--json", action="store_true")
+    keys.add_parser(
+        "generate",
+        help="print one fresh key and store nothing",
+        description="Print one fresh, well-formed key and store nothing: put it in a secret store or .env, then "
+        "register it where it must work with `keys create --name NAME --key-env VAR`.",
+    )
     k = keys.add_parser("list", help="list keys (never their secrets)")
     k.add_argument("--json", action="store_true")
     k = keys.add_parser("revoke", help="revoke a key now")
@@ -113,12 +136,73 @@ async def _admin(args: argparse.Namespace, settings: Settings) -> None:
         if args.command == "db":
             await _db_command(args, settings)
             return
-        pepper = load_pepper(settings) if args.command == "keys" else b""  # a missing pepper fails before any I/O
+        # A bad --key-env value and a missing pepper fail before any I/O.
+        secret = _secret_from_env(args) if args.command == "keys" and args.action == "create" else None
+        pepper = load_pepper(settings) if args.command == "keys" else b""
         if settings.auto_migrate:
             await migrate.upgrade(settings.database, default_role=_default_role(settings))
-        await _dispatch(args, settings, db, pepper)
+        await _dispatch(args, settings, db, pepper, secret)
     finally:
         await db.close()
+
+
+def _secret_from_env(args: argparse.Namespace) -> str | None:
+    """The well-formed key in ``--key-env``'s variable (``None`` without the flag); never echoes the value."""
+    if args.key_env is None:
+        if args.if_missing:
+            raise CommandError("--if-missing needs --key-env (a generated key never exists yet)")
+        return None
+    value = os.environ.get(args.key_env, "")
+    if not value:
+        raise CommandError(f"the environment variable {args.key_env} named by --key-env is not set or empty")
+    if not is_well_formed(value):
+        hint = (
+            "it has leading or trailing whitespace"
+            if is_well_formed(value.strip())
+            else "expected sk-llm- and 30 base62 characters with a valid checksum, as `llm-server keys generate` prints"
+        )
+        raise CommandError(
+            f"the environment variable {args.key_env} does not hold a well-formed llm-server key: {hint}"
+        )
+    return value
+
+
+async def _create_key(args: argparse.Namespace, db: Database, pepper: bytes, secret: str | None) -> None:
+    """``keys create``: a fresh key (printed once) or the one from ``--key-env`` (never printed)."""
+    if await db.run(lambda s: store.get_role(s, args.role)) is None:
+        raise CommandError(f"no role named '{args.role}' (see: llm-server roles list)")
+    if secret is None:
+        key, fresh = await db.run(
+            lambda s: manage.create_key(s, pepper, name=args.name, role=args.role, expires_in_days=args.expires_in_days)
+        )
+        out = manage.key_out(key, fresh)
+        _print(out, args.json, lambda o: f"{o.key}\n(id {o.id}, role {o.role}; shown once, store it now)")
+        return
+    existing = await db.run(lambda s: manage.find_key(s, pepper, secret))
+    if existing is None:
+        try:
+            key, _ = await db.run(
+                lambda s: manage.create_key(
+                    s, pepper, name=args.name, role=args.role, expires_in_days=args.expires_in_days, secret=secret
+                )
+            )
+        except ValueError:  # the digest was taken between the lookup and the insert
+            existing = await db.run(lambda s: manage.find_key(s, pepper, secret))
+            if existing is None:
+                raise
+        else:
+            _print(
+                manage.key_out(key),
+                args.json,
+                lambda o: f"created {_key_line(o)} (the secret from ${args.key_env} is not printed)",
+            )
+            return
+    if not args.if_missing:
+        raise CommandError(
+            f"the key in ${args.key_env} already exists as {existing.id} (name '{existing.name}'); "
+            "--if-missing accepts that"
+        )
+    _print(manage.key_out(existing), args.json, lambda o: f"exists {_key_line(o)}; nothing changed")
 
 
 def _default_role(settings: Settings) -> dict[str, int | None]:
@@ -144,19 +228,13 @@ async def _db_command(args: argparse.Namespace, settings: Settings) -> None:
             print(f"{revision}  {message}")
 
 
-async def _dispatch(args: argparse.Namespace, settings: Settings, db: Database, pepper: bytes) -> None:
+async def _dispatch(
+    args: argparse.Namespace, settings: Settings, db: Database, pepper: bytes, secret: str | None
+) -> None:
     run: Callable[[Callable[[Any], Awaitable[Any]]], Awaitable[Any]] = db.run
     if args.command == "keys":
         if args.action == "create":
-            if await run(lambda s: store.get_role(s, args.role)) is None:
-                raise CommandError(f"no role named '{args.role}' (see: llm-server roles list)")
-            key, secret = await run(
-                lambda s: manage.create_key(
-                    s, pepper, name=args.name, role=args.role, expires_in_days=args.expires_in_days
-                )
-            )
-            out = manage.key_out(key, secret)
-            _print(out, args.json, lambda o: f"{o.key}\n(id {o.id}, role {o.role}; shown once, store it now)")
+            await _create_key(args, db, pepper, secret)
         elif args.action == "list":
             keys = [manage.key_out(k) for k in await run(store.list_keys)]
             _print(keys, args.json, lambda ks: "\n".join(_key_line(k) for k in ks) or "no keys")
@@ -198,6 +276,9 @@ async def _dispatch(args: argparse.Namespace, settings: Settings, db: Database, 
 
 def run_admin(args: argparse.Namespace, settings: Settings) -> None:
     """Run one admin command; expected failures become :class:`CommandError` (one line, exit 1)."""
+    if args.command == "keys" and args.action == "generate":  # needs no database, pepper or settings
+        print(generate_key())
+        return
     try:
         asyncio.run(_admin(args, settings))
     except DatabaseUnavailable as exc:

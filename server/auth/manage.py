@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from persistence import store
 from persistence.store import KeyRecord, RoleRecord, UsageRecord
 from schemas.admin import KeyOut, RoleIn, RoleOut, UsageOut
-from server.auth.keys import digest, display_parts, generate_key
+from server.auth.keys import digest, display_parts, generate_key, is_well_formed
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -66,10 +66,27 @@ def role_limits(spec: RoleIn) -> dict[str, Any]:
 
 
 async def create_key(
-    session: AsyncSession, pepper: bytes, *, name: str, role: str, expires_in_days: int | None
+    session: AsyncSession,
+    pepper: bytes,
+    *,
+    name: str,
+    role: str,
+    expires_in_days: int | None,
+    secret: str | None = None,
 ) -> tuple[KeyRecord, str]:
-    """Create a key; the secret is returned here and never again."""
-    secret = generate_key()
+    """Create a key; the secret is returned here and never again.
+
+    Args:
+        secret: A key the caller already holds (from ``keys generate``, provisioned out of band) to store
+            instead of a fresh one; only its digest is kept, as for a generated key.
+
+    Raises:
+        ValueError: ``secret`` is not a well-formed key, or a key with the same digest exists.
+    """
+    if secret is None:
+        secret = generate_key()
+    elif not is_well_formed(secret):
+        raise ValueError("the key is not a well-formed llm-server key")
     prefix, last4 = display_parts(secret)
     expires = datetime.now(UTC) + timedelta(days=expires_in_days) if expires_in_days else None
     key = await store.insert_key(
@@ -83,6 +100,12 @@ async def create_key(
         expires_at=expires,
     )
     return key, secret
+
+
+async def find_key(session: AsyncSession, pepper: bytes, secret: str) -> KeyRecord | None:
+    """The stored key whose digest matches ``secret`` (whatever its state), or ``None``."""
+    found = await store.get_key_by_digest(session, digest(secret, pepper))
+    return None if found is None else found[0]
 
 
 async def rotate_key(session: AsyncSession, pepper: bytes, key_id: str, grace_hours: float) -> tuple[KeyRecord, str]:
