@@ -25,9 +25,15 @@ from benchmarks.common import cli, percentile, serve, server_env
 
 
 async def drive(
-    base: str, key: str, path: str, total: int, concurrency: int, rate_per_client: float | None = None
+    base: str,
+    key: str,
+    path: str,
+    total: int,
+    concurrency: int,
+    rate_per_client: float | None = None,
+    model: str = "echo",
 ) -> list[float]:
-    body = {"model": "echo", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16}
+    body = {"model": model, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16}
     latencies: list[float] = []
     headers = {"Authorization": f"Bearer {key}"}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)

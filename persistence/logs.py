@@ -29,6 +29,7 @@ _LOG_DEFAULTS: dict[str, Any] = {
     "ttft_ms": None,
     "finish_reason": None,
     "cached": False,
+    "usage_estimated": False,
     "error_type": None,
     "prompt_text": None,
     "output_text": None,

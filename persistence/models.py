@@ -116,6 +116,8 @@ class RequestLog(Base):
     ttft_ms: Mapped[float | None] = mapped_column(Float)
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     cached: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    usage_estimated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """The token counts are estimates (a remote model's upstream reported no usage)."""
     error_type: Mapped[str | None] = mapped_column(String(64))
     prompt_text: Mapped[str | None] = mapped_column(Text)
     output_text: Mapped[str | None] = mapped_column(Text)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from litestar import Litestar, Request, Response, Router
 from litestar.config.cors import CORSConfig
@@ -25,16 +26,16 @@ from server.api.common import read_timeout_middleware, strict_body
 from server.api.exceptions import handle_exception
 from server.api.flow import RECORD
 from server.api.guards import require_key
-from server.api.health import broken_engine_reason, health, metrics, readyz
+from server.api.health import health, metrics, readyz
 from server.api.models import list_models, retrieve_model
 from server.api.native import generate_text, stream_text
 from server.api.openai import create_chat_completion, create_completion
 from server.engine.base import Engine
-from server.errors import OpenAIError
 from server.lifecycle import CANCEL_MARGIN_S, Lifecycle, shutting_down
 from server.metrics import Metrics, status_class
 from server.requestid import request_id_of
 from server.requestlog import RequestRecord
+from server.served import ServedModels, build_models
 from server.services import Services, build_services
 from server.settings import Settings, load_settings
 
@@ -42,37 +43,59 @@ log = logging.getLogger("server")
 
 
 def create_app(
-    settings: Settings | None = None, *, engine: Engine | None = None, services: Services | None = None
+    settings: Settings | None = None,
+    *,
+    engine: Engine | None = None,
+    services: Services | None = None,
+    models: ServedModels | None = None,
 ) -> Litestar:
     """Build the ASGI app.
 
     Args:
         settings: Configuration; read from the environment when ``None``.
-        engine: The model runtime; built from ``settings`` when ``None`` (tests pass a ``FakeEngine``).
+        engine: The one model runtime; when ``None`` the models come from ``models`` or ``settings`` (the models
+            file, else ``MODEL``). Tests pass a ``FakeEngine``.
         services: The gateway (database, limits, auth, log); built from ``settings`` when ``None``.
+        models: Every served model (local engines and remote upstreams), instead of ``engine``.
     """
     settings = settings or load_settings()
-    if engine is None:
-        from server.engine.factory import build_engine
-
-        engine = build_engine(settings)
-    the_engine: Engine = engine
+    if models is None:
+        if engine is None:
+            models = build_models(settings)
+        else:
+            models = ServedModels()
+            models.add(settings.served_model_name or engine_name(engine, settings), engine)
+    served: ServedModels = models
     app_metrics = services.metrics if services is not None else Metrics()
     the_services = services or build_services(settings, app_metrics)
     lifecycle = Lifecycle()
+    watchers: list[asyncio.Task[None]] = []
 
-    async def load_engine(app: Litestar) -> None:
-        try:
-            await the_engine.start()
-            app_metrics.watch_engine(
-                the_engine.info.name, lambda: float(the_engine.num_running), lambda: float(the_engine.num_waiting)
-            )
-        except Exception as exc:  # readiness reports it; `llm-server serve` then exits non-zero
-            reason = load_failure_reason(settings.model, exc)
-            log.error("model %r failed to load: %s", settings.model, reason)
-            log.debug("model load failure", exc_info=exc)
-            app.state.engine_failure = reason
-            lifecycle.fail(f"model {settings.model!r} failed to load: {reason}")
+    async def load_engines(app: Litestar) -> None:
+        for name, eng in served.engines.items():
+            source = settings.model if settings.models_file is None else name
+            try:
+                await eng.start()
+                app_metrics.watch_engine(name, _reader(eng, "num_running"), _reader(eng, "num_waiting"))
+            except Exception as exc:  # readiness reports it; `llm-server serve` then exits non-zero
+                reason = load_failure_reason(source, exc)
+                log.error("model %r failed to load: %s", source, reason)
+                log.debug("model load failure", exc_info=exc)
+                served.failures[name] = reason
+                lifecycle.fail(f"model {source!r} failed to load: {reason}")
+                return
+
+    def describe(name: str) -> str:
+        up = served.upstreams.get(name)
+        if up is None:
+            return f"{name!r} (local)"
+        url = urlsplit(up.entry.base_url)  # no query string: some providers take keys there
+        return f"{name!r} -> {url.scheme}://{url.netloc}{url.path} ({up.entry.target_model})"
+
+    def watch_upstreams() -> None:
+        for name, up in served.upstreams.items():
+            app_metrics.watch_engine(name, _reader(up, "running"), _reader(up, "waiting"))
+            watchers.append(asyncio.create_task(up.watch(), name=f"upstream-health-{name}"))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -84,15 +107,23 @@ def create_app(
             }
             await migrate.upgrade(settings.database, default_role=default_role)
         the_services.writer.start()
-        loader = asyncio.create_task(load_engine(app))
+        if settings.models_file is not None:
+            log.info("serving %s", ", ".join(describe(name) for name in served.order))
+        loader = asyncio.create_task(load_engines(app))
+        watch_upstreams()
         try:
             yield
         finally:
             loader.cancel()
+            for task in watchers:
+                task.cancel()
             # Requests cut by a shutdown settle (usage, request log) before the engine and the writer stop.
             if not await lifecycle.wait_idle(CANCEL_MARGIN_S):
                 log.warning("shutdown: %d request(s) still running; stopping the engine anyway", lifecycle.in_flight)
-            await the_engine.stop()
+            for eng in served.engines.values():
+                await eng.stop()
+            for up in served.upstreams.values():
+                await up.aclose()
             await the_services.writer.stop()
             await the_services.db.close()
             the_services.limiter.close()
@@ -125,20 +156,6 @@ def create_app(
         await strict_body(request)
         return None
 
-    def ready_engine() -> Engine:
-        if not the_engine.ready:
-            broken = broken_engine_reason(the_engine)
-            raise OpenAIError(
-                503,
-                "server_error",
-                f"The model failed and this server cannot generate: {broken}"
-                if broken
-                else "The model is still loading; retry shortly.",
-                code="model_failed" if broken else "model_not_ready",
-                headers={"retry-after": "5"},
-            )
-        return the_engine
-
     v1 = Router(
         path="/",
         guards=[require_key],
@@ -156,7 +173,7 @@ def create_app(
     return Litestar(
         route_handlers=[health, readyz, metrics, v1, *admin_handlers()],
         dependencies={
-            "engine": Provide(ready_engine, sync_to_thread=False),
+            "models": Provide(lambda: served, sync_to_thread=False),
             "metrics": Provide(lambda: app_metrics, sync_to_thread=False),
             "services": Provide(lambda: the_services, sync_to_thread=False),
         },
@@ -178,10 +195,10 @@ def create_app(
         state=State(
             {
                 "settings": settings,
-                "engine_ref": the_engine,
+                "models": served,
+                "engine_ref": next(iter(served.engines.values()), None),
                 "metrics": app_metrics,
                 "services": the_services,
-                "engine_failure": None,
                 "lifecycle": lifecycle,
             }
         ),
@@ -195,3 +212,15 @@ def load_failure_reason(model: str, exc: BaseException) -> str:
         return f"no such folder {str(path)!r}"
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def engine_name(engine: Engine, settings: Settings) -> str:
+    """The served name of an engine handed to :func:`create_app`, known before it has loaded."""
+    served_name = getattr(engine, "served_name", None)  # the HF engine's ``info`` exists only once loaded
+    if isinstance(served_name, str):
+        return served_name
+    return engine.info.name
+
+
+def _reader(obj: object, attr: str) -> Callable[[], float]:
+    return lambda: float(getattr(obj, attr))

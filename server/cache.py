@@ -53,14 +53,19 @@ class CompletionCache:
         self._timeout = timeout_s
 
     async def get(self, key: str) -> Results | None:
+        raw = await self.get_raw(key)
+        if raw is None:
+            return None
+        return [(str(t), str(f), int(n)) for t, f, n in msgspec.msgpack.decode(raw)]
+
+    async def get_raw(self, key: str) -> bytes | None:
+        """The stored entry as written (``None`` for a miss, an expired entry or an unavailable database)."""
+
         async def read(session: object) -> bytes | None:
             return await store.cache_get(session, key, datetime.now(UTC))  # type: ignore[arg-type]
 
         try:
-            raw = await self._db.run(read, timeout_s=self._timeout)
+            return await self._db.run(read, timeout_s=self._timeout)
         except DatabaseUnavailable as exc:
             log.warning("completion cache unavailable, treating as a miss: %s", exc)
             return None
-        if raw is None:
-            return None
-        return [(str(t), str(f), int(n)) for t, f, n in msgspec.msgpack.decode(raw)]

@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--max-model-len", type=int, help="context window used for validation")
     serve.add_argument("--data-dir", help="local state folder (default ./.llm-server)")
+    serve.add_argument("--models-file", help="TOML file of served models, local and remote (replaces --model)")
 
     from server.cli_admin import add_admin_commands
 
@@ -60,6 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "dtype": args.dtype,
         "max_model_len": args.max_model_len,
         "data_dir": args.data_dir,
+        "models_file": args.models_file,
     }
     settings = load_settings(overrides)
     serve(settings)
@@ -73,7 +75,7 @@ def serve(settings: Settings) -> None:
 
     configure_logging(settings.log_format, settings.log_level)
     # The HF engine warns about random-weight demo models (builtin:tiny-chat, demo-model folders) when it loads.
-    if settings.model == "builtin:echo":
+    if settings.model == "builtin:echo" and settings.models_file is None:
         log.warning("Serving builtin:echo: it repeats the last user message (for load-testing the gateway).")
     app = create_app(settings)
     try:

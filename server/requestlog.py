@@ -55,6 +55,7 @@ class RequestRecord:
     ttft_ms: float | None = None
     finish_reason: str | None = None
     cached: bool = False
+    usage_estimated: bool = False
     error_type: str | None = None
     prompt_text: str | None = None
     output_text: str | None = None
@@ -80,6 +81,7 @@ class RequestRecord:
             "ttft_ms": self.ttft_ms,
             "finish_reason": self.finish_reason,
             "cached": self.cached,
+            "usage_estimated": self.usage_estimated,
             "error_type": self.error_type,
             "prompt_text": self.prompt_text,
             "output_text": self.output_text,

@@ -29,6 +29,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """Hugging Face model id or local folder; ``builtin:tiny-chat`` or ``builtin:echo`` for the built-ins."""
     served_model_name: str | None = None
     """The model id clients send and ``/v1/models`` lists; derived from ``model`` when unset."""
+    models_file: Path | None = None
+    """A TOML file listing every served model, in-process (``backend = "hf"``) or remote (``backend = "openai"``);
+    when set, ``MODEL`` and ``SERVED_MODEL_NAME`` are not used (README, "Serving several models")."""
+    echo_token_delay_ms: Annotated[float, Meta(ge=0, le=10_000)] = 0.0
+    """``builtin:echo`` only: pause between streamed tokens, to stand in for a real model's pace in load tests."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Where the model runs; ``auto`` picks cuda, then mps, then cpu."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -60,14 +60,19 @@ def prepare_data_dir(folder: Path, template_db: Path) -> Path:
     return folder
 
 
-def start(data_dir: Path, *args: str, **settings: str) -> ServeProcess:
-    """Start ``serve`` (not waiting for it); stderr and stdout go to ``data_dir/serve.log``."""
-    port = free_port()
+def start(
+    data_dir: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None, **settings: str
+) -> ServeProcess:
+    """Start ``serve`` (not waiting for it); stderr and stdout go to ``data_dir/serve.log``.
+
+    ``port`` defaults to a free one; ``env`` adds variables that are not settings (an upstream's key).
+    """
+    port = port or free_port()
     log_path = data_dir / "serve.log"
-    with log_path.open("wb") as log:
+    with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "server", "serve", "--port", str(port), *args],
-            env=serve_env(data_dir, **settings),
+            env=serve_env(data_dir, **settings) | (env or {}),
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -122,12 +122,23 @@ class Gateway:
 
     # -- admission ----------------------------------------------------------------------------------------
     async def admit(
-        self, principal: Principal, *, prompt_tokens: int, max_new_tokens: int, explicit_max: bool
+        self,
+        principal: Principal,
+        *,
+        prompt_tokens: int,
+        max_new_tokens: int,
+        explicit_max: bool,
+        tpm_prompt_tokens: int | None = None,
     ) -> Ticket:
-        """Run the stateful checks in order; raise the first refusal, consuming nothing."""
+        """Run the stateful checks in order; raise the first refusal, consuming nothing.
+
+        ``prompt_tokens`` is reserved against the monthly quota; TPM counts ``tpm_prompt_tokens`` instead when given
+        (a remote model's prompt is reserved at an upper bound but counted at its estimate).
+        """
         role, key_id = principal.role, principal.key_id
         reserved = prompt_tokens + max_new_tokens
-        tpm_cost = reserved if explicit_max else prompt_tokens + min(max_new_tokens, TPM_ESTIMATE)
+        counted = prompt_tokens if tpm_prompt_tokens is None else tpm_prompt_tokens
+        tpm_cost = counted + max_new_tokens if explicit_max else counted + min(max_new_tokens, TPM_ESTIMATE)
         ticket = Ticket(principal, current_month(), reserved, tpm_cost, quota_reserved=False, slot=False)
         limiter_ok = True
         try:

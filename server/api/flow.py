@@ -182,12 +182,12 @@ async def _settled_stream(
             yield event
         else:  # cut by a shutdown between two events
             failed = True
-            yield _cut(services, record)
+            yield cut_event(services, record)
     except asyncio.CancelledError:
         if not handle.absorb():
             raise
         failed = True  # cut by a shutdown while waiting on the engine
-        yield _cut(services, record)
+        yield cut_event(services, record)
     finally:
         # After a disconnect every await here would be cancelled again: settle under a shield.
         with anyio.CancelScope(shield=True):
@@ -201,8 +201,8 @@ async def _settled_stream(
         lifecycle.leave(handle)
 
 
-def _cut(services: Services, record: RequestRecord | None) -> ErrorResponse:
-    """The last frame of a stream cut short by a shutdown."""
+def cut_event(services: Services, record: RequestRecord | None) -> ErrorResponse:
+    """The last frame of a stream cut short by a shutdown (counted, and noted in the request log)."""
     err = shutting_down(cut=True)
     services.metrics.errors_total.labels(err.type).inc()
     if record is not None:

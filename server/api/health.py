@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from litestar import Response, get
 from litestar.datastructures import State
 from litestar.di import NamedDependency
@@ -10,8 +12,8 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from server.api.apidoc import ApiOperation
-from server.engine.base import Engine
 from server.metrics import Metrics
+from server.served import ServedModels, broken_engine_reason
 from server.services import Services
 
 
@@ -34,27 +36,33 @@ def health() -> dict[str, str]:
     },
     operation_class=ApiOperation,
 )
-async def readyz(state: State) -> Response[dict[str, str]]:
-    """200 once the model is loaded and the database answers; 503 with the reason otherwise."""
-    engine: Engine = state.engine_ref
-    failure = state.get("engine_failure")
-    if failure:
-        return Response({"status": "failed", "reason": f"model failed to load: {failure}"}, status_code=503)
-    broken = broken_engine_reason(engine)
-    if broken:
-        return Response({"status": "failed", "reason": f"the engine failed: {broken}"}, status_code=503)
-    if not engine.ready:
-        return Response({"status": "loading", "reason": "the model is still loading"}, status_code=503)
+async def readyz(state: State) -> Response[dict[str, Any]]:
+    """200 once every local model is loaded and the database answers; 503 with the reason otherwise.
+
+    Remote models never make this 503: their upstreams' health (checked in the background) is in the body, so
+    one dead upstream does not take the gateway out of a load balancer.
+    """
+    models: ServedModels = state.models
+    for name, engine in models.engines.items():
+        which = f"model {name!r}" if len(models.engines) > 1 else "model"
+        failure = models.failures.get(name)
+        if failure:
+            return Response({"status": "failed", "reason": f"{which} failed to load: {failure}"}, status_code=503)
+        broken = broken_engine_reason(engine)
+        if broken:
+            engine_name = f"the engine of {name!r}" if len(models.engines) > 1 else "the engine"
+            return Response({"status": "failed", "reason": f"{engine_name} failed: {broken}"}, status_code=503)
+        if not engine.ready:
+            return Response({"status": "loading", "reason": f"the {which} is still loading"}, status_code=503)
     services: Services = state.services
     if not await services.db.ping():
         return Response({"status": "unavailable", "reason": "the database does not answer"}, status_code=503)
-    return Response({"status": "ready", "model": engine.info.name}, status_code=200)
-
-
-def broken_engine_reason(engine: Engine) -> str | None:
-    """Why a started engine stopped serving for good, for engines that report it (an optional ``failure``)."""
-    failure = getattr(engine, "failure", None)
-    return str(failure) if failure else None
+    body: dict[str, Any] = {"status": "ready", "model": models.default}
+    if len(models.order) > 1 or models.upstreams:
+        body["models"] = list(models.order)
+    if models.upstreams:
+        body["upstreams"] = {name: up.health.as_dict() for name, up in models.upstreams.items()}
+    return Response(body, status_code=200)
 
 
 @get("/metrics", tags=["ops"], sync_to_thread=False, media_type=CONTENT_TYPE_PLAIN_0_0_4, operation_class=ApiOperation)

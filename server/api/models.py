@@ -8,19 +8,18 @@ from litestar.params import FromPath
 
 from schemas.openai.models import Model, ModelList
 from server.api.apidoc import KEYED, ApiOperation, errors
-from server.engine.base import Engine
-from server.errors import OpenAIError
+from server.served import ServedModels, model_not_found
 
 
-def _model(engine: Engine) -> Model:
-    info = engine.info
-    return Model(id=info.name, created=info.created, owned_by=info.owned_by)
+def _model(models: ServedModels, name: str) -> Model:
+    created, owned_by = models.describe(name)
+    return Model(id=name, created=created, owned_by=owned_by)
 
 
 @get("/v1/models", tags=["openai"], sync_to_thread=False, responses=errors(*KEYED), operation_class=ApiOperation)
-def list_models(engine: NamedDependency[Engine]) -> ModelList:
-    """The served models."""
-    return ModelList(data=[_model(engine)])
+def list_models(models: NamedDependency[ServedModels]) -> ModelList:
+    """The served models, local and remote."""
+    return ModelList(data=[_model(models, name) for name in models.order])
 
 
 @get(
@@ -30,15 +29,9 @@ def list_models(engine: NamedDependency[Engine]) -> ModelList:
     responses=errors(*KEYED, 400, 404),
     operation_class=ApiOperation,
 )
-def retrieve_model(model_id: FromPath[str], engine: NamedDependency[Engine]) -> Model:
+def retrieve_model(model_id: FromPath[str], models: NamedDependency[ServedModels]) -> Model:
     """One served model."""
-    model_id = model_id.lstrip("/")
-    if model_id != engine.info.name:
-        raise OpenAIError(
-            404,
-            "invalid_request_error",
-            f"The model '{model_id}' does not exist or you do not have access to it.",
-            param="model",
-            code="model_not_found",
-        )
-    return _model(engine)
+    name = model_id.lstrip("/")
+    if name not in models.order:
+        raise model_not_found(name)
+    return _model(models, name)

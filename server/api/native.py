@@ -13,14 +13,22 @@ from schemas.native.generate import GenerateRequest, GenerateResponse, StreamEve
 from server.api.apidoc import WITH_BODY, ApiOperation, StreamOperation, errors, stream_of
 from server.api.common import BODY_TYPE
 from server.api.flow import max_tokens_cap, respond
-from server.engine.base import Engine
+from server.api.remote import respond_remote
+from server.providers.upstream import Upstream
+from server.served import ServedModels
 from server.services import Services
-from server.serving import generate
+from server.serving import generate, remote
 
 
-async def _run(request: Request[Any, Any, Any], engine: Engine, services: Services, stream: bool) -> Any:
+async def _run(request: Request[Any, Any, Any], models: ServedModels, services: Services, stream: bool) -> Any:
     body: GenerateRequest = request.state.body
     cap = max_tokens_cap(request, services, body.max_new_tokens, "max_new_tokens")
+    backend = models.lookup(body.model)
+    if isinstance(backend, Upstream):
+        return await respond_remote(
+            request, backend, services, remote.prepare_generate(body, backend.entry, stream=stream)
+        )
+    engine = models.ready_engine(backend)
     plan = generate.prepare(engine, body, stream=stream, max_tokens_cap=cap)
     return await respond(request, engine, services, plan, generate.complete, generate.stream)
 
@@ -36,11 +44,11 @@ async def _run(request: Request[Any, Any, Any], engine: Engine, services: Servic
 async def generate_text(
     request: Request[Any, Any, Any],
     data: JSONBody[GenerateRequest],
-    engine: NamedDependency[Engine],
+    models: NamedDependency[ServedModels],
     services: NamedDependency[Services],
 ) -> Response[GenerateResponse]:
     """Generate text for one prompt."""
-    return await _run(request, engine, services, stream=False)  # type: ignore[no-any-return]
+    return await _run(request, models, services, stream=False)  # type: ignore[no-any-return]
 
 
 @post(
@@ -54,8 +62,8 @@ async def generate_text(
 async def stream_text(
     request: Request[Any, Any, Any],
     data: JSONBody[GenerateRequest],
-    engine: NamedDependency[Engine],
+    models: NamedDependency[ServedModels],
     services: NamedDependency[Services],
 ) -> Stream:
     """Stream the text for one prompt as Server-Sent Events; the last event has ``finish_reason`` and ``usage``."""
-    return await _run(request, engine, services, stream=True)  # type: ignore[no-any-return]
+    return await _run(request, models, services, stream=True)  # type: ignore[no-any-return]

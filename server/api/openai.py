@@ -13,9 +13,11 @@ from schemas.openai.completions import Completion, CompletionRequest
 from server.api.apidoc import WITH_BODY, JsonOrStreamOperation, errors, stream_of
 from server.api.common import BODY_TYPE
 from server.api.flow import max_tokens_cap, respond
-from server.engine.base import Engine
+from server.api.remote import raw_body, respond_remote
+from server.providers.upstream import Upstream
+from server.served import ServedModels
 from server.services import Services
-from server.serving import chat, completions
+from server.serving import chat, completions, remote
 
 
 @post(
@@ -31,13 +33,18 @@ from server.serving import chat, completions
 async def create_chat_completion(
     request: Request[Any, Any, Any],
     data: JSONBody[ChatCompletionRequest],
-    engine: NamedDependency[Engine],
+    models: NamedDependency[ServedModels],
     services: NamedDependency[Services],
 ) -> Response[ChatCompletion]:
     body: ChatCompletionRequest = request.state.body
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     cap = max_tokens_cap(request, services, requested, param)
+    backend = models.lookup(body.model)
+    if isinstance(backend, Upstream):
+        call = remote.prepare_chat(await raw_body(request), body, backend.entry, max_tokens_cap=cap)
+        return await respond_remote(request, backend, services, call)  # type: ignore[return-value]
+    engine = models.ready_engine(backend)
     plan = chat.prepare(engine, body, max_tokens_cap=cap, max_messages=services.settings.max_messages)
     return await respond(request, engine, services, plan, chat.complete, chat.stream)  # type: ignore[return-value]
 
@@ -55,10 +62,15 @@ async def create_chat_completion(
 async def create_completion(
     request: Request[Any, Any, Any],
     data: JSONBody[CompletionRequest],
-    engine: NamedDependency[Engine],
+    models: NamedDependency[ServedModels],
     services: NamedDependency[Services],
 ) -> Response[Completion]:
     body: CompletionRequest = request.state.body
     cap = max_tokens_cap(request, services, body.max_tokens, "max_tokens")
+    backend = models.lookup(body.model)
+    if isinstance(backend, Upstream):
+        call = remote.prepare_completion(await raw_body(request), body, backend.entry, max_tokens_cap=cap)
+        return await respond_remote(request, backend, services, call)  # type: ignore[return-value]
+    engine = models.ready_engine(backend)
     plan = completions.prepare(engine, body, max_tokens_cap=cap)
     return await respond(request, engine, services, plan, completions.complete, completions.stream)  # type: ignore[return-value]

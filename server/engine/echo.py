@@ -101,14 +101,23 @@ class EchoEngine:
         served_model_name: The model id clients use.
         max_model_len: Context window used for validation.
         max_queue_size: Requests admitted at once before answering 503.
+        token_delay_s: Pause before each token (a stand-in for a real model's pace).
     """
 
-    def __init__(self, served_model_name: str = "echo", *, max_model_len: int = 32768, max_queue_size: int = 1024):
+    def __init__(
+        self,
+        served_model_name: str = "echo",
+        *,
+        max_model_len: int = 32768,
+        max_queue_size: int = 1024,
+        token_delay_s: float = 0.0,
+    ):
         self._tokenizer = CharTokenizer()
         self._info = ModelInfo(
             name=served_model_name, source="builtin:echo", max_model_len=max_model_len, created=int(time.time())
         )
         self._max_queue = max_queue_size
+        self._delay = token_delay_s
         self._active: set[ScriptedStream] = set()
         self._ready = False
         self._stopping = False
@@ -164,7 +173,11 @@ class EchoEngine:
 
     def _make_stream(self, request: EngineRequest) -> ScriptedStream:
         return ScriptedStream(
-            request, self.reply_ids(request), self._tokenizer, eos_id=next(iter(self._tokenizer.eos_token_ids))
+            request,
+            self.reply_ids(request),
+            self._tokenizer,
+            eos_id=next(iter(self._tokenizer.eos_token_ids)),
+            delay_s=self._delay,
         )
 
     def _track(self, stream: ScriptedStream) -> ScriptedStream:

@@ -15,6 +15,7 @@ def build_engine(settings: Settings) -> Engine:
             settings.model_name,
             max_model_len=settings.max_model_len or 32768,
             max_queue_size=settings.max_queue_size,
+            token_delay_s=settings.echo_token_delay_ms / 1000,
         )
     from server.engine.hf import HFEngine
 

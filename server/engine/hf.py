@@ -83,6 +83,11 @@ class HFEngine:
         self._stopping = False
 
     @property
+    def served_name(self) -> str:
+        """The name clients use, known before the model has loaded (``info`` exists only after)."""
+        return self._served_name
+
+    @property
     def info(self) -> ModelInfo:
         if self._info is None:
             raise RuntimeError("the engine is not started")

@@ -1,0 +1,213 @@
+"""The path of a request for a remote model: the same admission, cache, log and accounting as a local one.
+
+After validation the request passes the gateway exactly as a local request does (allowlist, RPM/TPM,
+concurrency, quota reservation of the prompt's upper bound + max tokens), takes one of the upstream's
+concurrency slots, and is sent upstream. A stream's headers go out only once the upstream has answered, so a
+failure before its first byte is still a proper 502/503/504 (after the retries) rather than an error frame.
+The ticket is settled exactly once with the upstream's usage (success, error, client disconnect), and a client
+that disconnects closes the upstream request, which aborts it there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+from litestar import Request, Response
+from litestar.response import Stream
+
+from schemas.openai.errors import ErrorResponse
+from server.admission.gateway import Ticket
+from server.api.common import json_response, sse_response
+from server.api.flow import cut_event, principal_of, record_of
+from server.lifecycle import InFlight, Lifecycle, shutting_down
+from server.providers.upstream import Upstream
+from server.requestlog import RequestRecord
+from server.services import Services
+from server.serving import reframe
+from server.serving.remote import RemoteCall, cache_key, encode_results, replay
+
+
+async def raw_body(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """The client's JSON body as sent (already validated by the route's schema)."""
+    data = msgspec.json.decode(await request.body())
+    return data if isinstance(data, dict) else {}
+
+
+async def respond_remote(
+    request: Request[Any, Any, Any], upstream: Upstream, services: Services, call: RemoteCall
+) -> Response[Any] | Stream:
+    """Admit ``call``, answer it from the cache or the upstream, and account for it."""
+    principal = principal_of(request)
+    gateway = services.gateway
+    gateway.check_model(principal, call.model)
+    record = record_of(request)
+    if record is not None:
+        record.model = call.model
+        record.prompt_tokens = call.prompt_estimate
+        if services.settings.store_prompts:
+            record.prompt_text = call.prompt_text
+    lifecycle: Lifecycle = request.app.state.lifecycle
+    handle = lifecycle.enter()
+    try:
+        ticket = await gateway.admit(
+            principal,
+            prompt_tokens=call.prompt_bound,
+            max_new_tokens=call.max_new_tokens,
+            explicit_max=call.explicit_max_tokens,
+            tpm_prompt_tokens=call.prompt_estimate,
+        )
+    except BaseException:
+        lifecycle.leave(handle)
+        raise
+    call.admitted_at = time.perf_counter()
+    headers = dict(ticket.headers)
+    key = None
+    response: httpx.Response | None = None
+    try:
+        if services.cache is not None and call.cacheable:
+            key = cache_key(principal.key_id, call)
+            blob = await services.cache.get_raw(key)
+            if blob is not None and replay(call, blob):
+                headers["x-cache"] = "HIT"
+                services.metrics.cache_hits_total.labels(call.model).inc()
+            else:
+                services.metrics.cache_misses_total.labels(call.model).inc()
+        if not call.cached:
+            handle.waiting = True
+            await upstream.acquire()
+            call.started_at = time.perf_counter()
+            response = await upstream.open(call.path, call.payload)
+    except BaseException as exc:
+        handle.waiting = False
+        if call.started_at is not None:
+            upstream.release()
+        await _settle(services, call, ticket, record, None, ok=False)
+        lifecycle.leave(handle)
+        if isinstance(exc, asyncio.CancelledError) and handle.absorb():
+            raise shutting_down(cut=True) from None
+        raise
+    if call.stream:
+        if record is not None:
+            record.streaming = True
+        events = _stream(services, call, response, upstream, ticket, record, key, lifecycle, handle)
+        return sse_response(events, headers)
+    handle.waiting = True
+    try:
+        body = reframe.render(call) if call.cached else await reframe.complete(call, response)  # type: ignore[arg-type]
+    except asyncio.CancelledError:
+        if not handle.absorb():
+            raise
+        raise shutting_down(cut=True) from None
+    finally:
+        handle.waiting = False
+        if response is not None:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+            upstream.release()
+        await _settle(services, call, ticket, record, key, ok=call.finished)
+        lifecycle.leave(handle)
+    if call.usage_estimated:
+        headers["x-usage-estimated"] = "true"
+    return json_response(body, headers)
+
+
+async def _stream(
+    services: Services,
+    call: RemoteCall,
+    response: httpx.Response | None,
+    upstream: Upstream,
+    ticket: Ticket,
+    record: RequestRecord | None,
+    key: str | None,
+    lifecycle: Lifecycle,
+    handle: InFlight,
+) -> AsyncIterator[msgspec.Struct]:
+    handle.task = asyncio.current_task()
+    failed = False
+    events = reframe.replay_stream(call) if response is None else reframe.stream(call, response, upstream.scrub)
+    try:
+        while not handle.cut:
+            handle.waiting = True
+            try:
+                event = await anext(events)
+            except StopAsyncIteration:
+                break
+            finally:
+                handle.waiting = False
+            if isinstance(event, ErrorResponse):
+                failed = True
+                services.metrics.errors_total.labels(event.error.type).inc()
+                if record is not None:
+                    record.error_type = event.error.code or event.error.type
+            elif record is not None and record.ttft_ms is None and call.first_token_at is not None:
+                record.first_token()
+            yield event
+        else:
+            failed = True
+            yield cut_event(services, record)
+    except asyncio.CancelledError:
+        if not handle.absorb():
+            raise
+        failed = True
+        yield cut_event(services, record)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await events.aclose()  # type: ignore[attr-defined]
+            if response is not None:
+                await response.aclose()  # closes the upstream connection: the upstream aborts the request
+                upstream.release()
+            await _settle(services, call, ticket, record, key, ok=call.finished and not failed)
+        lifecycle.leave(handle)
+
+
+def observe(services: Services, call: RemoteCall) -> None:
+    """Token counters, finish reasons and latency histograms, labelled with our served model name."""
+    m, model = services.metrics, call.model
+    for r in call.results.values():
+        if r.finish_reason is not None:
+            m.request_success_total.labels(model, r.finish_reason).inc()
+    if call.cached or not call.results or call.started_at is None or call.admitted_at is None:
+        return
+    usage = call.usage
+    m.prompt_tokens_total.labels(model).inc(usage.prompt_tokens)
+    m.generation_tokens_total.labels(model).inc(usage.completion_tokens)
+    m.request_queue_time_seconds.labels(model).observe(max(0.0, call.started_at - call.admitted_at))
+    if call.first_token_at is not None:
+        m.time_to_first_token_seconds.labels(model).observe(call.first_token_at - call.admitted_at)
+    itl = m.inter_token_latency_seconds.labels(model)
+    for gap in call.token_gaps:
+        itl.observe(gap)
+    if call.finished and call.last_token_at is not None:
+        m.e2e_request_latency_seconds.labels(model).observe(call.last_token_at - call.admitted_at)
+
+
+async def _settle(
+    services: Services, call: RemoteCall, ticket: Ticket, record: RequestRecord | None, key: str | None, *, ok: bool
+) -> None:
+    usage = call.usage
+    ran = call.started_at is not None and not call.cached
+    used = usage.total_tokens if ran and call.results else 0
+    await services.gateway.finish(ticket, used_tokens=used)
+    observe(services, call)
+    if record is not None:
+        record.prompt_tokens = usage.prompt_tokens if call.results else record.prompt_tokens
+        record.completion_tokens = usage.completion_tokens if call.results else 0
+        record.usage_estimated = call.usage_estimated and bool(call.results)
+        record.cached = call.cached
+        finishes = {r.finish_reason for r in call.results.values() if r.finish_reason}
+        record.finish_reason = finishes.pop() if len(finishes) == 1 else ("mixed" if finishes else None)
+        if not ok and record.error_type is None:
+            record.error_type = "cancelled"
+        if services.settings.store_prompts:
+            record.output_text = "\n".join(r.text for _, r in sorted(call.results.items()))
+        if record.streaming:
+            record.status = record.status or 200
+            services.writer.add_row(record)
+    if ok and key is not None and services.cache is not None and not call.cached:
+        services.writer.add_cache(key, ticket.principal.key_id, call.model, encode_results(call), services.cache.ttl_s)

@@ -1,0 +1,1 @@
+"""Remote model providers: OpenAI-compatible upstreams reached over HTTP."""

@@ -1,0 +1,320 @@
+"""Upstream answers re-framed into this server's exact wire format (SPEC §4).
+
+Whatever the upstream's stream looks like (a role chunk or none, empty deltas, usage inside the last chunk or
+after it), the client sees our ids, our ``created`` and our model name; one role chunk per choice first, then
+content or tool-call chunks, exactly one finish chunk per choice, the usage chunk only when it asked, and an
+error frame (502 ``upstream_error`` / 504 ``upstream_timeout``) if the upstream breaks off mid-stream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import msgspec
+
+from schemas.native.generate import GenerateResponse, StreamEvent
+from schemas.openai.chat import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChoiceDelta,
+    ChoiceDeltaToolCall,
+    ChoiceLogprobs,
+    ChunkChoice,
+    ToolCall,
+)
+from schemas.openai.common import CompletionUsage
+from schemas.openai.completions import Completion, CompletionChoice, CompletionLogprobs
+from server.errors import OpenAIError
+from server.providers.upstream import timed_out, unreachable
+from server.serving.remote import RemoteCall
+from server.serving.streaming import error_event
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class _Message(msgspec.Struct):
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int = 0
+    delta: _Delta | None = None
+    message: _Message | None = None
+    text: str | None = None
+    logprobs: Any = None
+    finish_reason: str | None = None
+
+
+class _Body(msgspec.Struct):
+    """A chunk or a whole response, of either family (fields the other family has are absent)."""
+
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+    error: Any = None
+
+
+_decoder = msgspec.json.Decoder(_Body)
+
+
+def malformed(name: str, what: str) -> OpenAIError:
+    return OpenAIError(
+        502, "server_error", f"The upstream serving '{name}' sent a malformed {what}.", code="upstream_error"
+    )
+
+
+def _usage(u: _Usage | None) -> CompletionUsage | None:
+    if u is None:
+        return None
+    return CompletionUsage(
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        total_tokens=u.prompt_tokens + u.completion_tokens,
+    )
+
+
+def _convert(value: Any, kind: type[Any]) -> Any:
+    """``value`` as ``kind`` (the upstream's logprobs / tool calls), or ``None`` when it does not fit."""
+    if value is None:
+        return None
+    try:
+        return msgspec.convert(value, kind)
+    except msgspec.ValidationError:
+        return None
+
+
+# -- non-streaming ---------------------------------------------------------------------------------------------
+async def complete(call: RemoteCall, response: httpx.Response) -> msgspec.Struct:
+    """Read the whole upstream answer and build ours."""
+    try:
+        raw = await response.aread()
+    except httpx.TimeoutException:
+        raise timed_out(call.model) from None
+    except httpx.HTTPError:
+        raise unreachable(call.model) from None
+    try:
+        body = _decoder.decode(raw)
+    except msgspec.DecodeError:
+        raise malformed(call.model, "response") from None
+    if not body.choices:
+        raise malformed(call.model, "response (no choices)")
+    call.first_token_at = call.last_token_at = time.perf_counter()
+    for ch in body.choices:
+        r = call.choice(ch.index)
+        content = ch.message.content if ch.message is not None else ch.text
+        if content:
+            r.text_parts.append(content)
+        r.finish_reason = ch.finish_reason or "stop"
+        r.logprobs = ch.logprobs
+        if ch.message is not None and ch.message.tool_calls:
+            r.tool_calls = _convert(ch.message.tool_calls, list[ToolCall])
+            if r.tool_calls is None:
+                raise malformed(call.model, "tool call")
+    call.upstream_usage = _usage(body.usage)
+    return render(call)
+
+
+def render(call: RemoteCall) -> msgspec.Struct:
+    """The non-streaming response of a finished call (also a cache hit's)."""
+    results = sorted(call.results.items())
+    usage = call.usage
+    if call.family == "chat":
+        choices = [
+            ChatChoice(
+                index=i,
+                message=ChatCompletionMessage(
+                    content=r.text if r.text or not r.tool_calls else None,
+                    tool_calls=r.tool_calls if r.tool_calls else msgspec.UNSET,
+                ),
+                logprobs=_convert(r.logprobs, ChoiceLogprobs),
+                finish_reason=r.finish_reason or "stop",
+            )
+            for i, r in results
+        ]
+        return ChatCompletion(id=call.id, created=call.created, model=call.model, choices=choices, usage=usage)
+    if call.family == "completions":
+        texts = [
+            CompletionChoice(
+                index=i,
+                text=r.text,
+                logprobs=_convert(r.logprobs, CompletionLogprobs),
+                finish_reason=r.finish_reason or "stop",
+            )
+            for i, r in results
+        ]
+        return Completion(id=call.id, created=call.created, model=call.model, choices=texts, usage=usage)
+    (_, only), *_ = results
+    return GenerateResponse(
+        model=call.model, output=only.text, finish_reason=only.finish_reason or "stop", usage=usage, cached=call.cached
+    )
+
+
+# -- streaming -------------------------------------------------------------------------------------------------
+async def sse_data(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The ``data`` payloads of an SSE body (multi-line data joined, comments and other fields skipped)."""
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if line == "":
+            if data:
+                yield "\n".join(data).encode()
+                data = []
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+    if data:
+        yield "\n".join(data).encode()
+
+
+async def stream(
+    call: RemoteCall, response: httpx.Response, scrub: Callable[[str], str] = str
+) -> AsyncIterator[msgspec.Struct]:
+    """Our stream of the upstream's: re-framed chunks, then usage when asked; an error frame if it breaks."""
+    out = _Framer(call)
+    try:
+        async for data in sse_data(response):
+            if data.strip() == b"[DONE]":
+                break
+            try:
+                chunk = _decoder.decode(data)
+            except msgspec.DecodeError:
+                yield error_event(malformed(call.model, "stream chunk"))
+                return
+            if chunk.error is not None:
+                yield error_event(_stream_error(call.model, chunk.error, scrub))
+                return
+            for event in out.push(chunk):
+                yield event
+    except httpx.TimeoutException:
+        yield error_event(timed_out(call.model))
+        return
+    except httpx.HTTPError:
+        yield error_event(unreachable(call.model))
+        return
+    if not call.finished:
+        yield error_event(malformed(call.model, "stream (it ended before every choice finished)"))
+        return
+    for event in out.end():
+        yield event
+
+
+def replay_stream(call: RemoteCall) -> AsyncIterator[msgspec.Struct]:
+    """A cache hit as a stream."""
+    out = _Framer(call)
+    results = sorted(call.results.items())
+    call.results = {}
+
+    async def events() -> AsyncIterator[msgspec.Struct]:
+        for i, r in results:
+            piece = _Choice(index=i, delta=_Delta(content=r.text), text=r.text, finish_reason=r.finish_reason)
+            for event in out.push(_Body(choices=[piece])):
+                yield event
+        call.results = dict(results)
+        for event in out.end():
+            yield event
+
+    return events()
+
+
+def _stream_error(name: str, error: Any, scrub: Callable[[str], str]) -> OpenAIError:
+    message = scrub(str(error.get("message") if isinstance(error, dict) else error))
+    return OpenAIError(
+        502, "server_error", f"The upstream serving '{name}' failed mid-stream: {message}", code="upstream_error"
+    )
+
+
+class _Framer:
+    """Turns upstream chunks into our chunks, recording each choice's output in ``call.results``."""
+
+    def __init__(self, call: RemoteCall) -> None:
+        self.call = call
+        self.usage: Any = None if call.include_usage else msgspec.UNSET
+
+    def push(self, chunk: _Body) -> list[msgspec.Struct]:
+        call = self.call
+        if chunk.usage is not None:
+            call.upstream_usage = _usage(chunk.usage)
+        out: list[msgspec.Struct] = []
+        for ch in chunk.choices:
+            r = call.results.get(ch.index)
+            if r is None:
+                r = call.choice(ch.index)
+                if call.family == "chat":
+                    out.append(self._chat(ChunkChoice(index=ch.index, delta=ChoiceDelta(role="assistant", content=""))))
+            if r.finish_reason is not None:
+                continue  # one finish chunk per choice, whatever the upstream repeats
+            text = (ch.delta.content if ch.delta is not None else ch.text) or ""
+            calls = ch.delta.tool_calls if ch.delta is not None else None
+            if text or calls:
+                r.pieces += 1
+                self._timing()
+            r.text_parts.append(text)
+            r.finish_reason = ch.finish_reason
+            out += self._pieces(ch, text, calls)
+        return out
+
+    def _timing(self) -> None:
+        call, t = self.call, time.perf_counter()
+        if call.first_token_at is None:
+            call.first_token_at = t
+        elif call.last_token_at is not None:
+            call.token_gaps.append(t - call.last_token_at)
+        call.last_token_at = t
+
+    def _chat(self, choice: ChunkChoice) -> ChatCompletionChunk:
+        c = self.call
+        return ChatCompletionChunk(id=c.id, created=c.created, model=c.model, choices=[choice], usage=self.usage)
+
+    def _pieces(self, ch: _Choice, text: str, calls: list[dict[str, Any]] | None) -> list[msgspec.Struct]:
+        c = self.call
+        if c.family == "chat":
+            logprobs = _convert(ch.logprobs, ChoiceLogprobs)
+            out: list[msgspec.Struct] = []
+            if text or (logprobs is not None and not calls):
+                out.append(self._chat(ChunkChoice(index=ch.index, delta=ChoiceDelta(content=text), logprobs=logprobs)))
+                logprobs = None
+            if calls:
+                deltas = _convert(calls, list[ChoiceDeltaToolCall])
+                if deltas is None:
+                    raise malformed(c.model, "tool-call chunk")
+                out.append(
+                    self._chat(ChunkChoice(index=ch.index, delta=ChoiceDelta(tool_calls=deltas), logprobs=logprobs))
+                )
+            if ch.finish_reason is not None:
+                out.append(self._chat(ChunkChoice(index=ch.index, delta=ChoiceDelta(), finish_reason=ch.finish_reason)))
+            return out
+        if c.family == "completions":
+            if not text and ch.logprobs is None and ch.finish_reason is None:
+                return []
+            piece = CompletionChoice(
+                index=ch.index,
+                text=text,
+                logprobs=_convert(ch.logprobs, CompletionLogprobs),
+                finish_reason=ch.finish_reason,
+            )
+            return [Completion(id=c.id, created=c.created, model=c.model, choices=[piece], usage=self.usage)]
+        # native: the last event (after the upstream's usage arrives) carries the finish reason
+        return [StreamEvent(output=text)] if text else []
+
+    def end(self) -> list[msgspec.Struct]:
+        """What follows the last upstream chunk: the usage chunk (chat, completions) or the native last event."""
+        c = self.call
+        if c.family == "generate":
+            (_, only), *_ = sorted(c.results.items())
+            return [StreamEvent(output="", finish_reason=only.finish_reason or "stop", usage=c.usage)]
+        if not c.include_usage:
+            return []
+        if c.family == "chat":
+            return [ChatCompletionChunk(id=c.id, created=c.created, model=c.model, choices=[], usage=c.usage)]
+        return [Completion(id=c.id, created=c.created, model=c.model, choices=[], usage=c.usage)]
