@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -79,6 +80,51 @@ def max_tokens_cap(
     return services.gateway.max_tokens_cap(principal_of(request), requested, param)
 
 
+@dataclass(slots=True, frozen=True)
+class Admission:
+    """What the gateway reserves for a request: prompt tokens (TPM may count ``tpm_prompt_tokens`` instead)."""
+
+    model: str
+    prompt_tokens: int
+    max_new_tokens: int
+    explicit_max_tokens: bool
+    tpm_prompt_tokens: int | None = None
+
+
+async def admitted(
+    request: Request[Any, Any, Any],
+    services: Services,
+    admission: Admission,
+    prompt_text: Callable[[], str] | None,
+) -> tuple[Principal, RequestRecord | None, Lifecycle, InFlight, Ticket]:
+    """Allowlist, request-log fields and gateway admission, with the request registered in the app's lifecycle.
+
+    The caller owns the returned ``InFlight`` handle (``lifecycle.leave`` it) and the ticket (settle it once).
+    """
+    principal = principal_of(request)
+    services.gateway.check_model(principal, admission.model)
+    record = record_of(request)
+    if record is not None:
+        record.model = admission.model
+        record.prompt_tokens = admission.tpm_prompt_tokens or admission.prompt_tokens
+        if prompt_text is not None:
+            record.prompt_text = prompt_text()
+    lifecycle: Lifecycle = request.app.state.lifecycle
+    handle = lifecycle.enter()
+    try:
+        ticket = await services.gateway.admit(
+            principal,
+            prompt_tokens=admission.prompt_tokens,
+            max_new_tokens=admission.max_new_tokens,
+            explicit_max=admission.explicit_max_tokens,
+            tpm_prompt_tokens=admission.tpm_prompt_tokens,
+        )
+    except BaseException:
+        lifecycle.leave(handle)
+        raise
+    return principal, record, lifecycle, handle, ticket
+
+
 async def respond(
     request: Request[Any, Any, Any],
     engine: Engine,
@@ -92,27 +138,17 @@ async def respond(
     The request is registered with the app's :class:`Lifecycle` until it has settled, so a shutdown can cut it
     when its grace period runs out (503 ``overloaded``, or an error frame for a stream) and then wait for it.
     """
-    principal = principal_of(request)
-    gateway = services.gateway
-    gateway.check_model(principal, plan.model)
-    record = record_of(request)
-    if record is not None:
-        record.model = plan.model
-        record.prompt_tokens = plan.prompt_tokens
-        if services.settings.store_prompts:
-            record.prompt_text = "\n".join(engine.tokenizer.decode(p) for p in plan.prompts)
-    lifecycle: Lifecycle = request.app.state.lifecycle
-    handle = lifecycle.enter()
-    try:
-        ticket = await gateway.admit(
-            principal,
-            prompt_tokens=plan.prompt_tokens,
-            max_new_tokens=plan.max_new_tokens,
-            explicit_max=plan.explicit_max_tokens,
-        )
-    except BaseException:
-        lifecycle.leave(handle)
-        raise
+    prompt_text = (
+        (lambda: "\n".join(engine.tokenizer.decode(p) for p in plan.prompts))
+        if services.settings.store_prompts
+        else None
+    )
+    principal, record, lifecycle, handle, ticket = await admitted(
+        request,
+        services,
+        Admission(plan.model, plan.prompt_tokens, plan.max_new_tokens, plan.explicit_max_tokens),
+        prompt_text,
+    )
     headers = dict(ticket.headers)
     key = None
     try:
@@ -128,13 +164,20 @@ async def respond(
         if not plan.cached:
             start(engine, plan)
     except BaseException:
-        await gateway.finish(ticket, used_tokens=0)
+        await services.gateway.finish(ticket, used_tokens=0)
         lifecycle.leave(handle)
         raise
     if plan.stream:
         if record is not None:
             record.streaming = True
-        events = _settled_stream(services, plan, stream, ticket, record, key, lifecycle, handle)
+
+        async def finish(failed: bool) -> None:
+            for choice in plan.choices:  # engine rows of a body never iterated (cut or closed before its start)
+                if choice.stream is not None:
+                    await choice.stream.aclose()
+            await _settle(services, plan, ticket, record, key, ok=plan.choices_finished and not failed)
+
+        events = settled_events(services, stream(plan), record, lifecycle, handle, finish)
         return sse_response(events, headers)
     handle.waiting = True
     try:
@@ -150,19 +193,21 @@ async def respond(
     return json_response(body, headers)
 
 
-async def _settled_stream(
+async def settled_events(
     services: Services,
-    plan: Plan,
-    stream: Callable[[Plan], AsyncIterator[msgspec.Struct]],
-    ticket: Ticket,
+    events: AsyncIterator[msgspec.Struct],
     record: RequestRecord | None,
-    key: str | None,
     lifecycle: Lifecycle,
     handle: InFlight,
+    finish: Callable[[bool], Awaitable[None]],
 ) -> AsyncIterator[msgspec.Struct]:
+    """Pass ``events`` on to the client; whatever ends the stream, call ``finish(failed)`` exactly once, shielded.
+
+    A shutdown may cut the stream between two events or while it waits (an error frame ends it); a client
+    disconnect cancels it. ``finish`` releases what the request holds and settles its accounting.
+    """
     handle.task = asyncio.current_task()  # the task iterating the body, which a shutdown may cancel
     failed = False
-    events = stream(plan)
     try:
         while not handle.cut:
             handle.waiting = True
@@ -176,7 +221,7 @@ async def _settled_stream(
                 failed = True
                 services.metrics.errors_total.labels(event.error.type).inc()
                 if record is not None:
-                    record.error_type = event.error.type
+                    record.error_type = event.error.code or event.error.type
             elif record is not None and record.ttft_ms is None:
                 record.first_token()
             yield event
@@ -186,7 +231,7 @@ async def _settled_stream(
     except asyncio.CancelledError:
         if not handle.absorb():
             raise
-        failed = True  # cut by a shutdown while waiting on the engine
+        failed = True  # cut by a shutdown while waiting for the next event
         yield cut_event(services, record)
     finally:
         # After a disconnect every await here would be cancelled again: settle under a shield.
@@ -194,10 +239,7 @@ async def _settled_stream(
             closer = getattr(events, "aclose", None)
             if closer is not None:
                 await closer()
-            for choice in plan.choices:  # engine rows of a body never iterated (cut or closed before its start)
-                if choice.stream is not None:
-                    await choice.stream.aclose()
-            await _settle(services, plan, ticket, record, key, ok=plan.choices_finished and not failed)
+            await finish(failed)
         lifecycle.leave(handle)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -21,11 +20,10 @@ import msgspec
 from litestar import Request, Response
 from litestar.response import Stream
 
-from schemas.openai.errors import ErrorResponse
 from server.admission.gateway import Ticket
 from server.api.common import json_response, sse_response
-from server.api.flow import cut_event, principal_of, record_of
-from server.lifecycle import InFlight, Lifecycle, shutting_down
+from server.api.flow import Admission, admitted, settled_events
+from server.lifecycle import shutting_down
 from server.providers.upstream import Upstream
 from server.requestlog import RequestRecord
 from server.services import Services
@@ -43,28 +41,11 @@ async def respond_remote(
     request: Request[Any, Any, Any], upstream: Upstream, services: Services, call: RemoteCall
 ) -> Response[Any] | Stream:
     """Admit ``call``, answer it from the cache or the upstream, and account for it."""
-    principal = principal_of(request)
-    gateway = services.gateway
-    gateway.check_model(principal, call.model)
-    record = record_of(request)
-    if record is not None:
-        record.model = call.model
-        record.prompt_tokens = call.prompt_estimate
-        if services.settings.store_prompts:
-            record.prompt_text = call.prompt_text
-    lifecycle: Lifecycle = request.app.state.lifecycle
-    handle = lifecycle.enter()
-    try:
-        ticket = await gateway.admit(
-            principal,
-            prompt_tokens=call.prompt_bound,
-            max_new_tokens=call.max_new_tokens,
-            explicit_max=call.explicit_max_tokens,
-            tpm_prompt_tokens=call.prompt_estimate,
-        )
-    except BaseException:
-        lifecycle.leave(handle)
-        raise
+    admission = Admission(
+        call.model, call.prompt_bound, call.max_new_tokens, call.explicit_max_tokens, call.prompt_estimate
+    )
+    prompt_text = (lambda: call.prompt_text) if services.settings.store_prompts else None
+    principal, record, lifecycle, handle, ticket = await admitted(request, services, admission, prompt_text)
     call.admitted_at = time.perf_counter()
     headers = dict(ticket.headers)
     key = None
@@ -95,8 +76,15 @@ async def respond_remote(
     if call.stream:
         if record is not None:
             record.streaming = True
-        events = _stream(services, call, response, upstream, ticket, record, key, lifecycle, handle)
-        return sse_response(events, headers)
+
+        async def finish(failed: bool) -> None:
+            if response is not None:
+                await response.aclose()  # closes the upstream connection: the upstream aborts the request
+                upstream.release()
+            await _settle(services, call, ticket, record, key, ok=call.finished and not failed)
+
+        source = reframe.replay_stream(call) if response is None else reframe.stream(call, response, upstream.scrub)
+        return sse_response(settled_events(services, source, record, lifecycle, handle, finish), headers)
     handle.waiting = True
     try:
         body = reframe.render(call) if call.cached else await reframe.complete(call, response)  # type: ignore[arg-type]
@@ -115,55 +103,6 @@ async def respond_remote(
     if call.usage_estimated:
         headers["x-usage-estimated"] = "true"
     return json_response(body, headers)
-
-
-async def _stream(
-    services: Services,
-    call: RemoteCall,
-    response: httpx.Response | None,
-    upstream: Upstream,
-    ticket: Ticket,
-    record: RequestRecord | None,
-    key: str | None,
-    lifecycle: Lifecycle,
-    handle: InFlight,
-) -> AsyncIterator[msgspec.Struct]:
-    handle.task = asyncio.current_task()
-    failed = False
-    events = reframe.replay_stream(call) if response is None else reframe.stream(call, response, upstream.scrub)
-    try:
-        while not handle.cut:
-            handle.waiting = True
-            try:
-                event = await anext(events)
-            except StopAsyncIteration:
-                break
-            finally:
-                handle.waiting = False
-            if isinstance(event, ErrorResponse):
-                failed = True
-                services.metrics.errors_total.labels(event.error.type).inc()
-                if record is not None:
-                    record.error_type = event.error.code or event.error.type
-            elif record is not None and record.ttft_ms is None and call.first_token_at is not None:
-                record.first_token()
-            yield event
-        else:
-            failed = True
-            yield cut_event(services, record)
-    except asyncio.CancelledError:
-        if not handle.absorb():
-            raise
-        failed = True
-        yield cut_event(services, record)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await events.aclose()  # type: ignore[attr-defined]
-            if response is not None:
-                await response.aclose()  # closes the upstream connection: the upstream aborts the request
-                upstream.release()
-            await _settle(services, call, ticket, record, key, ok=call.finished and not failed)
-        lifecycle.leave(handle)
 
 
 def observe(services: Services, call: RemoteCall) -> None:

@@ -11,7 +11,6 @@ import asyncio
 import inspect
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from server.providers.upstream import Upstream
 from server.served import ServedModels
 from server.settings import Settings
 from tests.conftest import add_role_key
+from tests.integration.test_gateway import _log_rows
 from tests.live import live_server
 
 UPSTREAM_KEY = "sk-upstream-SECRET-7f3a9c1e5b2d4680"
@@ -480,15 +480,6 @@ def test_native_generate_and_stream_go_to_the_upstream_completions(settings: Set
 # ---- 3. estimated usage ----------------------------------------------------------------------------------
 
 
-def log_rows(settings: Settings) -> list[dict[str, Any]]:
-    con = sqlite3.connect(settings.data_dir / "llm_server.db")
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM request_logs ORDER BY id")]
-    finally:
-        con.close()
-
-
 def test_usage_is_estimated_when_the_upstream_reports_none(settings: Settings, api_key: str) -> None:
     def no_usage(request: httpx.Request, body: dict[str, Any]) -> httpx.Response:
         if body.get("stream"):
@@ -518,7 +509,7 @@ def test_usage_is_estimated_when_the_upstream_reports_none(settings: Settings, a
     assert s_usage["completion_tokens"] >= 3  # three content pieces were counted
     assert s_usage["total_tokens"] == s_usage["prompt_tokens"] + s_usage["completion_tokens"]
     assert reported.json()["usage"] == USAGE and "x-usage-estimated" not in reported.headers
-    rows = [r for r in log_rows(settings) if r["route"] == "/v1/chat/completions"]
+    rows = [r for r in _log_rows(settings) if r["route"] == "/v1/chat/completions"]
     assert [(r["usage_estimated"], r["status"]) for r in rows] == [(1, 200), (1, 200), (0, 200)]
     assert (rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (
         usage["prompt_tokens"],
@@ -854,7 +845,7 @@ def test_stream_broken_midway_ends_with_an_error_frame(
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
     assert after.status_code == 200, after.text
     assert mock.calls == 2  # a stream that broke after its first byte is not retried
-    broken, ok = log_rows(settings)
+    broken, ok = _log_rows(settings)
     assert (broken["status"], broken["error_type"], ok["error_type"]) == (200, code, None)
 
 
