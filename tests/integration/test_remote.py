@@ -1,6 +1,6 @@
 """Remote models with real processes on 127.0.0.1: a gateway ``serve`` routing names to other ``serve`` processes.
 
-The gateway serves ``local`` in-process (``builtin:echo``) and forwards ``remote-echo`` / ``remote-tiny`` to two
+The gateway serves ``local`` (``builtin:echo``) and ``local-tiny`` in-process and forwards ``remote-echo`` / ``remote-tiny`` to two
 upstream llm-server processes, ``remote-slow`` to the echo upstream with a short timeout and ``remote-flaky`` to
 a port whose upstream each test starts and stops.
 """
@@ -36,6 +36,12 @@ def models_toml(echo: str, tiny: str, flaky_port: int) -> str:
 name = "local"
 backend = "hf"
 model = "builtin:echo"
+
+[[models]]
+name = "local-tiny"
+backend = "hf"
+model = "builtin:tiny-chat"
+dtype = "float32"
 
 [[models]]
 name = "remote-echo"
@@ -151,7 +157,7 @@ def wait_for(check: Any, timeout_s: float = 10.0, what: str = "condition") -> No
 # -- routing, streams, usage ---------------------------------------------------------------------------------
 def test_models_lists_local_and_remote_and_readyz_reports_upstreams(cluster: Cluster) -> None:
     ids = [m.id for m in cluster.client().models.list()]
-    assert ids == ["local", "remote-echo", "remote-tiny", "remote-slow", "remote-flaky"]
+    assert ids == ["local", "local-tiny", "remote-echo", "remote-tiny", "remote-slow", "remote-flaky"]
     body = httpx.get(f"{cluster.gateway.base}/readyz").json()
     assert body["status"] == "ready"
     assert body["upstreams"]["remote-echo"]["status"] == "ok"
@@ -210,9 +216,16 @@ def test_remote_tiny_model_stream_equals_non_stream_and_direct(cluster: Cluster)
     assert text.usage == direct_text.usage
 
 
-def test_local_model_served_beside_remote_ones(cluster: Cluster) -> None:
-    reply = cluster.client().chat.completions.create(model="local", messages=[{"role": "user", "content": "here"}])
+def test_two_local_models_served_beside_remote_ones(cluster: Cluster) -> None:
+    client = cluster.client()
+    reply = client.chat.completions.create(model="local", messages=[{"role": "user", "content": "here"}])
     assert reply.model == "local" and reply.choices[0].message.content == "here"
+    kw: Any = {"messages": [{"role": "user", "content": "hello"}], "temperature": 0, "max_tokens": 12}
+    tiny = client.chat.completions.create(model="local-tiny", **kw)
+    # the same weights (built deterministically) in-process and in the upstream give the same greedy answer
+    remote = client.chat.completions.create(model="remote-tiny", **kw)
+    assert tiny.model == "local-tiny" and tiny.choices[0].message.content == remote.choices[0].message.content
+    assert tiny.usage == remote.usage
 
 
 def test_native_generate_on_a_remote_model(cluster: Cluster) -> None:
