@@ -194,7 +194,12 @@ async def stream(
             if chunk.error is not None:
                 yield error_event(_stream_error(call.model, chunk.error, scrub))
                 return
-            for event in out.push(chunk):
+            try:
+                events = out.push(chunk)
+            except OpenAIError as exc:  # a chunk we cannot re-frame (a malformed tool call)
+                yield error_event(exc)
+                return
+            for event in events:
                 yield event
     except httpx.TimeoutException:
         yield error_event(timed_out(call.model))

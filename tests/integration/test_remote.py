@@ -1,8 +1,8 @@
 """Remote models with real processes on 127.0.0.1: a gateway ``serve`` routing names to other ``serve`` processes.
 
-The gateway serves ``local`` (``builtin:echo``) and ``local-tiny`` in-process and forwards ``remote-echo`` / ``remote-tiny`` to two
-upstream llm-server processes, ``remote-slow`` to the echo upstream with a short timeout and ``remote-flaky`` to
-a port whose upstream each test starts and stops.
+The gateway serves ``local`` (``builtin:echo``) and ``local-tiny`` in-process and forwards ``remote-echo`` /
+``remote-tiny`` to two upstream llm-server processes, ``remote-slow`` to the echo upstream with a short timeout
+and ``remote-flaky`` to a port whose upstream each test starts and stops.
 """
 
 from __future__ import annotations

@@ -820,8 +820,9 @@ async def breaking_body(*chunks: dict[str, Any], exc: Exception) -> AsyncIterato
         (lambda: sse(chat_chunk({"content": "Hel"}), done=False), "upstream_error"),  # closed, no [DONE], no finish
         (lambda: sse(chat_chunk({"content": "Hel"}), {"error": {"message": "CUDA out of memory"}}), "upstream_error"),
         (lambda: sse(chat_chunk({"content": "Hel"}), "{not json"), "upstream_error"),
+        (lambda: sse(chat_chunk({"content": "Hel"}), chat_chunk({"tool_calls": [{"index": "x"}]})), "upstream_error"),
     ],
-    ids=["read-error", "read-timeout", "no-finish", "cut-short", "error-frame", "malformed-chunk"],
+    ids=["read-error", "read-timeout", "no-finish", "cut-short", "error-frame", "malformed-chunk", "bad-tool-call"],
 )
 def test_stream_broken_midway_ends_with_an_error_frame(
     settings: Settings, api_key: str, stream_reply: Callable[[], httpx.Response], code: str
