@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
@@ -30,6 +30,7 @@ from server.serving.common import Plan, replay, start
 from server.serving.streaming import error_event
 
 RECORD = "request_record"
+T = TypeVar("T")
 
 
 def observe(services: Services, plan: Plan) -> None:
@@ -179,18 +180,25 @@ async def respond(
 
         events = settled_events(services, stream(plan), record, lifecycle, handle, finish)
         return sse_response(events, headers)
+    try:
+        body = await cuttable(handle, complete(plan))
+    finally:
+        await _settle(services, plan, ticket, record, key, ok=plan.choices_finished)
+        lifecycle.leave(handle)
+    return json_response(body, headers)
+
+
+async def cuttable(handle: InFlight, work: Awaitable[T]) -> T:
+    """Await ``work`` as a request a shutdown may cut when its grace runs out (503 ``overloaded`` then)."""
     handle.waiting = True
     try:
-        body = await complete(plan)
+        return await work
     except asyncio.CancelledError:
         if not handle.absorb():
             raise
         raise shutting_down(cut=True) from None
     finally:
         handle.waiting = False
-        await _settle(services, plan, ticket, record, key, ok=plan.choices_finished)
-        lifecycle.leave(handle)
-    return json_response(body, headers)
 
 
 async def settled_events(

@@ -22,7 +22,7 @@ from litestar.response import Stream
 
 from server.admission.gateway import Ticket
 from server.api.common import json_response, sse_response
-from server.api.flow import Admission, admitted, settled_events
+from server.api.flow import Admission, admitted, cuttable, settled_events
 from server.lifecycle import shutting_down
 from server.providers.upstream import Upstream
 from server.requestlog import RequestRecord
@@ -85,15 +85,9 @@ async def respond_remote(
 
         source = reframe.replay_stream(call) if response is None else reframe.stream(call, response, upstream.scrub)
         return sse_response(settled_events(services, source, record, lifecycle, handle, finish), headers)
-    handle.waiting = True
     try:
-        body = reframe.render(call) if call.cached else await reframe.complete(call, response)  # type: ignore[arg-type]
-    except asyncio.CancelledError:
-        if not handle.absorb():
-            raise
-        raise shutting_down(cut=True) from None
+        body = reframe.render(call) if response is None else await cuttable(handle, reframe.complete(call, response))
     finally:
-        handle.waiting = False
         if response is not None:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
