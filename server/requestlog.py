@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -61,6 +61,28 @@ class RequestRecord:
     output_text: str | None = None
     streaming: bool = False
     done: bool = False
+
+    def end(
+        self,
+        *,
+        completion_tokens: int,
+        cached: bool,
+        finish_reasons: Iterable[str | None],
+        ok: bool,
+        output_text: str | None,
+    ) -> None:
+        """Note how a generation request ended (``ok``: every choice finished; else ``cancelled`` unless an error
+        was noted); several different finish reasons are logged as ``mixed``."""
+        self.completion_tokens = completion_tokens
+        self.cached = cached
+        finishes = {f for f in finish_reasons if f}
+        self.finish_reason = finishes.pop() if len(finishes) == 1 else ("mixed" if finishes else None)
+        if not ok and self.error_type is None:
+            self.error_type = "cancelled"
+        if output_text is not None:
+            self.output_text = output_text
+        if self.streaming:
+            self.status = self.status or 200
 
     def first_token(self) -> None:
         """Note the time to the first token (once)."""

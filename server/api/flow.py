@@ -269,16 +269,14 @@ async def _settle(
     await services.gateway.finish(ticket, used_tokens=used)
     observe(services, plan)
     if record is not None:
-        record.completion_tokens = usage.completion_tokens
-        record.cached = plan.cached
-        finishes = {c.finish_reason for c in plan.choices if c.finish_reason}
-        record.finish_reason = finishes.pop() if len(finishes) == 1 else ("mixed" if finishes else None)
-        if not ok and record.error_type is None:
-            record.error_type = "cancelled"
-        if services.settings.store_prompts:
-            record.output_text = "\n".join(c.text for c in plan.choices)
+        record.end(
+            completion_tokens=usage.completion_tokens,
+            cached=plan.cached,
+            finish_reasons=(c.finish_reason for c in plan.choices),
+            ok=ok,
+            output_text="\n".join(c.text for c in plan.choices) if services.settings.store_prompts else None,
+        )
         if record.streaming:
-            record.status = record.status or 200
             services.writer.add_row(record)
     if ok and key is not None and services.cache is not None and not plan.cached:
         services.writer.add_cache(key, ticket.principal.key_id, plan.model, encode_results(plan), services.cache.ttl_s)

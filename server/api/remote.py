@@ -129,18 +129,18 @@ async def _settle(
     await services.gateway.finish(ticket, used_tokens=used)
     observe(services, call)
     if record is not None:
-        record.prompt_tokens = usage.prompt_tokens if call.results else record.prompt_tokens
-        record.completion_tokens = usage.completion_tokens if call.results else 0
-        record.usage_estimated = call.usage_estimated and bool(call.results)
-        record.cached = call.cached
-        finishes = {r.finish_reason for r in call.results.values() if r.finish_reason}
-        record.finish_reason = finishes.pop() if len(finishes) == 1 else ("mixed" if finishes else None)
-        if not ok and record.error_type is None:
-            record.error_type = "cancelled"
-        if services.settings.store_prompts:
-            record.output_text = "\n".join(r.text for _, r in sorted(call.results.items()))
+        if call.results:
+            record.prompt_tokens = usage.prompt_tokens
+            record.usage_estimated = call.usage_estimated
+        texts = "\n".join(r.text for _, r in sorted(call.results.items()))
+        record.end(
+            completion_tokens=usage.completion_tokens if call.results else 0,
+            cached=call.cached,
+            finish_reasons=(r.finish_reason for r in call.results.values()),
+            ok=ok,
+            output_text=texts if services.settings.store_prompts else None,
+        )
         if record.streaming:
-            record.status = record.status or 200
             services.writer.add_row(record)
     if ok and key is not None and services.cache is not None and not call.cached:
         services.writer.add_cache(key, ticket.principal.key_id, call.model, encode_results(call), services.cache.ttl_s)
