@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
 from litestar import Request, Response
+from litestar.background_tasks import BackgroundTask
 from litestar.enums import ScopeType
 from litestar.response import Stream
 from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
@@ -25,9 +26,18 @@ def json_response(obj: msgspec.Struct, headers: dict[str, str] | None = None) ->
     return Response(content=_encoder.encode(obj), media_type="application/json", headers=headers)
 
 
-def sse_response(events: AsyncIterator[msgspec.Struct], headers: dict[str, str] | None = None) -> Stream:
-    """A ``text/event-stream`` response of ``data:`` frames."""
-    return Stream(sse_frames(events), media_type="text/event-stream", headers={**HEADERS, **(headers or {})})
+def sse_response(
+    events: AsyncIterator[msgspec.Struct],
+    headers: dict[str, str] | None = None,
+    after: Callable[[], Awaitable[None]] | None = None,
+) -> Stream:
+    """A ``text/event-stream`` response of ``data:`` frames; ``after`` runs once the response has ended."""
+    return Stream(
+        sse_frames(events),
+        media_type="text/event-stream",
+        headers={**HEADERS, **(headers or {})},
+        background=BackgroundTask(after) if after is not None else None,
+    )
 
 
 async def strict_body(request: Request[Any, Any, Any]) -> None:

@@ -178,8 +178,7 @@ async def respond(
                     await choice.stream.aclose()
             await _settle(services, plan, ticket, record, key, ok=plan.choices_finished and not failed)
 
-        events = settled_events(services, stream(plan), record, lifecycle, handle, finish)
-        return sse_response(events, headers)
+        return settled_stream(services, stream(plan), record, lifecycle, handle, finish, headers)
     try:
         body = await cuttable(handle, complete(plan))
     finally:
@@ -201,19 +200,55 @@ async def cuttable(handle: InFlight, work: Awaitable[T]) -> T:
         handle.waiting = False
 
 
-async def settled_events(
+def settled_stream(
     services: Services,
     events: AsyncIterator[msgspec.Struct],
     record: RequestRecord | None,
     lifecycle: Lifecycle,
     handle: InFlight,
     finish: Callable[[bool], Awaitable[None]],
-) -> AsyncIterator[msgspec.Struct]:
-    """Pass ``events`` on to the client; whatever ends the stream, call ``finish(failed)`` exactly once, shielded.
+    headers: dict[str, str],
+) -> Stream:
+    """The SSE response of ``events``; whatever ends it, ``finish(failed)`` runs exactly once, shielded.
 
     A shutdown may cut the stream between two events or while it waits (an error frame ends it); a client
-    disconnect cancels it. ``finish`` releases what the request holds and settles its accounting.
+    disconnect cancels it. When that cancellation lands outside the body (in a blocked send, the body suspended at
+    a ``yield``) the body's ``finally`` would run only once it is garbage-collected, and a body never started runs
+    none: the response's background task settles then, so an engine row or an upstream slot is never held on.
     """
+    settle = _Settlement(finish, lifecycle, handle)
+    return sse_response(_settled(services, events, record, handle, settle), headers, after=settle.abandoned)
+
+
+class _Settlement:
+    """``finish`` and leaving the lifecycle, run once by whichever comes first: the body's end or the response's."""
+
+    def __init__(self, finish: Callable[[bool], Awaitable[None]], lifecycle: Lifecycle, handle: InFlight) -> None:
+        self._finish, self._lifecycle, self._handle = finish, lifecycle, handle
+        self._done = False
+
+    async def __call__(self, failed: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            with anyio.CancelScope(shield=True):  # after a disconnect every await would be cancelled again
+                await self._finish(failed)
+        finally:
+            self._lifecycle.leave(self._handle)
+
+    async def abandoned(self) -> None:
+        """The response is over; settle if the body never ran (a no-op after a body that ended)."""
+        await self(True)
+
+
+async def _settled(
+    services: Services,
+    events: AsyncIterator[msgspec.Struct],
+    record: RequestRecord | None,
+    handle: InFlight,
+    settle: _Settlement,
+) -> AsyncIterator[msgspec.Struct]:
     handle.task = asyncio.current_task()  # the task iterating the body, which a shutdown may cancel
     failed = False
     try:
@@ -242,13 +277,11 @@ async def settled_events(
         failed = True  # cut by a shutdown while waiting for the next event
         yield cut_event(services, record)
     finally:
-        # After a disconnect every await here would be cancelled again: settle under a shield.
         with anyio.CancelScope(shield=True):
             closer = getattr(events, "aclose", None)
             if closer is not None:
                 await closer()
-            await finish(failed)
-        lifecycle.leave(handle)
+        await settle(failed)
 
 
 def cut_event(services: Services, record: RequestRecord | None) -> ErrorResponse:

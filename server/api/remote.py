@@ -21,8 +21,8 @@ from litestar import Request, Response
 from litestar.response import Stream
 
 from server.admission.gateway import Ticket
-from server.api.common import json_response, sse_response
-from server.api.flow import Admission, admitted, cuttable, settled_events
+from server.api.common import json_response
+from server.api.flow import Admission, admitted, cuttable, settled_stream
 from server.lifecycle import shutting_down
 from server.providers.upstream import Upstream
 from server.requestlog import RequestRecord
@@ -84,7 +84,7 @@ async def respond_remote(
             await _settle(services, call, ticket, record, key, ok=call.finished and not failed)
 
         source = reframe.replay_stream(call) if response is None else reframe.stream(call, response, upstream.scrub)
-        return sse_response(settled_events(services, source, record, lifecycle, handle, finish), headers)
+        return settled_stream(services, source, record, lifecycle, handle, finish, headers)
     try:
         body = reframe.render(call) if response is None else await cuttable(handle, reframe.complete(call, response))
     finally:

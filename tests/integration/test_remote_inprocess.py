@@ -11,6 +11,7 @@ import asyncio
 import inspect
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -1155,3 +1156,40 @@ def test_models_lists_local_and_remote(settings: Settings, api_key: str) -> None
     assert_error(missing, 404, "invalid_request_error", "model_not_found")
     assert_error(chat_missing, 404, "invalid_request_error", "model_not_found")  # the upstream's name is not ours
     assert mock.calls == 0
+
+
+# ---- a client gone while the gateway waits for the upstream's headers ------------------------------------
+
+
+async def slow_headers(request: httpx.Request, body: dict[str, Any]) -> httpx.Response:
+    if not body.get("stream"):
+        return answers(request, body)
+    await asyncio.sleep(0.6)  # the client leaves while the gateway waits for the upstream's headers
+    return sse(chat_chunk({"content": "late"}), chat_chunk({}, "stop"))
+
+
+def test_a_stream_whose_client_left_before_the_upstream_answered_releases_everything(
+    settings: Settings, api_key: str
+) -> None:
+    mock = MockUpstream(slow_headers)
+    app, up = build(settings, mock, max_concurrency=1)
+    body = json.dumps({"model": "remote", "messages": MSGS, "stream": True}).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {api_key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with live_server(app) as base:
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head + body)
+            time.sleep(0.2)  # admitted and waiting upstream; then the client goes away
+        deadline = time.monotonic() + 5
+        while (up.running or app.state.lifecycle.in_flight) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert up.running == 0 and app.state.lifecycle.in_flight == 0  # the slot and the request were settled
+        # the single slot is free again: the next request is served
+        r = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {api_key}"},
+                       json={"model": "remote", "messages": MSGS}, timeout=10)  # fmt: skip
+    assert r.status_code == 200 and mock.calls == 2
+    abandoned = _log_rows(settings)[0]
+    assert abandoned["status"] == 200 and abandoned["completion_tokens"] > 0  # settled and logged, not lost
