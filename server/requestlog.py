@@ -170,7 +170,8 @@ class RequestLogWriter:
     async def stop(self) -> None:
         """Stop the loop and flush what is queued (what the database cannot take now is logged as lost)."""
         if self._task is not None:
-            self._task.cancel()
+            async with self._lock:  # a flush in progress finishes first: cancelled mid-write, its rows were lost
+                self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None

@@ -8,6 +8,7 @@ client disconnect) and queues the request-log row.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ from server.api.common import json_response, sse_response
 from server.auth.principal import Principal
 from server.cache import cache_key, encode_results
 from server.engine.base import Engine
+from server.errors import OpenAIError
 from server.lifecycle import InFlight, Lifecycle, shutting_down
 from server.requestlog import RequestRecord
 from server.services import Services
@@ -180,24 +182,52 @@ async def respond(
 
         return settled_stream(services, stream(plan), record, lifecycle, handle, finish, headers)
     try:
-        body = await cuttable(handle, complete(plan))
+        body = await cuttable(request, handle, complete(plan))
     finally:
         await _settle(services, plan, ticket, record, key, ok=plan.choices_finished)
         lifecycle.leave(handle)
     return json_response(body, headers)
 
 
-async def cuttable(handle: InFlight, work: Awaitable[T]) -> T:
-    """Await ``work`` as a request a shutdown may cut when its grace runs out (503 ``overloaded`` then)."""
+async def cuttable(request: Request[Any, Any, Any], handle: InFlight, work: Awaitable[T]) -> T:
+    """Await ``work`` for a request that a client disconnect or a shutdown may cut.
+
+    A client that disconnects meanwhile cancels ``work`` (which closes what it holds: engine rows abort, the
+    upstream request is closed and aborts there) and the request ends as 499 ``client_closed_request`` in the
+    log. A shutdown whose grace runs out cancels it with 503 ``overloaded``.
+    """
     handle.waiting = True
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
     try:
-        return await work
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise client_closed()
+        return task.result()
     except asyncio.CancelledError:
+        task.cancel()
         if not handle.absorb():
             raise
         raise shutting_down(cut=True) from None
     finally:
+        watcher.cancel()
         handle.waiting = False
+
+
+async def _disconnected(request: Request[Any, Any, Any]) -> None:
+    """Return once the client has gone (the body has been read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def client_closed() -> OpenAIError:
+    """What a request whose client left before its answer ends as (only the request log sees it)."""
+    return OpenAIError(
+        499, "invalid_request_error", "The client closed the request before its answer.", code="client_closed_request"
+    )
 
 
 def settled_stream(

@@ -10,7 +10,6 @@ that disconnects closes the upstream request, which aborts it there.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -23,7 +22,6 @@ from litestar.response import Stream
 from server.admission.gateway import Ticket
 from server.api.common import json_response
 from server.api.flow import Admission, admitted, cuttable, settled_stream
-from server.lifecycle import shutting_down
 from server.providers.upstream import Upstream
 from server.requestlog import RequestRecord
 from server.services import Services
@@ -60,18 +58,18 @@ async def respond_remote(
             else:
                 services.metrics.cache_misses_total.labels(call.model).inc()
         if not call.cached:
-            handle.waiting = True
-            await upstream.acquire()
-            call.started_at = time.perf_counter()
-            response = await upstream.open(call.path, call.payload)
-    except BaseException as exc:
-        handle.waiting = False
+
+            async def send() -> httpx.Response:
+                await upstream.acquire()
+                call.started_at = time.perf_counter()
+                return await upstream.open(call.path, call.payload)
+
+            response = await cuttable(request, handle, send())
+    except BaseException:
         if call.started_at is not None:
             upstream.release()
         await _settle(services, call, ticket, record, None, ok=False)
         lifecycle.leave(handle)
-        if isinstance(exc, asyncio.CancelledError) and handle.absorb():
-            raise shutting_down(cut=True) from None
         raise
     if call.stream:
         if record is not None:
@@ -86,7 +84,11 @@ async def respond_remote(
         source = reframe.replay_stream(call) if response is None else reframe.stream(call, response, upstream.scrub)
         return settled_stream(services, source, record, lifecycle, handle, finish, headers)
     try:
-        body = reframe.render(call) if response is None else await cuttable(handle, reframe.complete(call, response))
+        body = (
+            reframe.render(call)
+            if response is None
+            else await cuttable(request, handle, reframe.complete(call, response))
+        )
     finally:
         if response is not None:
             with anyio.CancelScope(shield=True):

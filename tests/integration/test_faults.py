@@ -388,6 +388,42 @@ def _sqlite_rows(db_file: Path) -> int:
 
 
 @pytest.mark.anyio
+async def test_request_log_writer_stopped_during_a_flush_keeps_that_flushs_rows(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shutdown that lands while the periodic flush is writing waits for it (cancelling it lost its rows)."""
+    from persistence import store
+
+    db_file = settings.data_dir / "llm_server.db"
+    before = _sqlite_rows(db_file)
+    writing, gate = asyncio.Event(), asyncio.Event()
+    insert = store.insert_request_logs
+
+    async def slow_insert(session: Any, rows: Any) -> None:
+        writing.set()
+        await gate.wait()  # the write is in progress when the shutdown comes
+        await insert(session, rows)
+
+    monkeypatch.setattr(store, "insert_request_logs", slow_insert)
+    db = Database(settings.database, timeout_s=5.0)
+    writer = RequestLogWriter(db, interval_s=0.01)
+    try:
+        for i in range(3):
+            writer.add_row(RequestRecord(f"in-flight-{i}", "/v1/test", "POST", status=200))
+        writer.start()
+        await asyncio.wait_for(writing.wait(), 5)
+        stopping = asyncio.create_task(writer.stop())
+        await asyncio.sleep(0.1)
+        assert not stopping.done()  # waiting for the flush in progress
+        gate.set()
+        await asyncio.wait_for(stopping, 5)
+    finally:
+        gate.set()
+        await db.close()
+    assert _sqlite_rows(db_file) == before + 3
+
+
+@pytest.mark.anyio
 async def test_request_log_writer_holds_rows_within_its_bound_and_skips_rejected_batches(settings: Settings) -> None:
     db_file = settings.data_dir / "llm_server.db"
     con = sqlite3.connect(db_file)

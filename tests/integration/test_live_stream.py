@@ -42,6 +42,19 @@ async def test_async_sdk_over_a_socket(make_app: Callable[..., Litestar], api_ke
             assert "".join([c.choices[0].text async for c in stream if c.choices]) == "xy"
 
 
+def test_client_gone_before_a_non_stream_answer_aborts_the_engine_request(
+    make_app: Callable[..., Litestar], api_key: str
+) -> None:
+    auth = {"Authorization": f"Bearer {api_key}"}
+    engine = FakeEngine(["tok"] * 500, delay_s=0.02)  # a 10 s answer
+    with live_server(make_app(engine)) as base:
+        body = {"model": "fake", "messages": [{"role": "user", "content": "x"}]}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/chat/completions", json=body, timeout=0.3, headers=auth)
+        assert wait_for(lambda: len(engine.aborted) == 1), "engine never saw the disconnect"
+        assert engine.active_requests == 0 and engine.completed == []
+
+
 def test_client_disconnect_aborts_the_engine_request(make_app: Callable[..., Litestar], api_key: str) -> None:
     auth = {"Authorization": f"Bearer {api_key}"}
     engine = FakeEngine(["tok"] * 500, delay_s=0.02)

@@ -1191,5 +1191,32 @@ def test_a_stream_whose_client_left_before_the_upstream_answered_releases_everyt
         r = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {api_key}"},
                        json={"model": "remote", "messages": MSGS}, timeout=10)  # fmt: skip
     assert r.status_code == 200 and mock.calls == 2
-    abandoned = _log_rows(settings)[0]
-    assert abandoned["status"] == 200 and abandoned["completion_tokens"] > 0  # settled and logged, not lost
+    abandoned = _log_rows(settings)[0]  # the upstream request was cancelled: nothing generated, nothing billed
+    assert (abandoned["status"], abandoned["error_type"], abandoned["completion_tokens"]) == (
+        499,
+        "client_closed_request",
+        0,
+    )
+
+
+async def very_slow_answer(request: httpx.Request, body: dict[str, Any]) -> httpx.Response:
+    await asyncio.sleep(5)
+    return answers(request, body)
+
+
+def test_a_non_stream_client_that_leaves_cancels_the_upstream_request(settings: Settings, api_key: str) -> None:
+    mock = MockUpstream(very_slow_answer)
+    app, up = build(settings, mock, timeout_s=10.0)
+    with live_server(app) as base:
+        started = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {api_key}"},
+                       json={"model": "remote", "messages": MSGS}, timeout=0.3)  # fmt: skip
+        while (mock.in_flight or up.running) and time.monotonic() - started < 3:
+            time.sleep(0.02)
+        assert mock.in_flight == 0 and up.running == 0  # cancelled long before the upstream's 5 s answer
+        assert time.monotonic() - started < 3
+        while not _log_rows(settings) and time.monotonic() - started < 5:  # the writer flushes every 0.5 s
+            time.sleep(0.05)
+    (row,) = _log_rows(settings)
+    assert (row["status"], row["error_type"], row["completion_tokens"]) == (499, "client_closed_request", 0)
