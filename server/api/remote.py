@@ -47,7 +47,31 @@ async def respond_remote(
     call.admitted_at = time.perf_counter()
     headers = dict(ticket.headers)
     key = None
-    response: httpx.Response | None = None
+
+    async def send() -> httpx.Response:
+        """Take an upstream slot and open the request (the slot is given back if that fails)."""
+        await upstream.acquire()
+        call.started_at = time.perf_counter()
+        try:
+            return await upstream.open(call.path, call.payload)
+        except BaseException:
+            upstream.release()
+            raise
+
+    async def closed(response: httpx.Response) -> None:
+        with anyio.CancelScope(shield=True):
+            await response.aclose()  # closes the upstream connection: the upstream aborts an unfinished request
+        upstream.release()
+
+    async def answer() -> msgspec.Struct:
+        if call.cached:
+            return reframe.render(call)
+        response = await send()
+        try:
+            return await reframe.complete(call, response)
+        finally:
+            await closed(response)
+
     try:
         if services.cache is not None and call.cacheable:
             key = cache_key(principal.key_id, call)
@@ -57,45 +81,33 @@ async def respond_remote(
                 services.metrics.cache_hits_total.labels(call.model).inc()
             else:
                 services.metrics.cache_misses_total.labels(call.model).inc()
-        if not call.cached:
-
-            async def send() -> httpx.Response:
-                await upstream.acquire()
-                call.started_at = time.perf_counter()
-                return await upstream.open(call.path, call.payload)
-
+        if not call.stream:
+            body = await cuttable(request, handle, answer())
+        elif not call.cached:
+            # A stream's headers go out only once the upstream has answered: a failure before is a plain error.
             response = await cuttable(request, handle, send())
     except BaseException:
-        if call.started_at is not None:
-            upstream.release()
-        await _settle(services, call, ticket, record, None, ok=False)
+        await _settle(services, call, ticket, record, key, ok=False)
         lifecycle.leave(handle)
         raise
     if call.stream:
         if record is not None:
             record.streaming = True
+        stream_response = None if call.cached else response
 
         async def finish(failed: bool) -> None:
-            if response is not None:
-                await response.aclose()  # closes the upstream connection: the upstream aborts the request
-                upstream.release()
+            if stream_response is not None:
+                await closed(stream_response)
             await _settle(services, call, ticket, record, key, ok=call.finished and not failed)
 
-        source = reframe.replay_stream(call) if response is None else reframe.stream(call, response, upstream.scrub)
-        return settled_stream(services, source, record, lifecycle, handle, finish, headers)
-    try:
-        body = (
-            reframe.render(call)
-            if response is None
-            else await cuttable(request, handle, reframe.complete(call, response))
+        source = (
+            reframe.replay_stream(call)
+            if stream_response is None
+            else reframe.stream(call, stream_response, upstream.scrub)
         )
-    finally:
-        if response is not None:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
-            upstream.release()
-        await _settle(services, call, ticket, record, key, ok=call.finished)
-        lifecycle.leave(handle)
+        return settled_stream(services, source, record, lifecycle, handle, finish, headers)
+    await _settle(services, call, ticket, record, key, ok=call.finished)
+    lifecycle.leave(handle)
     if call.usage_estimated:
         headers["x-usage-estimated"] = "true"
     return json_response(body, headers)
