@@ -53,6 +53,19 @@ def serve_env(data_dir: Path, **settings: str) -> dict[str, str]:
     return env | {f"LLM_SERVER_{k.upper()}": v for k, v in settings.items()}
 
 
+def run_cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``llm-server ARGS`` in a bare environment (no inherited settings) plus ``env``; never raises on failure."""
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        check=False,
+        timeout=60,
+    )
+
+
 def prepare_data_dir(folder: Path, template_db: Path) -> Path:
     """A data dir holding a copy of the migrated template database (which has the tests' admin key)."""
     folder.mkdir(parents=True, exist_ok=True)

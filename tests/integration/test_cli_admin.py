@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from server.auth.keys import generate_key, is_well_formed
 from server.cli import main
 from server.engine.fake import FakeEngine
 from server.settings import Settings
+from tests.process import run_cli
 
 
 @pytest.fixture
@@ -92,15 +91,7 @@ def test_expected_failures_are_one_line(
     ],
 )
 def test_database_problems_are_one_line(tmp_path: Path, extra: dict[str, str], needle: str) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "server", "keys", "create", "--name", "n"],
-        env={"PATH": "/usr/bin:/bin", "LLM_SERVER_DATA_DIR": str(tmp_path), **extra},
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        check=False,
-        timeout=60,
-    )
+    out = run_cli(tmp_path, "keys", "create", "--name", "n", LLM_SERVER_DATA_DIR=str(tmp_path), **extra)
     assert out.returncode != 0
     err = out.stderr.strip()
     assert err.count("\n") == 0, err
@@ -199,18 +190,11 @@ def test_create_from_env_twice_fails_without_if_missing(
 
 
 def test_generate_needs_no_database_or_pepper(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "server", "keys", "generate"],
-        env={
-            "PATH": "/usr/bin:/bin",
-            "LLM_SERVER_DATA_DIR": str(tmp_path / "data"),
-            "LLM_SERVER_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/x",
-        },
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        check=False,
-        timeout=60,
+    out = run_cli(
+        tmp_path,
+        *("keys", "generate"),
+        LLM_SERVER_DATA_DIR=str(tmp_path / "data"),
+        LLM_SERVER_DATABASE_URL="postgresql+asyncpg://postgres@127.0.0.1:1/x",
     )
     assert out.returncode == 0, out.stderr
     assert out.stderr == "" and out.stdout.count("\n") == 1 and is_well_formed(out.stdout.strip())

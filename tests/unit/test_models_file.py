@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from server.models_file import LocalModel, RemoteModel, api_key, load_models_file
 from server.settings import SettingsError
+from tests.process import run_cli
 
 GOOD = """
 [[models]]
@@ -220,14 +219,11 @@ def test_serve_with_a_bad_models_file_exits_with_one_line(tmp_path: Path) -> Non
     bad = write(tmp_path, REMOTE + "timeout = 5\n")
     data = tmp_path / "data"
     for path, needle in ((bad, "unknown field `timeout`"), (tmp_path / "missing.toml", "does not exist")):
-        out = subprocess.run(
-            [sys.executable, "-m", "server", "serve", "--models-file", str(path), "--port", "1"],
-            env={"PATH": "/usr/bin:/bin", "LLM_SERVER_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1"},
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            check=False,
-            timeout=60,
+        out = run_cli(
+            tmp_path,
+            *("serve", "--models-file", str(path), "--port", "1"),
+            LLM_SERVER_DATA_DIR=str(data),
+            HF_HUB_OFFLINE="1",
         )
         assert out.returncode != 0
         err = out.stderr.strip()
