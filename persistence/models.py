@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ("ApiKey", "Base", "CompletionCache", "RequestLog", "Role", "UsageMonthly", "utcnow")
+__all__ = ("ApiKey", "AppliedWrite", "Base", "CompletionCache", "RequestLog", "Role", "UsageMonthly", "utcnow")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -63,6 +63,8 @@ class Role(Base):
     monthly_tokens: Mapped[int | None] = mapped_column(BigInteger)
     monthly_requests: Mapped[int | None] = mapped_column(Integer)
     max_tokens: Mapped[int | None] = mapped_column(Integer)
+    max_n: Mapped[int | None] = mapped_column(Integer)
+    """Most choices one request may ask for (``n`` times the prompts); ``NULL``: the server's own bound."""
     allowed_models: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(DateTimeUTC(timezone=True), default=utcnow)
@@ -135,3 +137,12 @@ class CompletionCache(Base):
     response: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTimeUTC(timezone=True), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTimeUTC(timezone=True), index=True)
+
+
+class AppliedWrite(Base):
+    """The id of a write that committed (a writer batch, a quota reservation), so a retry never applies it twice."""
+
+    __tablename__ = "applied_writes"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTimeUTC(timezone=True), default=utcnow, index=True)
