@@ -57,6 +57,11 @@ class ServedModels:
     def default(self) -> str:
         return self.order[0]
 
+    def resolve(self, model: str | None) -> tuple[str, Engine | Upstream]:
+        """The served name (the default for ``None``) and its backend, or 404 ``model_not_found``."""
+        name = self.default if model is None else model
+        return name, self.lookup(name)
+
     def lookup(self, model: str | None) -> Engine | Upstream:
         """The backend serving ``model`` (the default for ``None``), or 404 ``model_not_found``."""
         name = self.default if model is None else model

@@ -9,6 +9,7 @@ from persistence.store import KeyRecord, RoleRecord
 from server.admission.gateway import Gateway
 from server.admission.ledger import LocalLedger
 from server.admission.ratelimit import RateLimiter
+from server.admission.sequences import SequenceBudget
 from server.auth.pepper import load_pepper
 from server.auth.principal import Authenticator
 from server.auth.throttle import AuthThrottle
@@ -57,12 +58,17 @@ def build_services(settings: Settings, metrics: Metrics, *, ratelimit_key_prefix
 
     writer = RequestLogWriter(db, retention_days=settings.request_log_retention_days)
     limiter = RateLimiter(settings.ratelimit_storage_uri, key_prefix=ratelimit_key_prefix)
+    sequences = SequenceBudget(settings.sequences_per_key)
     if settings.database.startswith("sqlite"):
         # One process owns a SQLite file: keep exact quota counters in memory, persisted in batches.
         ledger = LocalLedger(db, writer)
-        gateway = Gateway(limiter, ledger.reserve, ledger.settle, metrics, fail_open=settings.ratelimit_fail_open)
+        gateway = Gateway(
+            limiter, ledger.reserve, ledger.settle, metrics, fail_open=settings.ratelimit_fail_open, sequences=sequences
+        )
     else:
-        gateway = Gateway(limiter, reserve, writer.add_usage, metrics, fail_open=settings.ratelimit_fail_open)
+        gateway = Gateway(
+            limiter, reserve, writer.add_usage, metrics, fail_open=settings.ratelimit_fail_open, sequences=sequences
+        )
     auth = Authenticator(lookup, pepper, ttl_s=settings.key_cache_ttl_s, timeout_s=settings.database_timeout_s)
     cache = CompletionCache(db, ttl_s=settings.cache_ttl_s) if settings.cache_enabled else None
     per_minute = settings.auth_failures_per_minute

@@ -46,6 +46,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """Most sequences decoded together."""
     max_queue_size: Annotated[int, Meta(ge=1)] = 256
     """Requests waiting for a batch slot before new ones get 503 ``overloaded``."""
+    max_sequences_per_key: Annotated[int, Meta(ge=1)] | None = None
+    """Most sequences one key may have running or queued at once on this replica, ``n`` counting each (429 past it),
+    so one tenant cannot fill the shared queue; unset: a quarter of ``MAX_QUEUE_SIZE``."""
     max_batch_tokens: Annotated[int, Meta(ge=64)] = 65_536
     """KV budget of the running batch: rows x padded cache width. A request joins only if the merged batch fits with
     room to grow; when growth would overflow it, the newest rows are preempted and later re-prefilled from their
@@ -113,6 +116,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             return self.model.removeprefix("builtin:")
         path = Path(self.model)
         return path.name if path.exists() else self.model
+
+    @property
+    def sequences_per_key(self) -> int:
+        """``max_sequences_per_key``, or a quarter of the queue when unset."""
+        if self.max_sequences_per_key is not None:
+            return self.max_sequences_per_key
+        return max(1, self.max_queue_size // 4)
 
     @property
     def database(self) -> str:

@@ -6,12 +6,19 @@ import msgspec
 
 from schemas.openai.common import CompletionUsage, MaxTokens, MinP, Seed, Stop, Temperature, TopK, TopP
 
+DEFAULT_MAX_NEW_TOKENS = 256
+"""Tokens generated when a request sets no ``max_new_tokens`` (within the role's cap and the context)."""
+
 
 class GenerateRequest(msgspec.Struct, kw_only=True):
-    """One prompt in, one text out; ``model`` defaults to the served model."""
+    """One prompt in, one text out; ``model`` defaults to the served model.
+
+    ``max_new_tokens`` defaults to :data:`DEFAULT_MAX_NEW_TOKENS`, or fewer when the caller's role caps max tokens
+    lower or the context has less room left.
+    """
 
     prompt: str
-    max_new_tokens: MaxTokens = 256
+    max_new_tokens: MaxTokens | None = None
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     top_k: TopK = 0

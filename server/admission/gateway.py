@@ -1,10 +1,13 @@
 """Admission, all or nothing, before any engine work.
 
-Order (the first limit that fails decides the error): the role's model allowlist (403), its max_tokens cap
-(400), RPM and TPM (429 ``requests`` / ``tokens``), per-key concurrency (429 ``requests``), monthly token and
-request quotas (429 ``insufficient_quota``). Short windows are only *tested* first; the quota reservation (a
-conditional UPDATE in the database) and the concurrency slot are taken next, and only then are the RPM and
-TPM windows hit — so a request refused at any step consumes nothing at the steps before it.
+Order (the first limit that fails decides the error), cheapest first so that a refused request costs next to
+nothing: before any work on the prompt, the role's model allowlist (403), RPM (429 ``requests``, tested by
+:meth:`Gateway.precheck`) and the role's caps on max tokens and ``n`` (400); then, once the prompt is tokenized,
+:meth:`Gateway.admit`: RPM and TPM (429 ``requests`` / ``tokens``), the key's sequences in flight (429
+``requests``, see :mod:`server.admission.sequences`), per-key concurrency (429 ``requests``), monthly token and
+request quotas (429 ``insufficient_quota``). Short windows are only *tested* first; the sequences, the
+concurrency slot and the quota reservation (a conditional UPDATE in the database) are taken next, and only then
+are the RPM and TPM windows hit — so a request refused at any step consumes nothing at the steps before it.
 
 Tokens: the quota reserves prompt + max tokens and is reconciled to the actual count when the request ends
 (success, error, disconnect or cache hit). TPM counts prompt + max tokens at admission, as OpenAI's limiter
@@ -24,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from server.admission.ratelimit import RateLimiter, StorageUnavailable, Window, duration
+from server.admission.sequences import SequenceBudget
 from server.auth.principal import Principal
 from server.errors import OpenAIError, invalid_request
 from server.metrics import Metrics
@@ -52,6 +56,8 @@ class Ticket:
     tpm_counted: int
     quota_reserved: bool
     slot: bool
+    sequences: int = 0
+    """Sequences taken from the key's budget (given back by :meth:`Gateway.finish`)."""
     headers: dict[str, str] = field(default_factory=dict)
     finished: bool = False
 
@@ -77,6 +83,7 @@ class Gateway:
         settle: Called with ``(key_id, month, token_delta, request_delta)`` to record usage off the hot path.
         metrics: Where rate-limit and quota refusals are counted.
         fail_open: Admit when the rate-limit storage is unreachable (quotas still fail closed).
+        sequences: Per-key bound on sequences in flight on this replica (``None``: unbounded).
     """
 
     def __init__(
@@ -87,8 +94,10 @@ class Gateway:
         metrics: Metrics,
         *,
         fail_open: bool,
+        sequences: SequenceBudget | None = None,
     ) -> None:
         self.limiter = limiter
+        self.sequences = sequences
         self._reserve = reserve
         self._settle = settle
         self._metrics = metrics
@@ -120,7 +129,31 @@ class Gateway:
             )
         return cap
 
+    def check_sequences(self, choices: int, param: str = "n") -> None:
+        """400 when one request asks for more sequences than a key may ever have in flight (it could never run)."""
+        budget = self.sequences
+        if budget is not None and choices > budget.limit:
+            raise invalid_request(
+                f"This request asks for {choices} sequences (prompts x n), above this server's limit of "
+                f"{budget.limit} sequences in flight per key.",
+                param,
+            )
+
     # -- admission ----------------------------------------------------------------------------------------
+    async def precheck(self, principal: Principal) -> None:
+        """429 when the key's requests-per-minute window is full: tested before any work on the prompt.
+
+        Consumes nothing; :meth:`admit` hits the window once the request is known to be valid.
+        """
+        rpm = principal.role.rpm
+        if rpm is None:
+            return
+        try:
+            if not await self.limiter.test("requests", principal.key_id, rpm, 1):
+                raise await self._rate_limited(principal, "requests", rpm, 1)
+        except StorageUnavailable as exc:
+            self._storage_down(exc)
+
     async def admit(
         self,
         principal: Principal,
@@ -129,11 +162,13 @@ class Gateway:
         max_new_tokens: int,
         explicit_max: bool,
         tpm_prompt_tokens: int | None = None,
+        sequences: int = 1,
     ) -> Ticket:
         """Run the stateful checks in order; raise the first refusal, consuming nothing.
 
         ``prompt_tokens`` is reserved against the monthly quota; TPM counts ``tpm_prompt_tokens`` instead when given
-        (a remote model's prompt is reserved at an upper bound but counted at its estimate).
+        (a remote model's prompt is reserved at an upper bound but counted at its estimate). ``sequences`` is what
+        the request asks the engine to generate (``n`` per prompt), counted against the key's in-flight bound.
         """
         role, key_id = principal.role, principal.key_id
         reserved = prompt_tokens + max_new_tokens
@@ -146,22 +181,17 @@ class Gateway:
                 raise await self._rate_limited(principal, "requests", role.rpm, 1)
             if role.tpm is not None and not await self.limiter.test("tokens", key_id, role.tpm, tpm_cost):
                 raise await self._rate_limited(principal, "tokens", role.tpm, tpm_cost)
-            if role.max_concurrency is not None:
-                if not await self.limiter.acquire_slot(key_id, role.max_concurrency):
-                    self._metrics.rate_limited_total.labels(role.name, "concurrency").inc()
-                    raise OpenAIError(
-                        429,
-                        "requests",
-                        f"Too many concurrent requests for this key (limit {role.max_concurrency}); "
-                        "retry when one finishes.",
-                        code="rate_limit_exceeded",
-                        headers={"retry-after": "1", "retry-after-ms": "1000"},
-                    )
-                ticket.slot = True
         except StorageUnavailable as exc:
             limiter_ok = False
             self._storage_down(exc)
+        self._take_sequences(ticket, sequences)
         try:
+            if limiter_ok and role.max_concurrency is not None:
+                try:
+                    await self._take_slot(ticket)
+                except StorageUnavailable as exc:
+                    limiter_ok = False
+                    self._storage_down(exc)
             await self._reserve_quota(ticket)
             if limiter_ok:
                 await self._hit_windows(ticket)
@@ -169,6 +199,37 @@ class Gateway:
             await self.finish(ticket, used_tokens=0, count_request=False)
             raise
         return ticket
+
+    async def _take_slot(self, ticket: Ticket) -> None:
+        role, key_id = ticket.principal.role, ticket.principal.key_id
+        assert role.max_concurrency is not None
+        if not await self.limiter.acquire_slot(key_id, role.max_concurrency):
+            self._metrics.rate_limited_total.labels(role.name, "concurrency").inc()
+            raise OpenAIError(
+                429,
+                "requests",
+                f"Too many concurrent requests for this key (limit {role.max_concurrency}); retry when one finishes.",
+                code="rate_limit_exceeded",
+                headers={"retry-after": "1", "retry-after-ms": "1000"},
+            )
+        ticket.slot = True
+
+    def _take_sequences(self, ticket: Ticket, sequences: int) -> None:
+        budget = self.sequences
+        if budget is None:
+            return
+        principal = ticket.principal
+        if not budget.take(principal.key_id, sequences):
+            self._metrics.rate_limited_total.labels(principal.role.name, "sequences").inc()
+            raise OpenAIError(
+                429,
+                "requests",
+                f"Too many sequences in flight for this key: {budget.held(principal.key_id)} running or queued, "
+                f"this request asks for {sequences} (n counts each), limit {budget.limit}; retry when some finish.",
+                code="rate_limit_exceeded",
+                headers={"retry-after": "1", "retry-after-ms": "1000"},
+            )
+        ticket.sequences = sequences
 
     async def _reserve_quota(self, ticket: Ticket) -> None:
         role = ticket.principal.role
@@ -256,6 +317,8 @@ class Gateway:
             return
         ticket.finished = True
         key_id, role = ticket.principal.key_id, ticket.principal.role
+        if ticket.sequences and self.sequences is not None:
+            self.sequences.give(key_id, ticket.sequences)
         if ticket.slot:
             try:
                 await self.limiter.release_slot(key_id)

@@ -76,11 +76,55 @@ def principal_of(request: Request[Any, Any, Any]) -> Principal:
     return request.scope["state"]["principal"]  # type: ignore[no-any-return]
 
 
-def max_tokens_cap(
-    request: Request[Any, Any, Any], services: Services, requested: int | None, param: str
+INLINE_PREPARE_BYTES = 16_384
+"""Bodies up to this size are validated and tokenized on the event loop (microseconds); larger ones in a thread."""
+PREPARE_THREADS = 4
+"""Worker threads that tokenize and render large prompts (per app; more would only contend for the cores)."""
+
+
+async def gate(
+    request: Request[Any, Any, Any],
+    services: Services,
+    model: str,
+    *,
+    requested: int | None,
+    param: str,
+    choices: int,
 ) -> int | None:
-    """The caller's role cap on max tokens (400 when ``requested`` exceeds it)."""
-    return services.gateway.max_tokens_cap(principal_of(request), requested, param)
+    """Admission that needs no work on the prompt, cheapest first: a refused request costs microseconds.
+
+    The role may use ``model`` (403), its requests-per-minute window has room (429, nothing consumed), the request
+    stays within the role's max-tokens cap (400) and asks for no more sequences (prompts x ``n``) than a key may
+    ever have in flight (400). Returns the role's max-tokens cap for the serving layer.
+    """
+    principal = principal_of(request)
+    gateway = services.gateway
+    gateway.check_model(principal, model)
+    await gateway.precheck(principal)
+    cap = gateway.max_tokens_cap(principal, requested, param)
+    gateway.check_sequences(choices)
+    return cap
+
+
+async def prepared(request: Request[Any, Any, Any], services: Services, work: Callable[[], T]) -> T:
+    """Run ``work`` (validation, template rendering, tokenization) without stalling the event loop.
+
+    A small body is handled inline, where a thread hop would cost more than the work. A large one goes to one of
+    ``PREPARE_THREADS`` worker threads, so other streams keep flowing while its prompt is tokenized (the
+    tokenizers release the GIL); the serving layer refuses prompts that certainly exceed the context from their
+    byte length before tokenizing them at all.
+    """
+    if len(await request.body()) <= INLINE_PREPARE_BYTES:
+        return work()
+    return await anyio.to_thread.run_sync(work, limiter=_prepare_limiter(request))
+
+
+def _prepare_limiter(request: Request[Any, Any, Any]) -> anyio.CapacityLimiter:
+    state = request.app.state
+    limiter: anyio.CapacityLimiter | None = state.get("prepare_limiter")
+    if limiter is None:  # created in the running event loop, on first use
+        limiter = state["prepare_limiter"] = anyio.CapacityLimiter(PREPARE_THREADS)
+    return limiter
 
 
 @dataclass(slots=True, frozen=True)
@@ -92,6 +136,7 @@ class Admission:
     max_new_tokens: int
     explicit_max_tokens: bool
     tpm_prompt_tokens: int | None = None
+    sequences: int = 1
 
 
 async def admitted(
@@ -100,12 +145,12 @@ async def admitted(
     admission: Admission,
     prompt_text: Callable[[], str] | None,
 ) -> tuple[Principal, RequestRecord | None, Lifecycle, InFlight, Ticket]:
-    """Allowlist, request-log fields and gateway admission, with the request registered in the app's lifecycle.
+    """Request-log fields and gateway admission, with the request registered in the app's lifecycle.
 
-    The caller owns the returned ``InFlight`` handle (``lifecycle.leave`` it) and the ticket (settle it once).
+    The handler has passed :func:`gate` already. The caller owns the returned ``InFlight`` handle
+    (``lifecycle.leave`` it) and the ticket (settle it once).
     """
     principal = principal_of(request)
-    services.gateway.check_model(principal, admission.model)
     record = record_of(request)
     if record is not None:
         record.model = admission.model
@@ -121,6 +166,7 @@ async def admitted(
             max_new_tokens=admission.max_new_tokens,
             explicit_max=admission.explicit_max_tokens,
             tpm_prompt_tokens=admission.tpm_prompt_tokens,
+            sequences=admission.sequences,
         )
     except BaseException:
         lifecycle.leave(handle)
@@ -149,7 +195,13 @@ async def respond(
     principal, record, lifecycle, handle, ticket = await admitted(
         request,
         services,
-        Admission(plan.model, plan.prompt_tokens, plan.max_new_tokens, plan.explicit_max_tokens),
+        Admission(
+            plan.model,
+            plan.prompt_tokens,
+            plan.max_new_tokens,
+            plan.explicit_max_tokens,
+            sequences=len(plan.prompts) * plan.n,
+        ),
         prompt_text,
     )
     headers = dict(ticket.headers)

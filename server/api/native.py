@@ -12,7 +12,7 @@ from litestar.response import Stream
 from schemas.native.generate import GenerateRequest, GenerateResponse, StreamEvent
 from server.api.apidoc import WITH_BODY, ApiOperation, StreamOperation, errors, stream_of
 from server.api.common import BODY_TYPE
-from server.api.flow import max_tokens_cap, respond
+from server.api.flow import gate, prepared, respond
 from server.api.remote import respond_remote
 from server.providers.upstream import Upstream
 from server.served import ServedModels
@@ -22,14 +22,14 @@ from server.serving import generate, remote
 
 async def _run(request: Request[Any, Any, Any], models: ServedModels, services: Services, stream: bool) -> Any:
     body: GenerateRequest = request.state.body
-    cap = max_tokens_cap(request, services, body.max_new_tokens, "max_new_tokens")
-    backend = models.lookup(body.model)
+    name, backend = models.resolve(body.model)
+    cap = await gate(request, services, name, requested=body.max_new_tokens, param="max_new_tokens", choices=1)
     if isinstance(backend, Upstream):
         return await respond_remote(
-            request, backend, services, remote.prepare_generate(body, backend.entry, stream=stream)
+            request, backend, services, remote.prepare_generate(body, backend.entry, stream=stream, max_tokens_cap=cap)
         )
     engine = models.ready_engine(backend)
-    plan = generate.prepare(engine, body, stream=stream, max_tokens_cap=cap)
+    plan = await prepared(request, services, lambda: generate.prepare(engine, body, stream=stream, max_tokens_cap=cap))
     return await respond(request, engine, services, plan, generate.complete, generate.stream)
 
 

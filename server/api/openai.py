@@ -12,7 +12,7 @@ from schemas.openai.chat import ChatCompletion, ChatCompletionChunk, ChatComplet
 from schemas.openai.completions import Completion, CompletionRequest
 from server.api.apidoc import WITH_BODY, JsonOrStreamOperation, errors, stream_of
 from server.api.common import BODY_TYPE
-from server.api.flow import max_tokens_cap, respond
+from server.api.flow import gate, prepared, respond
 from server.api.remote import raw_body, respond_remote
 from server.providers.upstream import Upstream
 from server.served import ServedModels
@@ -39,13 +39,16 @@ async def create_chat_completion(
     body: ChatCompletionRequest = request.state.body
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    cap = max_tokens_cap(request, services, requested, param)
-    backend = models.lookup(body.model)
+    name, backend = models.resolve(body.model)
+    cap = await gate(request, services, name, requested=requested, param=param, choices=body.n or 1)
     if isinstance(backend, Upstream):
         call = remote.prepare_chat(await raw_body(request), body, backend.entry, max_tokens_cap=cap)
         return await respond_remote(request, backend, services, call)  # type: ignore[return-value]
     engine = models.ready_engine(backend)
-    plan = chat.prepare(engine, body, max_tokens_cap=cap, max_messages=services.settings.max_messages)
+    max_messages = services.settings.max_messages
+    plan = await prepared(
+        request, services, lambda: chat.prepare(engine, body, max_tokens_cap=cap, max_messages=max_messages)
+    )
     return await respond(request, engine, services, plan, chat.complete, chat.stream)  # type: ignore[return-value]
 
 
@@ -66,11 +69,12 @@ async def create_completion(
     services: NamedDependency[Services],
 ) -> Response[Completion]:
     body: CompletionRequest = request.state.body
-    cap = max_tokens_cap(request, services, body.max_tokens, "max_tokens")
-    backend = models.lookup(body.model)
+    name, backend = models.resolve(body.model)
+    choices = (body.n or 1) * completions.prompt_count(body.prompt)
+    cap = await gate(request, services, name, requested=body.max_tokens, param="max_tokens", choices=choices)
     if isinstance(backend, Upstream):
         call = remote.prepare_completion(await raw_body(request), body, backend.entry, max_tokens_cap=cap)
         return await respond_remote(request, backend, services, call)  # type: ignore[return-value]
     engine = models.ready_engine(backend)
-    plan = completions.prepare(engine, body, max_tokens_cap=cap)
+    plan = await prepared(request, services, lambda: completions.prepare(engine, body, max_tokens_cap=cap))
     return await respond(request, engine, services, plan, completions.complete, completions.stream)  # type: ignore[return-value]

@@ -156,6 +156,13 @@ class Tokenizer(Protocol):
     @property
     def has_chat_template(self) -> bool: ...
 
+    @property
+    def max_token_bytes(self) -> int | None:
+        """The most UTF-8 bytes of input text one token can stand for (special tokens included), so that a text of
+        ``b`` bytes has at least ``b / max_token_bytes`` tokens; ``None`` when no such bound holds (a normalizer
+        that may delete characters)."""
+        ...
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with the tokenizer's usual special tokens (e.g. BOS) for a raw prompt."""
         ...

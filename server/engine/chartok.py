@@ -55,6 +55,11 @@ class CharTokenizer:
     def has_chat_template(self) -> bool:
         return True
 
+    @property
+    def max_token_bytes(self) -> int:
+        """``encode`` gives one token per code point: at most four UTF-8 bytes each."""
+        return 4
+
     def encode(self, text: str) -> list[int]:
         return [ord(ch) for ch in text]
 

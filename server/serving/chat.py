@@ -36,7 +36,16 @@ from server.engine.grammar import GrammarError
 from server.engine.grammar import check as check_constraint
 from server.errors import invalid_request, unsupported_param
 from server.serving.choices import Choice, collect, engine_failure, run_choices
-from server.serving.common import Plan, check_model, make_plan, parse_stops, resolve_max_tokens, sampling_params
+from server.serving.common import (
+    Plan,
+    check_model,
+    check_prompt_bytes,
+    make_plan,
+    parse_stops,
+    resolve_max_tokens,
+    sampling_params,
+    utf8_length,
+)
 from server.serving.logprobs import TokenTexts, chat_logprobs
 from server.serving.streaming import error_event
 from server.serving.toolparse import ContentDelta, ToolCallStart, ToolEvent
@@ -135,6 +144,10 @@ def prepare(
         raise invalid_request(
             "'continue_final_message' needs the last message to be from the assistant.", "continue_final_message"
         )
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    text_bytes = sum(utf8_length(m["content"]) for m in messages if isinstance(m.get("content"), str))
+    check_prompt_bytes(engine, text_bytes, requested, "messages")
     tokenizer = engine.tokenizer
     if not tokenizer.has_chat_template:
         raise invalid_request(
@@ -153,8 +166,6 @@ def prepare(
         raise invalid_request(
             f"The chat template rejected the messages: {exc}", "messages", "chat_template_error"
         ) from None
-    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = resolve_max_tokens(engine, len(prompt), requested, param, max_tokens_cap)
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid_request("'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")

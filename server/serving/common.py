@@ -77,6 +77,34 @@ def resolve_max_tokens(
     return requested
 
 
+def check_prompt_bytes(engine: Engine, nbytes: int, requested: int | None, param: str) -> None:
+    """400 ``context_length_exceeded`` for a prompt that certainly cannot fit, judged from its UTF-8 length alone.
+
+    One token stands for at most ``tokenizer.max_token_bytes`` bytes of text, so a prompt of ``nbytes`` bytes has at
+    least ``nbytes / max_token_bytes`` tokens (a chat template only adds more). Checked before the prompt is
+    rendered or tokenized: a multi-megabyte prompt is refused for the cost of measuring it.
+    """
+    per_token = engine.tokenizer.max_token_bytes
+    if per_token is None or nbytes == 0:
+        return
+    window = engine.info.max_model_len
+    at_least = -(-nbytes // per_token)
+    if at_least + (requested or 0) > window:
+        raise OpenAIError(
+            400,
+            "invalid_request_error",
+            f"This model's maximum context length is {window} tokens. However, your prompt is {nbytes} bytes long, "
+            f"which is at least {at_least} tokens. Please reduce the length of the messages or completion.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def utf8_length(text: str) -> int:
+    """Bytes of ``text`` in UTF-8 (no copy for ASCII text)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def context_exceeded(window: int, prompt_len: int, requested: int, param: str) -> OpenAIError:
     """400 ``context_length_exceeded`` with OpenAI's wording."""
     asked = f"{prompt_len + requested} tokens ({prompt_len} in the messages, {requested} in the completion)"

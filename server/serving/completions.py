@@ -8,10 +8,19 @@ from typing import Any
 import msgspec
 
 from schemas.openai.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
-from server.engine.base import Engine, EngineError, Tokenizer, TokenLogprob
+from server.engine.base import Engine, EngineError, TokenLogprob
 from server.errors import invalid_request, unsupported_param
 from server.serving.choices import Choice, LogprobEntry, collect, engine_failure, run_choices
-from server.serving.common import Plan, check_model, make_plan, parse_stops, resolve_max_tokens, sampling_params
+from server.serving.common import (
+    Plan,
+    check_model,
+    check_prompt_bytes,
+    make_plan,
+    parse_stops,
+    resolve_max_tokens,
+    sampling_params,
+    utf8_length,
+)
 from server.serving.logprobs import TokenTexts, completion_logprobs, echo_entries
 from server.serving.streaming import error_event
 
@@ -28,14 +37,35 @@ def reject_unsupported(req: CompletionRequest) -> None:
         raise unsupported_param("suffix")
 
 
-def tokenize_prompts(tokenizer: Tokenizer, prompt: str | list[Any]) -> list[list[int]]:
-    """Token ids for each prompt: a string, strings, token ids, or lists of token ids (not mixed)."""
+def prompt_count(prompt: str | list[Any]) -> int:
+    """How many prompts ``prompt`` holds (a string or token ids: one), without tokenizing anything."""
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        return 1
+    return len(prompt)
+
+
+def tokenize_prompts(
+    engine: Engine, prompt: str | list[Any], requested: int | None = None, param: str = "prompt"
+) -> list[list[int]]:
+    """Token ids for each prompt: a string, strings, token ids, or lists of token ids (not mixed).
+
+    A text prompt that certainly exceeds the context with ``requested`` new tokens is refused from its byte length
+    before it is tokenized.
+    """
+    tokenizer = engine.tokenizer
+
+    def encode(text: str) -> list[int]:
+        check_prompt_bytes(engine, utf8_length(text), requested, param)
+        return tokenizer.encode(text)
+
     if isinstance(prompt, str):
-        prompts: list[list[int]] = [tokenizer.encode(prompt)]
+        prompts: list[list[int]] = [encode(prompt)]
     elif not prompt:
         raise invalid_request("'prompt' must not be an empty list.", "prompt", "empty_array")
     elif all(isinstance(p, str) for p in prompt):
-        prompts = [tokenizer.encode(p) for p in prompt]
+        if len(prompt) > MAX_PROMPTS:
+            raise invalid_request(f"At most {MAX_PROMPTS} prompts per request.", "prompt")
+        prompts = [encode(p) for p in prompt]
     elif all(isinstance(p, int) for p in prompt):
         prompts = [list(prompt)]
     elif all(isinstance(p, list) for p in prompt):
@@ -67,7 +97,7 @@ def prepare(engine: Engine, req: CompletionRequest, *, max_tokens_cap: int | Non
     if req.stream_options is not None and not req.stream:
         raise invalid_request("'stream_options' is only allowed when 'stream' is true.", "stream_options")
     tokenizer = engine.tokenizer
-    prompts = tokenize_prompts(tokenizer, req.prompt)
+    prompts = tokenize_prompts(engine, req.prompt, req.max_tokens, "prompt")
     n = req.n or 1
     if len(prompts) * n > MAX_CHOICES:
         raise invalid_request(f"At most {MAX_CHOICES} choices per request (prompts x n), got {len(prompts) * n}.", "n")

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
-from schemas.native.generate import GenerateRequest, GenerateResponse, StreamEvent
+from schemas.native.generate import DEFAULT_MAX_NEW_TOKENS, GenerateRequest, GenerateResponse, StreamEvent
 from server.engine.base import Engine, EngineError
 from server.serving.choices import collect, engine_failure, run_choices
 from server.serving.common import Plan, check_model, make_plan, parse_stops, resolve_max_tokens, sampling_params
@@ -18,8 +18,12 @@ def prepare(engine: Engine, req: GenerateRequest, *, stream: bool, max_tokens_ca
     """Validate, tokenize and check the context window (nothing is admitted yet)."""
     model = check_model(engine, req.model)
     stops = parse_stops(req.stop)
-    prompt = tokenize_prompts(engine.tokenizer, req.prompt)[0]
-    max_tokens = resolve_max_tokens(engine, len(prompt), req.max_new_tokens, "max_new_tokens", max_tokens_cap)
+    prompt = tokenize_prompts(engine, req.prompt)[0]
+    if req.max_new_tokens is None:  # the default, within the role's cap and the room the context leaves
+        room = resolve_max_tokens(engine, len(prompt), None, "max_new_tokens", max_tokens_cap)
+        max_tokens = min(DEFAULT_MAX_NEW_TOKENS, room)
+    else:
+        max_tokens = resolve_max_tokens(engine, len(prompt), req.max_new_tokens, "max_new_tokens", max_tokens_cap)
     return make_plan(
         "generate",
         "gen",

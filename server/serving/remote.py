@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from schemas.native.generate import GenerateRequest
+from schemas.native.generate import DEFAULT_MAX_NEW_TOKENS, GenerateRequest
 from schemas.openai.chat import ChatCompletionRequest, ToolCall
 from schemas.openai.common import CompletionUsage
 from schemas.openai.completions import CompletionRequest
@@ -214,11 +214,16 @@ def prepare_completion(
     return call
 
 
-def prepare_generate(req: GenerateRequest, entry: RemoteModel, *, stream: bool) -> RemoteCall:
+def prepare_generate(
+    req: GenerateRequest, entry: RemoteModel, *, stream: bool, max_tokens_cap: int | None = None
+) -> RemoteCall:
     """A native ``/v1/generate`` or ``/v1/stream`` request, sent upstream as a text completion."""
+    max_new_tokens = req.max_new_tokens
+    if max_new_tokens is None:  # the native default, within the role's cap
+        max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, max_tokens_cap or DEFAULT_MAX_NEW_TOKENS)
     payload: dict[str, Any] = {
         "prompt": req.prompt,
-        "max_tokens": req.max_new_tokens,
+        "max_tokens": max_new_tokens,
         "temperature": req.temperature,
         "top_p": req.top_p,
         "stream": stream,
@@ -238,7 +243,7 @@ def prepare_generate(req: GenerateRequest, entry: RemoteModel, *, stream: bool) 
         prompt_bytes=len(req.prompt.encode()),
         prompt_text=req.prompt,
         messages=0,
-        requested=req.max_new_tokens,
+        requested=max_new_tokens,
         cap=None,
         n=1,
         stream=stream,
