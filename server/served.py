@@ -57,6 +57,10 @@ class ServedModels:
     def default(self) -> str:
         return self.order[0]
 
+    def serves(self, name: str) -> bool:
+        """Whether ``name`` is one of the served models."""
+        return name in self.engines or name in self.upstreams
+
     def resolve(self, model: str | None) -> tuple[str, Engine | Upstream]:
         """The served name (the default for ``None``) and its backend, or 404 ``model_not_found``."""
         name = self.default if model is None else model

@@ -20,13 +20,14 @@ from litestar.response import Stream
 
 from schemas.openai.errors import ErrorResponse
 from server.admission.gateway import Ticket
-from server.api.common import json_response, sse_response
+from server.api.common import BODY_TYPE, json_response, sse_response
 from server.auth.principal import Principal
 from server.cache import cache_key, encode_results
 from server.engine.base import Engine
 from server.errors import OpenAIError
 from server.lifecycle import InFlight, Lifecycle, shutting_down
 from server.requestlog import RequestRecord
+from server.served import ServedModels
 from server.services import Services
 from server.serving.common import Plan, replay, start
 from server.serving.streaming import error_event
@@ -82,6 +83,48 @@ PREPARE_THREADS = 4
 """Worker threads that tokenize and render large prompts (per app; more would only contend for the cores)."""
 
 
+SCREENED = "screened_model"
+"""``scope["state"]`` key: the model :func:`screen` already checked the allowlist and the RPM window for."""
+
+
+class _Target(msgspec.Struct):
+    model: str | None = None
+
+
+async def screen(request: Request[Any, Any, Any]) -> None:
+    """``before_request`` hook: the model allowlist (403) and the RPM window (429) before the body is decoded.
+
+    Only ``model`` is read from the body (one scan, no copy of its strings), so a huge body from a role that may not
+    use the model, or from a key over its requests per minute, is refused before it is decoded in full. Bodies whose
+    model cannot be read this way are left to the strict decode (400) and to :func:`gate`.
+    """
+    body_type = request.route_handler.opt.get(BODY_TYPE)
+    state: dict[str, Any] = request.scope.get("state", {})
+    principal: Principal | None = state.get("principal")
+    if body_type is None or principal is None:
+        return
+    try:
+        target = msgspec.json.decode(await request.body(), type=_Target)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return
+    models: ServedModels = request.app.state.models
+    name = target.model if target.model is not None else _default_model(body_type, models)
+    if name is None or not models.serves(name):
+        return
+    gateway = request.app.state.services.gateway
+    gateway.check_model(principal, name)
+    await gateway.precheck(principal)
+    state[SCREENED] = name
+
+
+def _default_model(body_type: type[Any], models: ServedModels) -> str | None:
+    """The model a body without one is for: the default where the schema makes ``model`` optional."""
+    for f in msgspec.structs.fields(body_type):
+        if f.name == "model":
+            return None if f.required else models.default
+    return None
+
+
 async def gate(
     request: Request[Any, Any, Any],
     services: Services,
@@ -93,14 +136,16 @@ async def gate(
 ) -> int | None:
     """Admission that needs no work on the prompt, cheapest first: a refused request costs microseconds.
 
-    The role may use ``model`` (403), its requests-per-minute window has room (429, nothing consumed), the request
+    The role may use ``model`` (403), its requests-per-minute window has room (429, nothing consumed; both already
+    checked by :func:`screen` when it could read the model), the request
     stays within the role's max-tokens cap (400) and asks for no more sequences (prompts x ``n``) than a key may
     ever have in flight (400). Returns the role's max-tokens cap for the serving layer.
     """
     principal = principal_of(request)
     gateway = services.gateway
-    gateway.check_model(principal, model)
-    await gateway.precheck(principal)
+    if request.scope["state"].get(SCREENED) != model:
+        gateway.check_model(principal, model)
+        await gateway.precheck(principal)
     cap = gateway.max_tokens_cap(principal, requested, param)
     gateway.check_sequences(choices)
     return cap

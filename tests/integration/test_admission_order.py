@@ -74,6 +74,11 @@ def test_a_huge_prompt_from_a_role_without_the_model_is_403_and_never_tokenized(
         ):
             error = error_of(http.post(path, json=body, headers=auth), 403)
             assert error["code"] == "model_not_allowed", path
+        # Refused before the body is decoded in full: only its model is read (a body the schema rejects, too).
+        invalid = {"model": "fake", "messages": "not a list", "padding": BIG}
+        assert error_of(http.post("/v1/chat/completions", json=invalid, headers=auth), 403)
+        # The native routes' default model is screened the same way.
+        assert error_of(http.post("/v1/generate", json={"prompt": 7, "padding": BIG}, headers=auth), 403)
     assert tokenizer.encoded == []
 
 
@@ -86,6 +91,8 @@ def test_a_huge_prompt_over_the_rpm_window_is_429_and_never_tokenized(settings: 
         tokenizer.encoded.clear()
         error = error_of(http.post("/v1/chat/completions", json=chat(BIG), headers=auth), 429)
         assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
+        invalid = {"model": "fake", "messages": "not a list", "padding": BIG}
+        assert error_of(http.post("/v1/chat/completions", json=invalid, headers=auth), 429)
     assert tokenizer.encoded == []
 
 
