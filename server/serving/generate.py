@@ -8,8 +8,9 @@ import msgspec
 
 from schemas.native.generate import GenerateRequest, GenerateResponse, StreamEvent
 from server.engine.base import Engine, EngineError
+from server.serving.checks import check_generate, generate_max_tokens
 from server.serving.choices import collect, engine_failure, run_choices
-from server.serving.common import Plan, check_model, make_plan, parse_stops, resolve_max_tokens, sampling_params
+from server.serving.common import Plan, check_model, make_plan, resolve_max_tokens, sampling_params
 from server.serving.completions import tokenize_prompts
 from server.serving.streaming import error_event
 
@@ -17,9 +18,10 @@ from server.serving.streaming import error_event
 def prepare(engine: Engine, req: GenerateRequest, *, stream: bool, max_tokens_cap: int | None = None) -> Plan:
     """Validate, tokenize and check the context window (nothing is admitted yet)."""
     model = check_model(engine, req.model)
-    stops = parse_stops(req.stop)
-    prompt = tokenize_prompts(engine.tokenizer, req.prompt)[0]
-    max_tokens = resolve_max_tokens(engine, len(prompt), req.max_new_tokens, "max_new_tokens", max_tokens_cap)
+    stops = check_generate(req)
+    prompt = tokenize_prompts(engine.tokenizer, [req.prompt])[0]
+    requested = generate_max_tokens(req, max_tokens_cap)
+    max_tokens = resolve_max_tokens(engine, len(prompt), requested, "max_new_tokens", max_tokens_cap)
     return make_plan(
         "generate",
         "gen",
