@@ -25,9 +25,8 @@ async def _run(request: Request[Any, Any, Any], models: ServedModels, services: 
     cap = max_tokens_cap(request, services, body.max_new_tokens, "max_new_tokens")
     backend = models.lookup(body.model)
     if isinstance(backend, Upstream):
-        return await respond_remote(
-            request, backend, services, remote.prepare_generate(body, backend.entry, stream=stream)
-        )
+        call = remote.prepare_generate(body, backend.entry, stream=stream, max_tokens_cap=cap)
+        return await respond_remote(request, backend, services, call)
     engine = models.ready_engine(backend)
     plan = generate.prepare(engine, body, stream=stream, max_tokens_cap=cap)
     return await respond(request, engine, services, plan, generate.complete, generate.stream)

@@ -13,7 +13,7 @@ from schemas.openai.completions import Completion, CompletionRequest
 from server.api.apidoc import WITH_BODY, JsonOrStreamOperation, errors, stream_of
 from server.api.common import BODY_TYPE
 from server.api.flow import max_tokens_cap, respond
-from server.api.remote import raw_body, respond_remote
+from server.api.remote import respond_remote
 from server.providers.upstream import Upstream
 from server.served import ServedModels
 from server.services import Services
@@ -42,7 +42,7 @@ async def create_chat_completion(
     cap = max_tokens_cap(request, services, requested, param)
     backend = models.lookup(body.model)
     if isinstance(backend, Upstream):
-        call = remote.prepare_chat(await raw_body(request), body, backend.entry, max_tokens_cap=cap)
+        call = remote.prepare_chat(body, backend.entry, max_tokens_cap=cap, max_messages=services.settings.max_messages)
         return await respond_remote(request, backend, services, call)  # type: ignore[return-value]
     engine = models.ready_engine(backend)
     plan = chat.prepare(engine, body, max_tokens_cap=cap, max_messages=services.settings.max_messages)
@@ -69,7 +69,7 @@ async def create_completion(
     cap = max_tokens_cap(request, services, body.max_tokens, "max_tokens")
     backend = models.lookup(body.model)
     if isinstance(backend, Upstream):
-        call = remote.prepare_completion(await raw_body(request), body, backend.entry, max_tokens_cap=cap)
+        call = remote.prepare_completion(body, backend.entry, max_tokens_cap=cap)
         return await respond_remote(request, backend, services, call)  # type: ignore[return-value]
     engine = models.ready_engine(backend)
     plan = completions.prepare(engine, body, max_tokens_cap=cap)

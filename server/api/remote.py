@@ -29,12 +29,6 @@ from server.serving import reframe
 from server.serving.remote import RemoteCall, cache_key, encode_results, replay
 
 
-async def raw_body(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    """The client's JSON body as sent (already validated by the route's schema)."""
-    data = msgspec.json.decode(await request.body())
-    return data if isinstance(data, dict) else {}
-
-
 async def respond_remote(
     request: Request[Any, Any, Any], upstream: Upstream, services: Services, call: RemoteCall
 ) -> Response[Any] | Stream:
