@@ -51,12 +51,14 @@ class Seen:
 class MockUpstream:
     """An OpenAI-compatible upstream: ``reply`` answers each POST; ``GET /models`` lists ``models``.
 
-    ``models`` ``None`` makes the listing fail with a connection error. With ``honor_timeouts`` the mock acts as
-    a real transport would: a reply slower than the request's read timeout raises ``httpx.ReadTimeout``.
+    ``models`` ``None`` makes the listing fail with a connection error; ``windows`` adds a ``max_model_len`` to a
+    model's listing entry, as vLLM does. With ``honor_timeouts`` the mock acts as a real transport would: a reply
+    slower than the request's read timeout raises ``httpx.ReadTimeout``.
     """
 
     reply: Reply
     models: list[str] | None = field(default_factory=lambda: [TARGET])
+    windows: dict[str, int] = field(default_factory=dict)
     honor_timeouts: bool = False
     posts: list[Seen] = field(default_factory=list)
     auth_headers: list[str | None] = field(default_factory=list)
@@ -69,9 +71,8 @@ class MockUpstream:
             assert request.url.path == "/v1/models"
             if self.models is None:
                 raise httpx.ConnectError("connection refused")
-            return httpx.Response(
-                200, json={"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]}
-            )
+            listed = [{"id": m, "object": "model"} | self._window(m) for m in self.models]
+            return httpx.Response(200, json={"object": "list", "data": listed})
         body = json.loads(request.content)
         self.posts.append(Seen(request.url.path, body, request.headers))
         self.in_flight += 1
@@ -90,6 +91,9 @@ class MockUpstream:
             return result
         finally:
             self.in_flight -= 1
+
+    def _window(self, model: str) -> dict[str, int]:
+        return {"max_model_len": self.windows[model]} if model in self.windows else {}
 
     @property
     def calls(self) -> int:
