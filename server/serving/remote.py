@@ -124,14 +124,16 @@ def estimate_tokens(text: str) -> int:
 def per_choice_max_tokens(requested: int | None, cap: int | None, window: int | None, bound: int, estimate: int) -> int:
     """The one max-tokens value sent upstream for each choice, which is what the gateway reserves for it.
 
-    What the client asked for, within the role's ``cap``; without that, as many as fit: the room the prompt's upper
-    ``bound`` leaves in the upstream's ``window`` (when even the bound does not fit, the room its ``estimate``
-    leaves, at least 1: the upstream then answers within it or refuses the prompt), within the role's ``cap``;
+    What the client asked for, within the role's ``cap``. Without that, as many as fit in the upstream's
+    ``window`` (within the ``cap``): the room the prompt's upper ``bound`` leaves, which can never make the upstream
+    refuse a prompt that fits, or half the room its ``estimate`` leaves, whichever is larger (at least 1). The half
+    keeps text of two bytes per token (code, CJK) within the window, where the bound's room is small or gone for a
+    long prompt; past the window the upstream refuses the prompt, as it would without max tokens.
     ``DEFAULT_RESERVE_TOKENS`` when neither a window nor a cap is known.
     """
     if requested is not None:
         return requested if cap is None else min(requested, cap)
-    room = None if window is None else (window - bound if bound < window else max(1, window - estimate))
+    room = None if window is None else max(window - bound, (window - estimate) // 2, 1)
     limits = [v for v in (cap, room) if v is not None]
     return min(limits) if limits else DEFAULT_RESERVE_TOKENS
 

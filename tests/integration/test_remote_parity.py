@@ -437,8 +437,18 @@ def test_the_forwarded_completions_and_native_bodies_hold_only_validated_fields(
         unbounded = http.post(TEXT, json={"model": "remote", "prompt": "ab", "max_tokens": None})
         native = http.post(NATIVE, json={"model": "remote", "prompt": "ab", "max_new_tokens": 9, "whatever": 1})
         above = http.post(NATIVE, json={"model": "remote", "prompt": "ab", "max_new_tokens": 17})
+        above_local = http.post(NATIVE, json={"model": "local", "prompt": "ab", "max_new_tokens": 17})
+        # max_new_tokens left at its default (256, above the cap): whatever the gateway answers, local and remote agree,
+        # and an answered one is generated within the cap
+        default_local = http.post(NATIVE, json={"model": "local", "prompt": "ab"})
+        default_remote = http.post(NATIVE, json={"model": "remote", "prompt": "ab"})
     assert plain.status_code == unbounded.status_code == native.status_code == 200, plain.text
-    assert envelope(above) == (400, "invalid_request_error", "max_new_tokens", V)
+    assert envelope(above) == envelope(above_local) == (400, "invalid_request_error", "max_new_tokens", V)
+    assert default_remote.status_code == default_local.status_code
+    if default_remote.status_code == 200:
+        assert mock.posts.pop().body["max_tokens"] == 16
+    else:
+        assert envelope(default_remote) == envelope(default_local)
     first, second, third = mock.posts
     assert first.body == {
         "model": TARGET,
@@ -508,14 +518,16 @@ def test_no_max_tokens_on_an_entry_with_a_window_sends_the_room_the_prompt_leave
     settings: Settings, api_key: str
 ) -> None:
     mock = MockUpstream(generous("max_tokens"))
+    long_prompt = [{"role": "user", "content": "word " * 2000}]
+    estimate = -(-len(msgspec.json.encode([long_prompt, None])) // 4)  # about four bytes per token
     with serving(settings, mock, api_key, max_model_len=8192) as (http, _):
         short = http.post(CHAT, json={"model": "remote", "messages": MSGS})
-        # the upper bound (bytes + the template's room) no longer fits: the estimate's room, which the upstream judges
-        huge = http.post(CHAT, json={"model": "remote", "messages": [{"role": "user", "content": "word " * 2000}]})
+        # the upper bound (bytes + the template's room) no longer fits: half the room the estimate leaves
+        huge = http.post(CHAT, json={"model": "remote", "messages": long_prompt})
     assert short.status_code == huge.status_code == 200
     first, second = (p.body["max_tokens"] for p in mock.posts)
     assert 7500 < first < 8192 - 256
-    assert 0 < second < 8192 - 2500
+    assert second == (8192 - estimate) // 2
 
 
 @pytest.mark.parametrize("configured", [None, 4096], ids=["learned", "configured"])

@@ -45,7 +45,8 @@ def completion(**fields: Any) -> CompletionRequest:
         (None, None, None, 10, 3, DEFAULT_RESERVE_TOKENS),  # nothing bounds it: the default reserve
         (None, None, 1000, 10, 3, 990),  # the room the upper bound leaves
         (None, 500, 1000, 10, 3, 500),  # that room within the cap
-        (None, None, 1000, 1500, 300, 700),  # the bound does not fit: the estimate's room
+        (None, None, 1000, 900, 200, 400),  # little room left by the bound: half the estimate's room
+        (None, None, 1000, 1500, 300, 350),  # the bound does not fit: half the estimate's room
         (None, None, 1000, 5000, 1200, 1),  # nothing fits: 1 (the upstream refuses the prompt or answers in it)
     ],
 )
