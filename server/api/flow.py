@@ -132,14 +132,15 @@ async def gate(
     *,
     requested: int | None,
     param: str,
-    choices: int,
+    n: int = 1,
+    prompts: int = 1,
 ) -> int | None:
     """Admission that needs no work on the prompt, cheapest first: a refused request costs microseconds.
 
     The role may use ``model`` (403), its requests-per-minute window has room (429, nothing consumed; both already
     checked by :func:`screen` when it could read the model), the request
-    stays within the role's max-tokens cap (400) and asks for no more sequences (prompts x ``n``) than a key may
-    ever have in flight (400). Returns the role's max-tokens cap for the serving layer.
+    stays within the role's max-tokens cap (400) and asks for no more sequences (``prompts`` x ``n``) than a key
+    may ever have in flight (400). Returns the role's max-tokens cap for the serving layer.
     """
     principal = principal_of(request)
     gateway = services.gateway
@@ -147,7 +148,7 @@ async def gate(
         gateway.check_model(principal, model)
         await gateway.precheck(principal)
     cap = gateway.max_tokens_cap(principal, requested, param)
-    gateway.check_sequences(choices)
+    gateway.check_sequences(n * prompts, "n" if n > 1 else "prompt")
     return cap
 
 

@@ -23,11 +23,12 @@ from server.serving import generate, remote
 async def _run(request: Request[Any, Any, Any], models: ServedModels, services: Services, stream: bool) -> Any:
     body: GenerateRequest = request.state.body
     name, backend = models.resolve(body.model)
-    cap = await gate(request, services, name, requested=body.max_new_tokens, param="max_new_tokens", choices=1)
+    cap = await gate(request, services, name, requested=body.max_new_tokens, param="max_new_tokens")
     if isinstance(backend, Upstream):
-        return await respond_remote(
-            request, backend, services, remote.prepare_generate(body, backend.entry, stream=stream, max_tokens_cap=cap)
+        call = await prepared(
+            request, services, lambda: remote.prepare_generate(body, backend.entry, stream=stream, max_tokens_cap=cap)
         )
+        return await respond_remote(request, backend, services, call)
     engine = models.ready_engine(backend)
     plan = await prepared(request, services, lambda: generate.prepare(engine, body, stream=stream, max_tokens_cap=cap))
     return await respond(request, engine, services, plan, generate.complete, generate.stream)

@@ -13,7 +13,7 @@ from schemas.openai.completions import Completion, CompletionRequest
 from server.api.apidoc import WITH_BODY, JsonOrStreamOperation, errors, stream_of
 from server.api.common import BODY_TYPE
 from server.api.flow import gate, prepared, respond
-from server.api.remote import raw_body, respond_remote
+from server.api.remote import respond_remote
 from server.providers.upstream import Upstream
 from server.served import ServedModels
 from server.services import Services
@@ -40,12 +40,15 @@ async def create_chat_completion(
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     name, backend = models.resolve(body.model)
-    cap = await gate(request, services, name, requested=requested, param=param, choices=body.n or 1)
+    cap = await gate(request, services, name, requested=requested, param=param, n=body.n or 1)
+    max_messages = services.settings.max_messages
     if isinstance(backend, Upstream):
-        call = remote.prepare_chat(await raw_body(request), body, backend.entry, max_tokens_cap=cap)
+        entry = backend.entry
+        call = await prepared(
+            request, services, lambda: remote.prepare_chat(body, entry, max_tokens_cap=cap, max_messages=max_messages)
+        )
         return await respond_remote(request, backend, services, call)  # type: ignore[return-value]
     engine = models.ready_engine(backend)
-    max_messages = services.settings.max_messages
     plan = await prepared(
         request, services, lambda: chat.prepare(engine, body, max_tokens_cap=cap, max_messages=max_messages)
     )
@@ -70,10 +73,13 @@ async def create_completion(
 ) -> Response[Completion]:
     body: CompletionRequest = request.state.body
     name, backend = models.resolve(body.model)
-    choices = (body.n or 1) * completions.prompt_count(body.prompt)
-    cap = await gate(request, services, name, requested=body.max_tokens, param="max_tokens", choices=choices)
+    prompts = completions.prompt_count(body.prompt)
+    cap = await gate(
+        request, services, name, requested=body.max_tokens, param="max_tokens", n=body.n or 1, prompts=prompts
+    )
     if isinstance(backend, Upstream):
-        call = remote.prepare_completion(await raw_body(request), body, backend.entry, max_tokens_cap=cap)
+        entry = backend.entry
+        call = await prepared(request, services, lambda: remote.prepare_completion(body, entry, max_tokens_cap=cap))
         return await respond_remote(request, backend, services, call)  # type: ignore[return-value]
     engine = models.ready_engine(backend)
     plan = await prepared(request, services, lambda: completions.prepare(engine, body, max_tokens_cap=cap))

@@ -29,18 +29,17 @@ from server.serving import reframe
 from server.serving.remote import RemoteCall, cache_key, encode_results, replay
 
 
-async def raw_body(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    """The client's JSON body as sent (already validated by the route's schema)."""
-    data = msgspec.json.decode(await request.body())
-    return data if isinstance(data, dict) else {}
-
-
 async def respond_remote(
     request: Request[Any, Any, Any], upstream: Upstream, services: Services, call: RemoteCall
 ) -> Response[Any] | Stream:
     """Admit ``call``, answer it from the cache or the upstream, and account for it."""
     admission = Admission(
-        call.model, call.prompt_bound, call.max_new_tokens, call.explicit_max_tokens, call.prompt_estimate
+        call.model,
+        call.prompt_bound,
+        call.max_new_tokens,
+        call.explicit_max_tokens,
+        call.prompt_estimate,
+        sequences=call.sequences,
     )
     prompt_text = (lambda: call.prompt_text) if services.settings.store_prompts else None
     principal, record, lifecycle, handle, ticket = await admitted(request, services, admission, prompt_text)

@@ -32,6 +32,7 @@ BACKOFF_BASE_S = 0.2
 BACKOFF_MAX_S = 2.0
 ERROR_BODY_LIMIT = 65_536
 HEALTH_TIMEOUT_S = 5.0
+MIN_WINDOW = 16  # the smallest max_model_len a models file accepts
 
 
 @dataclass(slots=True)
@@ -66,6 +67,8 @@ class Upstream:
         self, entry: RemoteModel, api_key: str | None, *, transport: httpx.AsyncBaseTransport | None = None
     ) -> None:
         self.entry = entry
+        """The models-file entry; without a ``max_model_len`` of its own it takes the one the upstream reports."""
+        self._configured = entry
         self.name = entry.name
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._secret = api_key or None
@@ -209,16 +212,28 @@ class Upstream:
             if response.status_code != 200:
                 health.status, health.error = "down", f"HTTP {response.status_code}"
             else:
-                ids = _model_ids(response.content)
-                listed = self.entry.target_model in ids
-                health.status = "ok" if listed else "degraded"
-                if not listed:
+                listing = _models(response.content)
+                listed = listing.get(self.entry.target_model)
+                health.status = "ok" if listed is not None else "degraded"
+                if listed is None:
                     health.error = f"the upstream does not list the model {self.entry.target_model!r}"
+                else:
+                    self._learn_window(listed)
         if health.status != self.health.status:
             level = logging.INFO if health.status == "ok" else logging.WARNING
             log.log(level, "upstream %r is %s%s", self.name, health.status, f": {health.error}" if health.error else "")
         self.health = health
         return health
+
+    def _learn_window(self, listed: dict[str, Any]) -> None:
+        """Take the context window the upstream lists for the model (vLLM's ``max_model_len``) unless the entry
+        sets one: the max tokens sent for a request without one is then the room its prompt leaves in it."""
+        window = listed.get("max_model_len")
+        if self._configured.max_model_len is not None or type(window) is not int or window < MIN_WINDOW:
+            return
+        if window != self.entry.max_model_len:
+            log.info("upstream %r: context window %d (from its model listing)", self.name, window)
+            self.entry = msgspec.structs.replace(self._configured, max_model_len=window)
 
     async def watch(self) -> None:
         """Check now, then every ``health_interval_s``, until cancelled."""
@@ -292,10 +307,11 @@ def _opt_str(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-def _model_ids(body: bytes) -> set[str]:
+def _models(body: bytes) -> dict[str, dict[str, Any]]:
+    """The entries of a ``GET /models`` listing by id."""
     try:
         data = msgspec.json.decode(body)
     except msgspec.DecodeError:
-        return set()
+        return {}
     items = data.get("data") if isinstance(data, dict) else None
-    return {str(m.get("id")) for m in items if isinstance(m, dict)} if isinstance(items, list) else set()
+    return {str(m.get("id")): m for m in items if isinstance(m, dict)} if isinstance(items, list) else {}

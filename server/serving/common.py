@@ -119,22 +119,28 @@ def context_exceeded(window: int, prompt_len: int, requested: int, param: str) -
 
 
 LOGIT_BIAS_MAX = 300  # OpenAI's own limit on the number of biased tokens
+TOKEN_ID_DIGITS = 10
+"""Longest accepted token id in ``logit_bias`` keys (no vocabulary comes near 10**10; a longer key is refused
+before ``int()``, which would raise on thousands of digits)."""
 
 
-def parse_logit_bias(bias: Mapping[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
-    """Validate ``logit_bias`` (token id as a string -> -100..100) against the vocabulary."""
+def parse_logit_bias(bias: Mapping[str, float] | None, vocab_size: int | None) -> tuple[tuple[int, float], ...]:
+    """Validate ``logit_bias`` (token id as a string -> -100..100).
+
+    ``vocab_size`` ``None`` (a remote model, whose vocabulary is unknown here) checks only the keys' form.
+    """
     if not bias:
         return ()
     if len(bias) > LOGIT_BIAS_MAX:
         raise invalid_request(f"'logit_bias' may bias at most {LOGIT_BIAS_MAX} tokens, got {len(bias)}.", "logit_bias")
     out: list[tuple[int, float]] = []
     for key, value in bias.items():
-        token = int(key) if key.isascii() and key.isdigit() else -1
-        if not 0 <= token < vocab_size:
-            raise invalid_request(
-                f"Invalid key {key!r} in 'logit_bias': keys must be token ids from 0 to {vocab_size - 1}.",
-                "logit_bias",
-            )
+        well_formed = key.isascii() and key.isdigit() and len(key) <= TOKEN_ID_DIGITS
+        token = int(key) if well_formed else -1
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            shown = key if len(key) <= 40 else key[:40] + "..."
+            ids = f"from 0 to {vocab_size - 1}" if vocab_size is not None else f"of at most {TOKEN_ID_DIGITS} digits"
+            raise invalid_request(f"Invalid key {shown!r} in 'logit_bias': keys must be token ids {ids}.", "logit_bias")
         if not -100.0 <= value <= 100.0:
             raise invalid_request(
                 f"Invalid value {value} for token {key} in 'logit_bias': values must be between -100 and 100.",
@@ -176,14 +182,14 @@ def sampling_params(
     req: SamplingFields,
     *,
     max_tokens: int,
-    vocab_size: int = 0,
+    logit_bias: tuple[tuple[int, float], ...] = (),
     penalties: PenaltyFields | None = None,
     ignore_eos: bool = False,
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
     constraint: Constraint | None = None,
 ) -> SamplingParams:
-    """Engine parameters from a request's fields (``vocab_size`` validates ``penalties.logit_bias``)."""
+    """Engine parameters from a request's fields (``logit_bias`` as :func:`parse_logit_bias` returned it)."""
     pen = penalties
     return SamplingParams(
         max_tokens=max_tokens,
@@ -193,7 +199,7 @@ def sampling_params(
         min_p=0.0 if req.min_p is None else req.min_p,
         seed=None if req.seed is None else req.seed % (2**64),
         ignore_eos=ignore_eos,
-        logit_bias=parse_logit_bias(pen.logit_bias, vocab_size) if pen else (),
+        logit_bias=logit_bias,
         presence_penalty=(pen.presence_penalty or 0.0) if pen else 0.0,
         frequency_penalty=(pen.frequency_penalty or 0.0) if pen else 0.0,
         repetition_penalty=(pen.repetition_penalty or 1.0) if pen else 1.0,

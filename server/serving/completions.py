@@ -2,39 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import msgspec
 
 from schemas.openai.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
 from server.engine.base import Engine, EngineError, TokenLogprob
-from server.errors import invalid_request, unsupported_param
+from server.serving.checks import check_completion, check_token_ids, local_target
 from server.serving.choices import Choice, LogprobEntry, collect, engine_failure, run_choices
 from server.serving.common import (
     Plan,
     check_model,
     check_prompt_bytes,
     make_plan,
-    parse_stops,
     resolve_max_tokens,
     sampling_params,
     utf8_length,
 )
 from server.serving.logprobs import TokenTexts, completion_logprobs, echo_entries
 from server.serving.streaming import error_event
-
-MAX_PROMPTS = 128
-MAX_CHOICES = 128  # prompts x n
-
-
-def reject_unsupported(req: CompletionRequest) -> None:
-    """400 for the OpenAI parameters this server does not implement (never silently accepted)."""
-    if req.best_of is not None and req.best_of not in (1, req.n or 1):
-        # best_of == n draws no extra candidates, so it is plain n; ranking extra candidates is not implemented.
-        raise unsupported_param("best_of", "'best_of' other than 1 or 'n'")
-    if req.suffix is not None:
-        raise unsupported_param("suffix")
 
 
 def prompt_count(prompt: str | list[Any]) -> int:
@@ -45,68 +32,38 @@ def prompt_count(prompt: str | list[Any]) -> int:
 
 
 def tokenize_prompts(
-    engine: Engine, prompt: str | list[Any], requested: int | None = None, param: str = "prompt"
+    engine: Engine, prompts: Sequence[str | list[int]], requested: int | None = None
 ) -> list[list[int]]:
-    """Token ids for each prompt: a string, strings, token ids, or lists of token ids (not mixed).
+    """Token ids of prompts that passed :func:`~server.serving.checks.prompt_list` (texts are encoded and checked).
 
     A text prompt that certainly exceeds the context with ``requested`` new tokens is refused from its byte length
     before it is tokenized.
     """
     tokenizer = engine.tokenizer
-
-    def encode(text: str) -> list[int]:
-        check_prompt_bytes(engine, utf8_length(text), requested, param)
-        return tokenizer.encode(text)
-
-    if isinstance(prompt, str):
-        prompts: list[list[int]] = [encode(prompt)]
-    elif not prompt:
-        raise invalid_request("'prompt' must not be an empty list.", "prompt", "empty_array")
-    elif all(isinstance(p, str) for p in prompt):
-        if len(prompt) > MAX_PROMPTS:
-            raise invalid_request(f"At most {MAX_PROMPTS} prompts per request.", "prompt")
-        prompts = [encode(p) for p in prompt]
-    elif all(isinstance(p, int) for p in prompt):
-        prompts = [list(prompt)]
-    elif all(isinstance(p, list) for p in prompt):
-        prompts = [list(p) for p in prompt]
-    else:
-        raise invalid_request(
-            "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists.",
-            "prompt",
-        )
-    if len(prompts) > MAX_PROMPTS:
-        raise invalid_request(f"At most {MAX_PROMPTS} prompts per request.", "prompt")
-    vocab = tokenizer.vocab_size
-    for i, ids in enumerate(prompts):
-        if not ids:
-            raise invalid_request(
-                "The prompt is empty after tokenization.", "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-            )
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise invalid_request(f"Token id {bad} is outside the vocabulary (0..{vocab - 1}).", "prompt")
-    return prompts
+    out: list[list[int]] = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, list):
+            out.append(prompt)
+            continue
+        check_prompt_bytes(engine, utf8_length(prompt), requested, "prompt")
+        ids = tokenizer.encode(prompt)
+        check_token_ids(ids, i, len(prompts), tokenizer.vocab_size)
+        out.append(ids)
+    return out
 
 
 def prepare(engine: Engine, req: CompletionRequest, *, max_tokens_cap: int | None = None) -> Plan:
     """Validate, tokenize and check the context window of every prompt (nothing is admitted yet)."""
     model = check_model(engine, req.model)
-    reject_unsupported(req)
-    stops = parse_stops(req.stop)
-    if req.stream_options is not None and not req.stream:
-        raise invalid_request("'stream_options' is only allowed when 'stream' is true.", "stream_options")
+    checks = check_completion(req, local_target(engine))
     tokenizer = engine.tokenizer
-    prompts = tokenize_prompts(engine, req.prompt, req.max_tokens, "prompt")
-    n = req.n or 1
-    if len(prompts) * n > MAX_CHOICES:
-        raise invalid_request(f"At most {MAX_CHOICES} choices per request (prompts x n), got {len(prompts) * n}.", "n")
+    prompts = tokenize_prompts(engine, checks.prompts, req.max_tokens)
     longest = max(len(p) for p in prompts)
     max_tokens = resolve_max_tokens(engine, longest, req.max_tokens, "max_tokens", max_tokens_cap)
     params = sampling_params(
         req,
         max_tokens=max_tokens,
-        vocab_size=tokenizer.vocab_size,
+        logit_bias=checks.logit_bias,
         penalties=req,
         ignore_eos=req.ignore_eos,
         logprobs=req.logprobs,
@@ -119,11 +76,11 @@ def prepare(engine: Engine, req: CompletionRequest, *, max_tokens_cap: int | Non
         prompts,
         params,
         tokenizer=tokenizer,
-        stops=stops,
+        stops=checks.stops,
         stream=bool(req.stream),
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
         explicit_max_tokens=req.max_tokens is not None,
-        n=n,
+        n=checks.n,
         echo=bool(req.echo),
     )
 

@@ -8,8 +8,9 @@ import msgspec
 
 from schemas.native.generate import DEFAULT_MAX_NEW_TOKENS, GenerateRequest, GenerateResponse, StreamEvent
 from server.engine.base import Engine, EngineError
+from server.serving.checks import check_generate
 from server.serving.choices import collect, engine_failure, run_choices
-from server.serving.common import Plan, check_model, make_plan, parse_stops, resolve_max_tokens, sampling_params
+from server.serving.common import Plan, check_model, make_plan, resolve_max_tokens, sampling_params
 from server.serving.completions import tokenize_prompts
 from server.serving.streaming import error_event
 
@@ -17,8 +18,8 @@ from server.serving.streaming import error_event
 def prepare(engine: Engine, req: GenerateRequest, *, stream: bool, max_tokens_cap: int | None = None) -> Plan:
     """Validate, tokenize and check the context window (nothing is admitted yet)."""
     model = check_model(engine, req.model)
-    stops = parse_stops(req.stop)
-    prompt = tokenize_prompts(engine, req.prompt)[0]
+    stops = check_generate(req)
+    prompt = tokenize_prompts(engine, [req.prompt])[0]
     if req.max_new_tokens is None:  # the default, within the role's cap and the room the context leaves
         room = resolve_max_tokens(engine, len(prompt), None, "max_new_tokens", max_tokens_cap)
         max_tokens = min(DEFAULT_MAX_NEW_TOKENS, room)

@@ -35,11 +35,6 @@ from server.serving.remote import RemoteCall
 from server.serving.streaming import error_event
 
 
-class _Usage(msgspec.Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
 class _Delta(msgspec.Struct):
     content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -63,7 +58,7 @@ class _Body(msgspec.Struct):
     """A chunk or a whole response, of either family (fields the other family has are absent)."""
 
     choices: list[_Choice] = []
-    usage: _Usage | None = None
+    usage: Any = None
     error: Any = None
 
 
@@ -76,14 +71,23 @@ def malformed(name: str, what: str) -> OpenAIError:
     )
 
 
-def _usage(u: _Usage | None) -> CompletionUsage | None:
-    if u is None:
+MAX_USAGE_TOKENS = 2**53
+"""Counts at or above this are not counts (an upstream that says so is treated as reporting nothing)."""
+
+
+def _count(value: Any) -> int | None:
+    return value if type(value) is int and 0 <= value < MAX_USAGE_TOKENS else None
+
+
+def _usage(value: Any) -> CompletionUsage | None:
+    """The upstream's usage, or ``None`` (estimate instead) unless both counts are there as whole numbers ≥ 0:
+    ``{}``, ``null``, a missing count, ``"11"``, ``1.5``, ``true`` or ``-3`` bill nothing on the upstream's word."""
+    if not isinstance(value, dict):
         return None
-    return CompletionUsage(
-        prompt_tokens=u.prompt_tokens,
-        completion_tokens=u.completion_tokens,
-        total_tokens=u.prompt_tokens + u.completion_tokens,
-    )
+    prompt, completion = _count(value.get("prompt_tokens")), _count(value.get("completion_tokens"))
+    if prompt is None or completion is None:
+        return None
+    return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def _convert(value: Any, kind: type[Any]) -> Any:
@@ -248,8 +252,9 @@ class _Framer:
 
     def push(self, chunk: _Body) -> list[msgspec.Struct]:
         call = self.call
-        if chunk.usage is not None:
-            call.upstream_usage = _usage(chunk.usage)
+        usage = _usage(chunk.usage)
+        if usage is not None:  # vLLM sends ``"usage": null`` on every chunk before the last
+            call.upstream_usage = usage
         out: list[msgspec.Struct] = []
         for ch in chunk.choices:
             r = call.results.get(ch.index)

@@ -1,15 +1,16 @@
-"""Requests for remote models: what is sent upstream, what the gateway reserves, and how usage is counted.
+"""Requests for remote models: the local checks, what is sent upstream, what is reserved, how usage is counted.
 
-The client's own JSON body is forwarded (unknown fields included, as an OpenAI-compatible proxy should) with
-three changes: ``model`` becomes the upstream's name, a stream always asks the upstream for
-``stream_options.include_usage``, and a request without max tokens gets the role's cap when the role has one.
+A request for a remote model passes exactly the checks a local model's does (the same body gets the same 400),
+and what goes upstream is built from the validated request (:mod:`server.serving.forward`): unknown fields are
+dropped, ``model`` is the upstream's name, a stream always asks for ``stream_options.include_usage``, and max
+tokens is one value, always sent: the client's (within the role's cap) or the gateway's reservation, so the
+upstream can never generate more than was reserved against the quota.
 
 Nothing here has the upstream's tokenizer, so the prompt is measured twice before the request: an upper bound
-(its UTF-8 bytes as JSON: a byte-level BPE token covers at least one byte, and the JSON punctuation outweighs
-a chat template's few special tokens per message) reserved against the monthly quota, and an estimate (about
-four bytes per token) counted against TPM. Both are reconciled to the upstream's reported usage at the end;
-when the upstream reports none, usage is counted from the stream (one token per content piece) or estimated
-from the text, and marked as estimated.
+(its UTF-8 bytes as JSON: a byte-level token covers at least one byte; plus room for what a chat template adds)
+reserved against the monthly quota, and an estimate (about four bytes per token) counted against TPM. Both are
+reconciled to the upstream's reported usage at the end; when the upstream reports none (or nonsense), usage is
+counted from the stream (one token per content piece) or estimated from the text, and marked as estimated.
 """
 
 from __future__ import annotations
@@ -21,17 +22,25 @@ from typing import Any, Literal
 
 import msgspec
 
-from schemas.native.generate import DEFAULT_MAX_NEW_TOKENS, GenerateRequest
+from schemas.native.generate import GenerateRequest
 from schemas.openai.chat import ChatCompletionRequest, ToolCall
 from schemas.openai.common import CompletionUsage
 from schemas.openai.completions import CompletionRequest
 from server.models_file import RemoteModel
+from server.serving.chat_checks import check_chat
+from server.serving.checks import Target, check_completion, check_generate, empty_prompt, generate_max_tokens
 from server.serving.common import new_id, now
+from server.serving.forward import chat_body, completion_body
 
 DEFAULT_RESERVE_TOKENS = 4096
-"""Completion tokens reserved for a request without max tokens when the entry sets no ``max_model_len``."""
+"""Max tokens per choice of a request without one when neither the role's cap nor the entry's ``max_model_len``
+bounds it (sent upstream too)."""
 BYTES_PER_TOKEN = 4
-PER_MESSAGE_TOKENS = 4
+CHAT_TEMPLATE_TOKENS = 256
+"""Room in a chat prompt's upper bound for what an upstream's template adds to the messages and tools (a default
+system prompt, a tool-calling preamble, the special tokens of each turn)."""
+PROMPT_EXTRA_TOKENS = 2
+"""Room in a raw prompt's upper bound for the special tokens an upstream may add (BOS, EOS)."""
 _CACHE_VERSION = 1
 
 Family = Literal["chat", "completions", "generate"]
@@ -71,6 +80,8 @@ class RemoteCall:
     explicit_max_tokens: bool
     cacheable: bool
     prompt_text: str
+    sequences: int = 1
+    """Choices the upstream generates (``n`` per prompt), counted against the key's sequences in flight."""
     results: dict[int, ChoiceResult] = field(default_factory=dict)
     upstream_usage: CompletionUsage | None = None
     cached: bool = False
@@ -112,12 +123,21 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text.encode()) / BYTES_PER_TOKEN)
 
 
-def _reserve(entry: RemoteModel, bound: int, requested: int | None, n: int) -> int:
+def per_choice_max_tokens(requested: int | None, cap: int | None, window: int | None, bound: int, estimate: int) -> int:
+    """The one max-tokens value sent upstream for each choice, which is what the gateway reserves for it.
+
+    What the client asked for, within the role's ``cap``. Without that, as many as fit in the upstream's
+    ``window`` (within the ``cap``): the room the prompt's upper ``bound`` leaves, which can never make the upstream
+    refuse a prompt that fits, or half the room its ``estimate`` leaves, whichever is larger (at least 1). The half
+    keeps text of two bytes per token (code, CJK) within the window, where the bound's room is small or gone for a
+    long prompt; past the window the upstream refuses the prompt, as it would without max tokens.
+    ``DEFAULT_RESERVE_TOKENS`` when neither a window nor a cap is known.
+    """
     if requested is not None:
-        return requested * n
-    if entry.max_model_len is not None:
-        return max(0, entry.max_model_len - bound) * n
-    return DEFAULT_RESERVE_TOKENS * n
+        return requested if cap is None else min(requested, cap)
+    room = None if window is None else max(window - bound, (window - estimate) // 2, 1)
+    limits = [v for v in (cap, room) if v is not None]
+    return min(limits) if limits else DEFAULT_RESERVE_TOKENS
 
 
 def _call(
@@ -125,24 +145,23 @@ def _call(
     entry: RemoteModel,
     payload: dict[str, Any],
     *,
-    prompt_bytes: int,
+    bound: int,
+    estimate: int,
     prompt_text: str,
-    messages: int,
-    requested: int | None,
-    cap: int | None,
-    n: int,
+    per_choice: int,
+    choices: int,
+    explicit: bool,
     stream: bool,
     include_usage: bool,
     deterministic: bool,
 ) -> RemoteCall:
-    payload["model"] = entry.target_model
-    if requested is None and cap is not None:
-        payload["max_tokens"] = requested = cap
+    payload["max_tokens"] = per_choice
+    if family == "chat":
+        payload["max_completion_tokens"] = per_choice  # an upstream honours one name or the other: both say the same
     if stream:
-        options = payload.get("stream_options")
-        payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        payload["stream"] = True
+        payload["stream_options"] = {"include_usage": True}
     prefix = {"chat": "chatcmpl", "completions": "cmpl", "generate": "gen"}[family]
-    estimate = estimate_tokens(prompt_text) + PER_MESSAGE_TOKENS * messages
     return RemoteCall(
         family=family,
         id=new_id(prefix),
@@ -152,78 +171,82 @@ def _call(
         payload=payload,
         stream=stream,
         include_usage=include_usage,
-        prompt_bound=max(prompt_bytes, estimate),
+        prompt_bound=max(bound, estimate),
         prompt_estimate=estimate,
-        max_new_tokens=_reserve(entry, prompt_bytes, requested, n),
-        explicit_max_tokens=requested is not None,
+        max_new_tokens=per_choice * choices,
+        explicit_max_tokens=explicit,
         cacheable=deterministic and not payload.get("logprobs") and not payload.get("tools"),
         prompt_text=prompt_text,
+        sequences=choices,
     )
 
 
 def prepare_chat(
-    raw: dict[str, Any], req: ChatCompletionRequest, entry: RemoteModel, *, max_tokens_cap: int | None
+    req: ChatCompletionRequest, entry: RemoteModel, *, max_tokens_cap: int | None, max_messages: int | None
 ) -> RemoteCall:
-    """A chat request for ``entry``'s upstream (``raw`` is the client's decoded JSON body)."""
-    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    measured = msgspec.json.encode([raw.get("messages"), raw.get("tools"), raw.get("functions")])
-    text = "\n".join(_message_text(m) for m in req.messages)
+    """A chat request for ``entry``'s upstream: the local checks, then the validated body (400 as a local model)."""
+    checks = check_chat(req, Target(entry.name), max_messages=max_messages)
+    payload = chat_body(req, checks, entry.target_model)
+    # Messages and tools as sent, in JSON: a byte-level token covers at least one byte, and the JSON punctuation
+    # stands in for a template's few tokens per message; the estimate is a quarter of it.
+    measured = len(msgspec.json.encode([payload["messages"], payload.get("tools")]))
+    bound, estimate = measured + CHAT_TEMPLATE_TOKENS, math.ceil(measured / BYTES_PER_TOKEN)
+    n = req.n or 1
     return _call(
         "chat",
         entry,
-        dict(raw),
-        prompt_bytes=len(measured),
-        prompt_text=text,
-        messages=len(req.messages),
-        requested=requested,
-        cap=max_tokens_cap,
-        n=req.n or 1,
+        payload,
+        bound=bound,
+        estimate=estimate,
+        prompt_text="\n".join(m["content"] or "" for m in checks.messages),
+        per_choice=per_choice_max_tokens(checks.max_tokens, max_tokens_cap, entry.max_model_len, bound, estimate),
+        choices=n,
+        explicit=checks.max_tokens is not None,
         stream=bool(req.stream),
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
         deterministic=req.temperature == 0 or req.seed is not None,
     )
 
 
-def prepare_completion(
-    raw: dict[str, Any], req: CompletionRequest, entry: RemoteModel, *, max_tokens_cap: int | None
-) -> RemoteCall:
-    """A text-completion request for ``entry``'s upstream."""
-    prompts = req.prompt if isinstance(req.prompt, list) else [req.prompt]
-    token_ids = sum(1 if isinstance(p, int) else len(p) for p in prompts if not isinstance(p, str))
-    texts = [p for p in prompts if isinstance(p, str)]
-    text = "\n".join(texts)
-    payload = dict(raw)
-    if req.max_tokens is not None:
-        payload["max_tokens"] = req.max_tokens  # OpenAI's default of 16 when the client sent none
-    n = (req.n or 1) * max(1, len([p for p in prompts if not isinstance(p, int)]))
-    call = _call(
+def prepare_completion(req: CompletionRequest, entry: RemoteModel, *, max_tokens_cap: int | None) -> RemoteCall:
+    """A text-completion request for ``entry``'s upstream (the local checks first)."""
+    checks = check_completion(req, Target(entry.name))
+    sizes: list[tuple[int, int]] = []  # (upper bound, estimate) of each prompt
+    for i, prompt in enumerate(checks.prompts):
+        if isinstance(prompt, str):
+            if not prompt:
+                raise empty_prompt(i, len(checks.prompts))
+            sizes.append((len(prompt.encode()) + PROMPT_EXTRA_TOKENS, estimate_tokens(prompt)))
+        else:
+            sizes.append((len(prompt) + PROMPT_EXTRA_TOKENS, len(prompt)))
+    longest = max(sizes)
+    texts = [p for p in checks.prompts if isinstance(p, str)]
+    return _call(
         "completions",
         entry,
-        payload,
-        prompt_bytes=len(text.encode()) + token_ids,
-        prompt_text=text,
-        messages=0,
-        requested=req.max_tokens,
-        cap=max_tokens_cap,
-        n=n,
+        completion_body(req, checks.logit_bias, entry.target_model),
+        bound=sum(b for b, _ in sizes),
+        estimate=sum(e for _, e in sizes),
+        prompt_text="\n".join(texts),
+        per_choice=per_choice_max_tokens(req.max_tokens, max_tokens_cap, entry.max_model_len, *longest),
+        choices=checks.n * len(checks.prompts),
+        explicit=req.max_tokens is not None,
         stream=bool(req.stream),
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
         deterministic=req.temperature == 0 or req.seed is not None,
     )
-    call.prompt_estimate += token_ids
-    return call
 
 
 def prepare_generate(
-    req: GenerateRequest, entry: RemoteModel, *, stream: bool, max_tokens_cap: int | None = None
+    req: GenerateRequest, entry: RemoteModel, *, stream: bool, max_tokens_cap: int | None
 ) -> RemoteCall:
     """A native ``/v1/generate`` or ``/v1/stream`` request, sent upstream as a text completion."""
-    max_new_tokens = req.max_new_tokens
-    if max_new_tokens is None:  # the native default, within the role's cap
-        max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, max_tokens_cap or DEFAULT_MAX_NEW_TOKENS)
+    stops = check_generate(req)
+    if not req.prompt:
+        raise empty_prompt(0, 1)
     payload: dict[str, Any] = {
+        "model": entry.target_model,
         "prompt": req.prompt,
-        "max_tokens": max_new_tokens,
         "temperature": req.temperature,
         "top_p": req.top_p,
         "stream": stream,
@@ -232,33 +255,24 @@ def prepare_generate(
         payload["top_k"] = req.top_k  # vLLM's and llm-server's extension
     if req.min_p > 0:
         payload["min_p"] = req.min_p
-    if req.stop is not None:
-        payload["stop"] = req.stop
+    if stops:
+        payload["stop"] = stops
     if req.seed is not None:
         payload["seed"] = req.seed
     return _call(
         "generate",
         entry,
         payload,
-        prompt_bytes=len(req.prompt.encode()),
+        bound=len(req.prompt.encode()) + PROMPT_EXTRA_TOKENS,
+        estimate=estimate_tokens(req.prompt),
         prompt_text=req.prompt,
-        messages=0,
-        requested=max_new_tokens,
-        cap=None,
-        n=1,
+        per_choice=generate_max_tokens(req, max_tokens_cap),
+        choices=1,
+        explicit=True,
         stream=stream,
         include_usage=True,
         deterministic=req.temperature == 0 or req.seed is not None,
     )
-
-
-def _message_text(message: Any) -> str:
-    content = getattr(message, "content", None)
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(getattr(part, "text", "") or "" for part in content)
-    return ""
 
 
 # -- completion cache ----------------------------------------------------------------------------------------

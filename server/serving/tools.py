@@ -76,6 +76,13 @@ class FunctionTool:
         function["parameters"] = self.parameters
         return {"type": "function", "function": function}
 
+    def wire_dict(self) -> dict[str, Any]:
+        """The tool in OpenAI's request shape, as validated (what a remote model is sent)."""
+        tool = self.template_dict()
+        if self.strict:
+            tool["function"]["strict"] = True
+        return tool
+
     def call_schema(self) -> dict[str, Any]:
         """JSON Schema of one ``{"name": ..., "arguments": ...}`` call of this tool, name first."""
         arguments = self.parameters if "type" in self.parameters else {"type": "object", **self.parameters}
@@ -94,7 +101,7 @@ class ToolPlan:
     Attributes:
         mode: ``"none"`` (no tools, or ``tool_choice="none"``), ``"auto"``, ``"required"`` or ``"function"``
             (a named function).
-        tools: The request's tools (empty in ``"none"`` mode).
+        tools: The request's validated tools (also in ``"none"`` mode; empty without tools).
         template_tools: What to hand the chat template as ``tools``; ``None`` to render without tools.
         call_names: Names that count as calls in the output (only the named one in ``"function"`` mode).
         max_calls: Most calls per answer: 1 without ``parallel_tool_calls`` or with a named function.
@@ -151,7 +158,7 @@ def plan_tools(tools: Sequence[Any] | None, tool_choice: Any, parallel_tool_call
         seen.add(checked[-1].name)
     mode, named = _check_choice(tool_choice, seen)
     if mode == "none":
-        return ToolPlan("none")
+        return ToolPlan("none", tuple(checked))  # the tools are kept (a remote model is sent them), never rendered
     parallel = parallel_tool_calls is not False
     chosen = [t for t in checked if t.name == named] if named else checked
     constraint = None
