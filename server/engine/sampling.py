@@ -6,9 +6,13 @@ never used.
 
 One call handles the whole batch: greedy rows share one ``argmax``; sampled rows are filtered together
 (temperature, top-k, top-p, min-p as per-row tensors) and drawn by inverse CDF from one uniform number per row,
-taken from that row's generator. Later per-row features slot in without changing the call: penalties, logit bias
-and grammar masks are edits of a row's logits before selection (state on :class:`RowSampler`), logprobs read the
-same scaled scores.
+taken from that row's generator. Penalties, logit bias and grammar masks are edits of a row's logits before
+selection (state on :class:`RowSampler`); logprobs read the raw scores.
+
+A row's failure is that row's alone: a row whose logits are unusable (NaN or infinite scores from the model, nothing
+left to choose after its penalties, bias and mask, or a distribution that does not sum to a positive finite mass)
+or whose processing raises gets a :class:`RowError` instead of a token, and every other row of the batch is sampled
+exactly as if it were not there. No NaN or infinite score can ever turn into a token.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from server.engine.base import SamplingParams, TokenLogprob
+from server.engine.base import EngineError, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from server.engine.grammar import RowGrammar
@@ -29,6 +33,10 @@ if TYPE_CHECKING:
 # Nucleus sampling without top-k first tries this many candidates: sorting a 152k vocabulary each step costs
 # more than the forward pass, and the nucleus almost always lies within the top few hundred tokens.
 _TOP_P_CANDIDATES = 256
+
+
+class RowError(EngineError):
+    """One row of a batch cannot be sampled; its request fails and the rest of the batch goes on."""
 
 
 @dataclass(slots=True)
@@ -102,7 +110,7 @@ class Sampler:
         self._apply_masks = apply_masks
 
     @torch.no_grad()
-    def sample(self, logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int]:
+    def sample(self, logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int | RowError]:
         """Pick one token per row.
 
         Args:
@@ -111,72 +119,112 @@ class Sampler:
             rows: One :class:`RowSampler` per batch row, in the same order.
 
         Returns:
-            The chosen token id of each row.
+            The chosen token id of each row, or the :class:`RowError` that row failed with.
         """
         if logits.shape[0] != len(rows):
             raise ValueError(f"{logits.shape[0]} logit rows for {len(rows)} samplers")
         logits = logits[:, : self.vocab_limit]
-        if any(row.processed for row in rows):
-            logits = self._process(logits, rows)
+        failed: dict[int, RowError] = {}
+        # The model's own scores: NaN or +inf (a numerically broken forward for that row) can be neither sampled nor
+        # reported as logprobs. amax propagates NaN, so one reduction finds both, and rows with nothing finite.
+        for i in _unusable(logits):
+            failed[i] = RowError("the model produced unusable scores (NaN or infinite) for this request")
+        processed = [i for i, row in enumerate(rows) if row.processed and i not in failed]
+        if processed:
+            logits = self._process(logits, rows, failed)
+            for i in _unusable(logits):
+                if i in processed and i not in failed:
+                    failed[i] = RowError(
+                        "no token can be chosen: the output constraint, logit_bias and penalties left no finite score"
+                    )
         # One argmax serves every greedy row (exact in any dtype, so no float copy); .tolist() is the only sync.
-        chosen: list[int] = logits.argmax(dim=-1).tolist()
-        sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+        chosen: list[int | RowError] = list(logits.argmax(dim=-1).tolist())
+        sampled = [i for i, row in enumerate(rows) if not row.params.greedy and i not in failed]
         if sampled:
             index = torch.tensor(sampled, device=logits.device)
             picks = sample_rows(logits.index_select(0, index).float(), [rows[i] for i in sampled])
             for i, token in zip(sampled, picks, strict=True):
-                chosen[i] = token
+                if token is None:
+                    failed[i] = RowError("sampling found no probability mass (the scaled scores overflowed)")
+                else:
+                    chosen[i] = token
+        for i, error in failed.items():
+            chosen[i] = error
         return chosen
 
-    def _process(self, logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
+    def _process(
+        self, logits: torch.Tensor, rows: Sequence[RowSampler], failed: dict[int, RowError] | None = None
+    ) -> torch.Tensor:
         """A float copy of ``logits`` with each row's penalties, then its bias, then its grammar mask applied.
 
-        The grammar mask comes last so that no bias or penalty can make a forbidden token possible again.
+        The grammar mask comes last so that no bias or penalty can make a forbidden token possible again. A row whose
+        edit raises is recorded in ``failed`` (and left out of the masks); the others are edited as usual.
         """
+        failed = {} if failed is None else failed
         out = logits.float()  # a copy for half dtypes; a float32 input is cloned below
         if out.data_ptr() == logits.data_ptr():
             out = out.clone()
-        device = out.device
         for i, row in enumerate(rows):
-            p = row.params
-            if row.seen and p.repetition_penalty != 1.0:
-                ids = torch.tensor(sorted(row.seen), device=device)
-                ids = ids[ids < out.shape[1]]
-                vals = out[i, ids]
-                out[i, ids] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-            if row.counts and (p.presence_penalty or p.frequency_penalty):
-                ids = torch.tensor(list(row.counts), device=device)
-                counts = torch.tensor(list(row.counts.values()), dtype=out.dtype, device=device)
-                keep = ids < out.shape[1]
-                out[i, ids[keep]] -= counts[keep] * p.frequency_penalty + p.presence_penalty
-            if p.logit_bias:
-                ids = torch.tensor([t for t, _ in p.logit_bias], device=device)
-                bias = torch.tensor([b for _, b in p.logit_bias], dtype=out.dtype, device=device)
-                keep = ids < out.shape[1]
-                out[i, ids[keep]] += bias[keep]
-        grammars = [row.grammar for row in rows]
+            if i in failed or not row.processed:
+                continue
+            try:
+                self._edit(out, i, row)
+            except Exception as exc:
+                failed[i] = RowError(f"logit processing failed: {type(exc).__name__}: {exc}")
+        grammars = [None if i in failed else row.grammar for i, row in enumerate(rows)]
         if any(g is not None for g in grammars):
             if self._apply_masks is None:
                 raise RuntimeError("a constrained row reached a sampler without grammar masks")
-            self._apply_masks(out, grammars)
+            try:
+                self._apply_masks(out, grammars)
+            except Exception:
+                # Find the row(s) whose mask cannot be computed; masking a row again is harmless (idempotent).
+                for i, grammar in enumerate(grammars):
+                    if grammar is None:
+                        continue
+                    try:
+                        self._apply_masks(out[i : i + 1], [grammar])
+                    except Exception as exc:
+                        failed[i] = RowError(f"the output constraint failed: {type(exc).__name__}: {exc}")
         return out
+
+    @staticmethod
+    def _edit(out: torch.Tensor, i: int, row: RowSampler) -> None:
+        """Apply row ``i``'s repetition, presence and frequency penalties and its logit bias to ``out[i]``."""
+        p, device = row.params, out.device
+        if row.seen and p.repetition_penalty != 1.0:
+            ids = torch.tensor(sorted(row.seen), device=device)
+            ids = ids[ids < out.shape[1]]
+            vals = out[i, ids]
+            out[i, ids] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if row.counts and (p.presence_penalty or p.frequency_penalty):
+            ids = torch.tensor(list(row.counts), device=device)
+            counts = torch.tensor(list(row.counts.values()), dtype=out.dtype, device=device)
+            keep = ids < out.shape[1]
+            out[i, ids[keep]] -= counts[keep] * p.frequency_penalty + p.presence_penalty
+        if p.logit_bias:
+            ids = torch.tensor([t for t, _ in p.logit_bias], device=device)
+            bias = torch.tensor([b for _, b in p.logit_bias], dtype=out.dtype, device=device)
+            keep = ids < out.shape[1]
+            out[i, ids[keep]] += bias[keep]
 
     @torch.no_grad()
     def logprobs(
-        self, logits: torch.Tensor, rows: Sequence[RowSampler], chosen: Sequence[int]
+        self, logits: torch.Tensor, rows: Sequence[RowSampler], chosen: Sequence[int | RowError]
     ) -> list[TokenLogprob | None]:
         """The model's log probability of each row's ``chosen`` token and its top alternatives.
 
-        Only rows whose params ask for logprobs get an entry; the others get ``None``. The distribution is the
-        raw model's (``logits`` before temperature, penalties, bias and masks), as OpenAI reports it.
+        Only rows whose params ask for logprobs (and that got a token) get an entry; the others get ``None``. The
+        distribution is the raw model's (``logits`` before temperature, penalties, bias and masks), as OpenAI
+        reports it.
         """
-        want = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+        want = [i for i, row in enumerate(rows) if row.params.logprobs is not None and isinstance(chosen[i], int)]
         out: list[TokenLogprob | None] = [None] * len(rows)
         if not want:
             return out
         index = torch.tensor(want, device=logits.device)
         scores = logits[:, : self.vocab_limit].index_select(0, index)
-        targets = [chosen[i] for i in want]
+        targets = [t for t in (chosen[i] for i in want) if isinstance(t, int)]
         counts = [rows[i].params.logprobs or 0 for i in want]
         for i, entry in zip(want, token_logprobs(scores, targets, counts), strict=True):
             out[i] = entry
@@ -201,12 +249,13 @@ def token_logprobs(scores: torch.Tensor, targets: Sequence[int], top: Sequence[i
     return entries
 
 
-def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int]:
+def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int | None]:
     """Sample one token per row of float ``logits`` (``[n, vocab]``) with each row's own filters and generator.
 
     Filters apply in the order temperature, top-k, top-p, min-p; each sees the distribution renormalised after
     the previous one (as Transformers' warpers do). Rows with neither top-k nor top-p draw from the whole
-    vocabulary without sorting it; the others sort only their candidates.
+    vocabulary without sorting it; the others sort only their candidates. A row whose filtered distribution has no
+    positive finite mass (its scaled scores overflowed) gets ``None``, never a token.
     """
     device = logits.device
     # One uniform number per row from the row's own generator: the only per-row call, and the row's only draw.
@@ -214,7 +263,7 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int]:
     temperature = torch.tensor([row.params.temperature for row in rows], device=device)
     scores = logits / temperature.unsqueeze(1)
     vocab = scores.shape[-1]
-    chosen = [0] * len(rows)
+    chosen: list[int | None] = [None] * len(rows)
     full = [i for i, row in enumerate(rows) if not _needs_candidates(row.params, vocab)]
     ranked = [i for i, row in enumerate(rows) if _needs_candidates(row.params, vocab)]
     if full:
@@ -223,7 +272,7 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int]:
         probs = _min_p(probs, probs.amax(dim=-1, keepdim=True), [rows[i].params for i in full])
         picks = _inverse_cdf(probs, uniform.index_select(0, index)).tolist()
         for i, token in zip(full, picks, strict=True):
-            chosen[i] = token
+            chosen[i] = token if token >= 0 else None
     if ranked:
         short = _sample_ranked(scores, ranked, rows, uniform, chosen, candidates=None)
         if short:  # nucleus wider than the candidate window (flat distributions): sort those rows fully
@@ -240,7 +289,7 @@ def _sample_ranked(
     subset: list[int],
     rows: Sequence[RowSampler],
     uniform: torch.Tensor,
-    chosen: list[int],
+    chosen: list[int | None],
     candidates: int | None,
 ) -> list[int]:
     """Sample rows ``subset`` (which use top-k and/or top-p) from their sorted candidates into ``chosen``.
@@ -273,10 +322,11 @@ def _sample_ranked(
     before = torch.cumsum(probs, dim=-1) - probs
     probs = probs.masked_fill((before >= top_p) & (before > 0), 0.0)
     probs = _min_p(probs, probs[:, :1], params)
-    picks = ids.gather(1, _inverse_cdf(probs, uniform.index_select(0, index)).unsqueeze(1)).squeeze(1).tolist()
-    for i, token in zip(subset, picks, strict=True):
+    drawn = _inverse_cdf(probs, uniform.index_select(0, index))
+    picks = ids.gather(1, drawn.clamp(min=0).unsqueeze(1)).squeeze(1).tolist()
+    for i, token, ok in zip(subset, picks, (drawn >= 0).tolist(), strict=True):
         if i not in short:
-            chosen[i] = token
+            chosen[i] = token if ok else None
     return short
 
 
@@ -289,12 +339,25 @@ def _min_p(probs: torch.Tensor, top: torch.Tensor, params: Sequence[SamplingPara
 
 
 def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Index drawn from each row's unnormalised ``weights`` with that row's uniform number in [0, 1)."""
+    """Index drawn from each row's unnormalised ``weights`` with that row's uniform number in [0, 1).
+
+    A row whose total weight is not a positive finite number (NaN or infinite weights, or none at all) gets -1.
+    """
     cdf = torch.cumsum(weights, dim=-1)
-    target = uniform.unsqueeze(1) * cdf[:, -1:]
+    total = cdf[:, -1:]
+    # Keep the target strictly below the total whatever the generator gives (some device generators can return
+    # exactly 1), so the search ends on a token with weight, never on a zero-weight (masked) token after the last one.
+    target = torch.minimum(uniform.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
     # right=True: the first index whose cdf exceeds the target, so zero-weight tokens are never chosen.
-    index = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    return index.clamp_(max=weights.shape[-1] - 1)
+    index = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=weights.shape[-1] - 1)
+    usable = (torch.isfinite(total) & (total > 0)).squeeze(1)
+    return torch.where(usable, index, torch.full_like(index, -1))
+
+
+def _unusable(logits: torch.Tensor) -> list[int]:
+    """Rows of ``logits`` with a NaN or +inf score, or no finite score at all."""
+    finite: list[bool] = torch.isfinite(logits.amax(dim=-1)).tolist()
+    return [i for i, ok in enumerate(finite) if not ok]
 
 
 def _nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:

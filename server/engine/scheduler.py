@@ -10,12 +10,20 @@ One worker thread owns the model and runs :meth:`Scheduler.run`. Each step it
 
 So a running stream waits at most one prefill chunk plus one decode step between tokens.
 
-Failures: an exception in a prefill fails that prefill's requests; one in a decode step fails every running row
-(their cache is gone); a request the engine cannot prepare fails alone. The worker keeps serving. It gives up only
-when ``MAX_FAILED_STEPS`` steps in a row failed (no forward pass succeeded in between: the model or the device is
-broken, not one request) or when something escapes the step loop and would end the thread. It then records
-:attr:`Scheduler.failure`, fails every queued and running request with :class:`EngineError` and stops; the engine
-reports itself not ready from then on (readiness 503, new requests 503) until the process is restarted.
+Failures stay where they belong:
+
+- A row whose own work fails is finished with an :class:`EngineError` alone and leaves the batch; every other row
+  goes on untouched. That covers a request the engine cannot prepare, a row whose logits are unusable (NaN or
+  infinite scores), whose penalties, bias or grammar mask raise or leave no token to choose, and a row whose
+  grammar rejects the token it was given (see :mod:`server.engine.sampling`).
+- An exception in sampling or bookkeeping that cannot be pinned on one row fails the rows it touched (a prefill's
+  requests, or the running batch) but is not held against the engine: the model itself worked.
+- Only a failed model forward pass (a prefill chunk or a decode step) counts as the engine failing. It fails the
+  rows of that forward (their cache is gone). The worker gives up when ``MAX_FAILED_STEPS`` steps in a row had a
+  failed forward pass and none succeeded in between (the model or the device is broken, not one request), or when
+  something escapes the step loop and would end the thread. It then records :attr:`Scheduler.failure`, fails every
+  queued and running request with :class:`EngineError` and stops; the engine reports itself not ready from then on
+  (readiness 503, new requests 503) until the process is restarted.
 
 KV budget (``max_batch_tokens``): the running batch's padded footprint, ``rows x width`` of its left-padded cache,
 stays within the budget. A request is admitted only if the batch it joins fits, ``_ADMIT_HEADROOM`` steps of growth
@@ -38,14 +46,18 @@ from server.engine.base import Constraint, EngineError, EngineOverloaded, TokenL
 from server.engine.batch import PaddedBatch, PrefillJob
 from server.engine.hf_tokenizer import HFTokenizer
 from server.engine.pending import Pending
-from server.engine.sampling import Sampler
+from server.engine.sampling import RowError, Sampler
 
 logger = logging.getLogger("server.engine")
 
 # Admission leaves room for this many decode steps of growth, so a full batch does not preempt on the next step.
 _ADMIT_HEADROOM = 16
 MAX_FAILED_STEPS = 3
-"""Consecutive failed steps after which the engine is marked failed (see the module docstring)."""
+"""Consecutive steps with a failed forward pass after which the engine is marked failed (see the module docstring)."""
+
+
+class ForwardFailed(Exception):
+    """A model forward pass raised (its exception is ``__cause__``): the only failure held against the engine."""
 
 
 class Scheduler:
@@ -88,7 +100,8 @@ class Scheduler:
         self._job_rows: list[Pending] = []
         self._admitted = 0
         self._stopping = False
-        self._failed_steps = 0  # consecutive steps whose prefill or decode raised
+        self._failed_steps = 0  # consecutive steps whose prefill or decode forward pass raised
+        self._forward_ok = False  # a forward pass of the current step succeeded
         self.failure: str | None = None
         """Why the worker gave up (set once, by the worker); ``None`` while it serves."""
         self._compilers: dict[int, Any] = {}  # grammar compilers by tokenizer identity (built on first use)
@@ -165,7 +178,6 @@ class Scheduler:
                     self._reset_batch()
                     self._drop_job()
                     self._requeued.clear()
-                    self._step_failed(exc)
         self._fail(self._rows + self._job_rows + list(self._requeued), EngineOverloaded("the engine is shutting down"))
         self._reset_batch()
         self._drop_job()
@@ -174,33 +186,44 @@ class Scheduler:
     def _step(self) -> None:
         self.steps += 1
         self._drop_aborted()
-        error: Exception | None = None
-        ran = False
+        forward_error: Exception | None = None
+        self._forward_ok = False
         try:
             if self._job is not None or self._start_job():
-                ran = True
                 self._prefill()
         except Exception as exc:
-            logger.exception("prefill failed")
-            self._fail(self._job_rows, _failure(exc))
+            cause = _cause(exc)
+            logger.error("prefill failed", exc_info=cause)
+            self._fail(self._job_rows, _failure(cause))
             self._drop_job()
-            error = exc
+            if isinstance(exc, ForwardFailed):
+                forward_error = cause
         if self._rows:
-            ran = True
             try:
                 self._decode()
             except Exception as exc:
-                logger.exception("decode step failed")
-                self._fail(self._rows, _failure(exc))
+                cause = _cause(exc)
+                logger.error("decode step failed", exc_info=cause)
+                self._fail(self._rows, _failure(cause))
                 self._reset_batch()
-                error = exc
-        if error is not None:
-            self._step_failed(error)
-        elif ran:
+                if isinstance(exc, ForwardFailed):
+                    forward_error = cause
+        if forward_error is not None:
+            self._step_failed(forward_error)
+        elif self._forward_ok:
             self._failed_steps = 0
 
+    def _forward(self, run: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
+        """Run one model forward pass; its exception becomes :class:`ForwardFailed` (the engine's own failure)."""
+        try:
+            logits = run()
+        except Exception as exc:
+            raise ForwardFailed(f"{type(exc).__name__}: {exc}") from exc
+        self._forward_ok = True
+        return logits
+
     def _step_failed(self, exc: Exception) -> None:
-        """Count a failed step; give up after ``MAX_FAILED_STEPS`` in a row."""
+        """Count a step whose forward pass failed; give up after ``MAX_FAILED_STEPS`` in a row."""
         self._failed_steps += 1
         if self._failed_steps >= MAX_FAILED_STEPS:
             self._give_up(
@@ -296,17 +319,18 @@ class Scheduler:
         return compiler.matcher(constraint)
 
     def _prefill(self) -> None:
-        assert self._job is not None
-        logits = self._job.step(self._model, self._chunk)
+        job = self._job
+        assert job is not None
+        logits = self._forward(lambda: job.step(self._model, self._chunk))
         if logits is None:
             return
         rows = self._job_rows
         picks, logprobs = self._sample(logits, rows)
-        for row, prompt_lps in zip(rows, self._job.prompt_entries, strict=True):
+        for row, prompt_lps in zip(rows, job.prompt_entries, strict=True):
             if prompt_lps is not None:
                 row.prompt_logprobs, row.prompt_reported = prompt_lps, True
-        keep = [i for i, row in enumerate(rows) if row.advance(picks[i], logprobs[i])]
-        self._batch.extend(self._job.into_batch(keep))
+        keep = self._advance(rows, picks, logprobs)
+        self._batch.extend(job.into_batch(keep))
         self._rows += [rows[i] for i in keep]
         self._drop_job()
 
@@ -314,10 +338,31 @@ class Scheduler:
         self._preempt()
         self.peak_rows = max(self.peak_rows, len(self._rows))
         self.peak_footprint = max(self.peak_footprint, self._batch.size * (self._batch.width + 1))
-        logits = self._batch.decode(self._model, [row.tokens[-1] for row in self._rows])
+        tokens = [row.tokens[-1] for row in self._rows]
+        logits = self._forward(lambda: self._batch.decode(self._model, tokens))
+        assert logits is not None
         picks, logprobs = self._sample(logits, self._rows)
-        rows = self._rows
-        self._keep([i for i, row in enumerate(rows) if row.advance(picks[i], logprobs[i])])
+        self._keep(self._advance(self._rows, picks, logprobs))
+
+    def _advance(
+        self, rows: Sequence[Pending], picks: Sequence[int | RowError], logprobs: Sequence[TokenLogprob | None]
+    ) -> list[int]:
+        """Hand each row its token; return the indexes of the rows that keep running.
+
+        A row that got no token (a :class:`RowError`) or whose bookkeeping raises (its grammar rejects the token)
+        is failed here, alone: it leaves with the finished rows and the others are untouched.
+        """
+        keep: list[int] = []
+        for i, (row, pick) in enumerate(zip(rows, picks, strict=True)):
+            try:
+                if isinstance(pick, RowError):
+                    raise pick
+                if row.advance(pick, logprobs[i]):
+                    keep.append(i)
+            except Exception as exc:
+                logger.warning("request %s failed alone: %s", row.request.request_id, exc)
+                self._fail([row], exc if isinstance(exc, EngineError) else _failure(exc))
+        return keep
 
     def _preempt(self) -> None:
         """Evict the newest rows until the next step's batch fits the KV budget (one row always stays)."""
@@ -331,7 +376,9 @@ class Scheduler:
             logger.info("KV budget: preempted %d row(s) to recompute later", len(evicted))
             self._requeued = deque(sorted([*self._requeued, *evicted], key=lambda p: p.order))
 
-    def _sample(self, logits: torch.Tensor, rows: Sequence[Pending]) -> tuple[list[int], list[TokenLogprob | None]]:
+    def _sample(
+        self, logits: torch.Tensor, rows: Sequence[Pending]
+    ) -> tuple[list[int | RowError], list[TokenLogprob | None]]:
         samplers = [row.sampler for row in rows]
         assert all(s is not None for s in samplers)
         picks = self._sampler.sample(logits, samplers)  # type: ignore[arg-type]
@@ -352,6 +399,12 @@ class Scheduler:
         for row in rows:
             if not row.aborted:
                 row.emit(exc)
+
+
+def _cause(exc: Exception) -> Exception:
+    """The model's own exception behind a :class:`ForwardFailed`; any other exception as it is."""
+    cause = exc.__cause__
+    return cause if isinstance(exc, ForwardFailed) and isinstance(cause, Exception) else exc
 
 
 def _failure(exc: Exception) -> EngineError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -14,6 +15,7 @@ from litestar.testing import TestClient
 
 from server.app import create_app
 from server.engine.hf import HFEngine
+from server.engine.scheduler import MAX_FAILED_STEPS
 from tests.conftest import migrated_settings
 from tests.live import live_server
 
@@ -23,15 +25,64 @@ MESSAGES = [{"role": "user", "content": "Tell me about the for statement."}]
 
 
 @pytest.fixture(scope="module")
-def sdk(engine_app: tuple[HFEngine, Litestar, str]) -> Iterator[openai.OpenAI]:
-    with TestClient(engine_app[1]) as http:
+def http(engine_app: tuple[HFEngine, Litestar, str]) -> Iterator[TestClient[Litestar]]:
+    with TestClient(engine_app[1]) as client:
         deadline = time.monotonic() + 60
-        while http.get("/readyz").status_code != 200:
+        while client.get("/readyz").status_code != 200:
             assert time.monotonic() < deadline, "tiny model did not load"
             time.sleep(0.05)
-        yield openai.OpenAI(
-            base_url="http://testserver.local/v1", api_key=engine_app[2], http_client=http, max_retries=0
-        )
+        client.headers["Authorization"] = f"Bearer {engine_app[2]}"
+        yield client
+
+
+@pytest.fixture(scope="module")
+def sdk(http: TestClient[Litestar], engine_app: tuple[HFEngine, Litestar, str]) -> openai.OpenAI:
+    return openai.OpenAI(base_url="http://testserver.local/v1", api_key=engine_app[2], http_client=http, max_retries=0)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "grammar",
+    [{"response_format": {"type": "json_object"}}, {"tools": [WEATHER], "tool_choice": "required"}],
+    ids=["json_object", "tool_choice_required"],
+)
+def test_a_vanishing_temperature_under_a_grammar_is_greedy_and_the_engine_stays_ready(
+    http: TestClient[Litestar], engine_app: tuple[HFEngine, Litestar, str], grammar: dict[str, Any]
+) -> None:
+    # Dividing logits by 1e-40 overflowed them to inf/NaN, a forbidden token was sampled, and three such requests
+    # marked the engine failed for everyone. A temperature that small is greedy decoding.
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 12, **grammar}
+    greedy = http.post("/v1/chat/completions", json={**body, "temperature": 0})
+    assert greedy.status_code == 200, greedy.text
+    for _ in range(MAX_FAILED_STEPS + 1):
+        r = http.post("/v1/chat/completions", json={**body, "temperature": 1e-40})
+        assert r.status_code == 200, r.text
+        assert _without_ids(r) == _without_ids(greedy)
+    assert http.get("/readyz").status_code == 200
+    assert engine_app[0].failure is None
+
+
+def _without_ids(r: httpx.Response) -> dict[str, Any]:
+    """The response's message without its tool call ids (fresh per response)."""
+    message: dict[str, Any] = r.json()["choices"][0]["message"]
+    for call in message.get("tool_calls") or ():
+        call.pop("id")
+    return message
+
+
+def test_a_vanishing_repetition_penalty_is_refused(http: TestClient[Litestar]) -> None:
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 4, "repetition_penalty": 1e-40}
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "repetition_penalty"
 
 
 def test_streamed_text_equals_non_streamed_at_temperature_0(sdk: openai.OpenAI) -> None:
