@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from server.engine.base import GREEDY_BELOW, Constraint, EngineError, EngineRequest, SamplingParams
+from server.engine.draw import _inverse_cdf
 from server.engine.grammar_mask import forbidden_tokens
 from server.engine.hf import HFEngine
-from server.engine.sampling import RowError, RowSampler, Sampler, _inverse_cdf
+from server.engine.sampling import RowError, RowSampler, Sampler
 from server.engine.scheduler import MAX_FAILED_STEPS, Scheduler
 
 pytestmark = pytest.mark.slow
