@@ -265,3 +265,18 @@ class Engine(Protocol):
             EngineOverloaded: the queue is full or the engine is stopping (raised here, not by the iterator).
         """
         ...
+
+    def generate_group(self, requests: Sequence[EngineRequest]) -> list[RequestStream]:
+        """Admit the ``n`` samples of one prompt together and return their streams, in order.
+
+        The requests share ``prompt_token_ids`` (and ``prompt_logprobs``); their other parameters, the seed above
+        all, may differ. Admission is all or nothing: either every request is queued or ``EngineOverloaded`` is
+        raised and none is. An engine may prefill the shared prompt once and fork it into one row per request;
+        each request's output is still what :meth:`generate` would give it alone, and each stream is closed (and
+        aborts its own row) independently.
+
+        Raises:
+            EngineOverloaded: as for :meth:`generate`, when the whole group does not fit.
+            ValueError: the requests do not share one prompt.
+        """
+        ...

@@ -5,7 +5,10 @@ One worker thread owns the model and runs :meth:`Scheduler.run`. Each step it
 1. drops rows whose consumer went away (``aborted``), so a closed stream frees its row within one step;
 2. runs at most one prefill forward of at most ``prefill_chunk_tokens`` padded prompt tokens: either the next chunk
    of a long prompt, or a group of whole short prompts taken from the head of the FIFO queue. A finished prefill
-   samples each row's first token and merges the rows into the running batch;
+   samples each row's first token and merges the rows into the running batch. The ``n`` samples of one prompt
+   (submitted together, see :meth:`Scheduler.submit`) are prefilled once, as one prompt row, and forked into one
+   batch row each when it merges (their caches are copies); each keeps its own sampler and seed, so its tokens are
+   those it would get alone. As many forks as the batch bounds allow share one prefill; the rest wait for the next;
 3. runs one decode forward over every running row, samples one token per row, emits it, and drops finished rows.
 
 So a running stream waits at most one prefill chunk plus one decode step between tokens.
@@ -28,8 +31,9 @@ Failures stay where they belong:
 KV budget (``max_batch_tokens``): the running batch's padded footprint, ``rows x width`` of its left-padded cache,
 stays within the budget. A request is admitted only if the batch it joins fits, ``_ADMIT_HEADROOM`` steps of growth
 included; when growth would still overflow it, the newest rows are preempted: their cache is dropped and they wait
-at the front of the queue to be prefilled again from prompt + generated tokens (vLLM's recompute preemption). A
-single row always runs, even past the budget, so any request that fits the context can finish.
+at the front of the queue to be prefilled again from prompt + generated tokens (vLLM's recompute preemption; a
+preempted fork is prefilled again alone). A single row always runs, even past the budget, so any request that fits
+the context can finish. Every fork counts as a row.
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ class Scheduler:
         self._rows: list[Pending] = []  # one per batch row, in row order
         self._job: PrefillJob | None = None
         self._job_rows: list[Pending] = []
+        self._job_fanout: list[int] = []  # the job's prompt row of each of _job_rows (forks share one)
         self._admitted = 0
         self._stopping = False
         self._failed_steps = 0  # consecutive steps whose prefill or decode forward pass raised
@@ -110,6 +115,7 @@ class Scheduler:
         self.peak_footprint = 0
         self.preemptions = 0
         self.steps = 0
+        self.prefilled_tokens = 0  # prompt (and recomputed) tokens fed to prefill forwards, padding excluded
 
     # -- any thread ---------------------------------------------------------------------------------------------
     @property
@@ -120,16 +126,22 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self._rows) + len(self._job_rows)
 
-    def submit(self, pending: Pending) -> None:
-        """Queue ``pending`` (FIFO); raise :class:`EngineOverloaded` when the queue is full or stopping."""
+    def submit(self, pendings: Sequence[Pending]) -> None:
+        """Queue ``pendings`` together (FIFO), or none of them; raise :class:`EngineOverloaded` when they do not fit.
+
+        Requests that share a ``group`` (the samples of one prompt) stay adjacent in the queue, so a prefill can take
+        them together and fork its prompt row.
+        """
         with self._cv:
             if self.failure is not None:
                 raise EngineOverloaded(f"the engine failed: {self.failure}")
             if self._stopping:
                 raise EngineOverloaded("the engine is not running")
-            if len(self._waiting) >= self._max_queue_size:
+            if len(pendings) > self._max_queue_size:
+                raise EngineOverloaded(f"{len(pendings)} samples do not fit the request queue ({self._max_queue_size})")
+            if len(self._waiting) + len(pendings) > self._max_queue_size:
                 raise EngineOverloaded(f"the request queue is full ({self._max_queue_size} waiting)")
-            self._waiting.append(pending)
+            self._waiting.extend(pendings)
             self._cv.notify()
 
     def abort(self, pending: Pending) -> None:
@@ -254,9 +266,10 @@ class Scheduler:
             self._drop_job()  # partial rows in a live job are dropped when it merges (at most one chunk later)
 
     def _start_job(self) -> bool:
-        """Take a group of queued requests (FIFO) that fits every bound into a new prefill job."""
-        group: list[Pending] = []
-        contexts: list[list[int]] = []
+        """Take queued requests (FIFO) that fit every bound into a new prefill job; forks of a prompt share its row."""
+        taken: list[Pending] = []
+        contexts: list[list[int]] = []  # one per prompt row of the job
+        fanout: list[int] = []  # the prompt row of each taken request
         with self._cv:
             while True:
                 queue = self._requeued or self._waiting
@@ -266,34 +279,41 @@ class Scheduler:
                 if head.aborted or (head.sampler is None and not self._prepare_or_fail(head)):
                     queue.popleft()
                     continue
-                context = head.context()
-                if not self._fits(contexts, context):
+                fork = bool(taken) and head.forks(taken[-1])
+                context = None if fork else head.context()
+                if not self._fits(contexts, len(taken) + 1, context):
                     break
                 queue.popleft()
                 if head.order < 0:
                     head.order, self._admitted = self._admitted, self._admitted + 1
                 if head.stream is not None:
                     head.stream.mark_started()  # its queue time ends here (kept if it is preempted later)
-                group.append(head)
-                contexts.append(context)
-        if not group:
+                taken.append(head)
+                if context is not None:
+                    contexts.append(context)
+                fanout.append(len(contexts) - 1)
+        if not taken:
             return False
-        self._job_rows = group  # first, so that a failure below still reaches these requests
-        # Prompt logprobs are reported once: a preempted row being prefilled again does not ask twice.
-        want = [None if p.prompt_reported else p.request.params.prompt_logprobs for p in group]
+        self._job_rows, self._job_fanout = taken, fanout  # first, so that a failure below still reaches them
+        # Prompt logprobs are reported once: a preempted row being prefilled again does not ask twice. Forks share
+        # their first request's (the samples of one prompt ask alike).
+        firsts = [taken[fanout.index(r)] for r in range(len(contexts))]
+        want = [None if p.prompt_reported else p.request.params.prompt_logprobs for p in firsts]
         self._job = PrefillJob(
             contexts, self._model.config, self._device, prompt_logprobs=want, vocab_limit=self._sampler.vocab_limit
         )
         return True
 
-    def _fits(self, contexts: Sequence[Sequence[int]], context: Sequence[int]) -> bool:
-        rows = len(self._rows) + len(contexts) + 1
+    def _fits(self, contexts: Sequence[Sequence[int]], requests: int, context: Sequence[int] | None) -> bool:
+        """Whether a job of ``requests`` requests fits: prompt rows ``contexts`` plus ``context`` (None: a fork)."""
+        rows = len(self._rows) + requests
         if rows > self._max_rows:
             return False
-        width = max(len(context), *(len(c) for c in contexts)) if contexts else len(context)
-        if contexts and (len(contexts) + 1) * width > self._chunk:
+        widths = [len(c) for c in contexts] + ([] if context is None else [len(context)])
+        width = max(widths)
+        if len(widths) > 1 and len(widths) * width > self._chunk:
             return False  # only a lone prompt is chunked; a group prefills in one forward
-        if not self._rows and not contexts:
+        if not self._rows and requests == 1:
             return True  # a lone request always runs
         steps = -(-width // self._chunk)  # until it merges, while the batch grows one column per step
         merged = max(self._batch.width + steps, width) + 1 + _ADMIT_HEADROOM
@@ -321,16 +341,21 @@ class Scheduler:
     def _prefill(self) -> None:
         job = self._job
         assert job is not None
+        fed = job.fed
         logits = self._forward(lambda: job.step(self._model, self._chunk))
+        self.prefilled_tokens += job.fed - fed
         if logits is None:
             return
-        rows = self._job_rows
+        rows, fanout = self._job_rows, self._job_fanout
+        if len(rows) != job.rows:  # forks: one copy of their prompt row's logits each
+            logits = logits.index_select(0, torch.tensor(fanout, device=logits.device))
         picks, logprobs = self._sample(logits, rows)
-        for row, prompt_lps in zip(rows, job.prompt_entries, strict=True):
-            if prompt_lps is not None:
-                row.prompt_logprobs, row.prompt_reported = prompt_lps, True
+        for row, r in zip(rows, fanout, strict=True):
+            entries = job.prompt_entries[r]
+            if entries is not None:
+                row.prompt_logprobs, row.prompt_reported = list(entries), True
         keep = self._advance(rows, picks, logprobs)
-        self._batch.extend(job.into_batch(keep))
+        self._batch.extend(job.into_batch([fanout[i] for i in keep]))  # a forked prompt row is copied per fork
         self._rows += [rows[i] for i in keep]
         self._drop_job()
 
@@ -392,7 +417,7 @@ class Scheduler:
         self._batch, self._rows = PaddedBatch.empty(self._device), []
 
     def _drop_job(self) -> None:
-        self._job, self._job_rows = None, []
+        self._job, self._job_rows, self._job_fanout = None, [], []
 
     @staticmethod
     def _fail(rows: Sequence[Pending], exc: EngineError) -> None:

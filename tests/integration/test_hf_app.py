@@ -16,6 +16,7 @@ from litestar.testing import TestClient
 from server.app import create_app
 from server.engine.hf import HFEngine
 from server.engine.scheduler import MAX_FAILED_STEPS
+from server.serving.choices import derived_seed
 from tests.conftest import migrated_settings
 from tests.live import live_server
 
@@ -198,3 +199,41 @@ def test_disconnect_frees_the_real_engine(tiny_model_dir: Path, tmp_path: Path) 
         )
         assert r2.status_code == 200
         assert r2.json()["usage"]["completion_tokens"] == 3
+
+
+def test_n_samples_share_one_prefill_and_equal_the_same_samples_alone(
+    http: TestClient[Litestar], engine_app: tuple[HFEngine, Litestar, str]
+) -> None:
+    scheduler = engine_app[0]._scheduler
+    assert scheduler is not None
+    body = {"model": "tiny", "prompt": "The for statement", "max_tokens": 10, "temperature": 0.9, "seed": 42}
+    before = scheduler.prefilled_tokens
+    r = http.post("/v1/completions", json={**body, "n": 4})
+    assert r.status_code == 200, r.text
+    prompt_tokens = r.json()["usage"]["prompt_tokens"]
+    assert scheduler.prefilled_tokens - before == prompt_tokens  # one prefill for four samples
+    texts = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+    # Sample s runs with seed derived_seed(42, s): the same request with that seed and n=1 gives the same text.
+    for s, text in enumerate(texts):
+        seed = derived_seed(42, s)
+        assert seed is not None
+        alone = http.post("/v1/completions", json={**body, "seed": seed - 2**64 if seed >= 2**63 else seed})
+        assert alone.json()["choices"][0]["text"] == text, s
+    assert len(set(texts)) > 1
+
+
+def test_echo_with_logprobs_reaches_every_forked_choice(http: TestClient[Litestar]) -> None:
+    body = {"model": "tiny", "prompt": "x = [1, 2]", "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 2}
+    one = http.post("/v1/completions", json=body).json()["choices"][0]
+    two = http.post("/v1/completions", json={**body, "n": 2}).json()["choices"]
+    assert len(two) == 2
+    expected = one["logprobs"]
+    for choice in two:
+        assert choice["text"] == one["text"] and choice["text"].startswith("x = [1, 2]")
+        got = choice["logprobs"]
+        assert got["tokens"] == expected["tokens"] and got["text_offset"] == expected["text_offset"]
+        # Every fork has the prompt's entries; a batch of two may differ from one in the last float bits.
+        assert got["token_logprobs"][0] is None
+        assert got["token_logprobs"][1:] == pytest.approx(expected["token_logprobs"][1:], abs=1e-5)
+        for mine, theirs in zip(got["top_logprobs"][1:], expected["top_logprobs"][1:], strict=True):
+            assert mine == pytest.approx(theirs, abs=1e-5)
