@@ -12,9 +12,10 @@ TopP = Annotated[float, Meta(ge=0.0, le=1.0, description="Nucleus sampling proba
 TopK = Annotated[int, Meta(ge=-1, description="Extension: keep the k most likely tokens; 0 or -1 disables.")]
 MinP = Annotated[float, Meta(ge=0.0, le=1.0, description="Extension: minimum probability relative to the top token.")]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+# At least 0.01: dividing logits by a vanishing penalty overflows them to infinity.
 RepetitionPenalty = Annotated[
     float,
-    Meta(gt=0.0, le=10.0, description="Extension: divide (or multiply, if negative) seen tokens' logits; 1 = off."),
+    Meta(ge=0.01, le=10.0, description="Extension: divide (or multiply, if negative) seen tokens' logits; 1 = off."),
 ]
 LogitBias = dict[str, float]  # keys and the -100..100 range are checked against the vocabulary in serving
 MaxTokens = Annotated[int, Meta(ge=1, description="Maximum number of tokens to generate.")]

@@ -14,6 +14,10 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length"]
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily (as vLLM does): dividing logits by a tiny temperature overflows them to
+infinity, and the limit of sampling as the temperature goes to 0 is the most likely token anyway."""
+
 
 class EngineError(Exception):
     """The engine failed while running a request (not a client mistake)."""
@@ -58,7 +62,7 @@ class SamplingParams:
 
     Attributes:
         max_tokens: Hard cap on generated tokens (EOS included).
-        temperature: 0 means greedy decoding.
+        temperature: 0 (or anything below :data:`GREEDY_BELOW`) means greedy decoding.
         top_p: Nucleus sampling mass in (0, 1]; 1 disables it.
         top_k: Keep the k most likely tokens; 0 (or -1) disables it.
         min_p: Drop tokens whose probability is below ``min_p`` times the top token's; 0 disables it.
@@ -93,7 +97,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Decode greedily: the temperature is 0 or too small to divide logits by (see :data:`GREEDY_BELOW`)."""
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,5 +270,20 @@ class Engine(Protocol):
 
         Raises:
             EngineOverloaded: the queue is full or the engine is stopping (raised here, not by the iterator).
+        """
+        ...
+
+    def generate_group(self, requests: Sequence[EngineRequest]) -> list[RequestStream]:
+        """Admit the ``n`` samples of one prompt together and return their streams, in order.
+
+        The requests share ``prompt_token_ids`` (and ``prompt_logprobs``); their other parameters, the seed above
+        all, may differ. Admission is all or nothing: either every request is queued or ``EngineOverloaded`` is
+        raised and none is. An engine may prefill the shared prompt once and fork it into one row per request;
+        each request's output is still what :meth:`generate` would give it alone, and each stream is closed (and
+        aborts its own row) independently.
+
+        Raises:
+            EngineOverloaded: as for :meth:`generate`, when the whole group does not fit.
+            ValueError: the requests do not share one prompt.
         """
         ...

@@ -107,8 +107,8 @@ class PaddedBatch:
         self.mask = _stack_right_aligned(self.mask, other.mask, width, -1)
 
     def select(self, keep: Sequence[int]) -> None:
-        """Keep only rows ``keep`` (in that order) and trim columns that are padding in every kept row."""
-        if len(keep) == self.size:
+        """Keep only rows ``keep`` (in that order; a row listed twice is copied) and trim all-padding columns."""
+        if list(keep) == list(range(self.size)):
             return
         if not keep:
             self.cache, self.mask = None, self.mask[:0, :0]
@@ -164,6 +164,8 @@ class PrefillJob:
         self.positions = (self.mask.cumsum(dim=1) - 1).clamp_(min=0)
         self.cache = DynamicCache(config=config)
         self.done = 0  # columns already in the cache
+        self._lengths = [len(p) for p in prompts]
+        self.fed = 0  # real (unpadded) prompt tokens fed so far
 
     @property
     def rows(self) -> int:
@@ -200,6 +202,7 @@ class PrefillJob:
             logits_to_keep=0 if every else 1,
         )
         self.done = end
+        self.fed += sum(max(0, end - max(start, self.width - n)) for n in self._lengths)
         if every:
             self._score_prompts(out.logits, start, end)
         if not self.finished:
@@ -222,7 +225,10 @@ class PrefillJob:
             entries += token_logprobs(scores, targets, [want] * len(cols))
 
     def into_batch(self, keep: Sequence[int]) -> PaddedBatch:
-        """The finished job's rows ``keep`` as a batch ready to merge (the job is spent afterwards)."""
+        """The finished job's rows ``keep`` as a batch ready to merge (the job is spent afterwards).
+
+        A row listed more than once is copied: the forks of one prompt start from the same cache.
+        """
         batch = PaddedBatch(self.cache, self.mask)
         batch.select(keep)
         return batch

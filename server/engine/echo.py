@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from server.engine.base import (
     EngineDelta,
@@ -165,11 +165,15 @@ class EchoEngine:
         return self._tokenizer.encode(last_user_message(prompt))
 
     def generate(self, request: EngineRequest) -> RequestStream:
+        return self.generate_group([request])[0]
+
+    def generate_group(self, requests: Sequence[EngineRequest]) -> list[RequestStream]:
+        """One scripted stream per request (nothing to share without a model); all admitted or none."""
         if self._stopping:
             raise EngineOverloaded("The server is shutting down.")
-        if len(self._active) >= self._max_queue:
+        if len(self._active) + len(requests) > self._max_queue:
             raise EngineOverloaded("The request queue is full; retry shortly.")
-        return self._track(self._make_stream(request))
+        return [self._track(self._make_stream(request)) for request in requests]
 
     def _make_stream(self, request: EngineRequest) -> ScriptedStream:
         return ScriptedStream(

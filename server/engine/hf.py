@@ -13,6 +13,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -157,15 +158,38 @@ class HFEngine:
         Raises:
             EngineOverloaded: the queue is full, or the engine is not running.
         """
+        return self.generate_group([request])[0]
+
+    def generate_group(self, requests: Sequence[EngineRequest]) -> list[RequestStream]:
+        """Queue the samples of one prompt together (all or none) and return their streams, in order.
+
+        Their prompt is prefilled once and forked into one batch row per request (see
+        :mod:`server.engine.scheduler`); each row keeps its own parameters and seed.
+
+        Raises:
+            EngineOverloaded: they do not fit the queue, or the engine is not running.
+            ValueError: the requests do not share one prompt (and one ``prompt_logprobs``).
+        """
         failure = self.failure
         if failure is not None:
             raise EngineOverloaded(f"the engine failed: {failure}")
         if not self.ready or self._scheduler is None:
             raise EngineOverloaded("the engine is not running")
-        pending = Pending(request)
-        pending.stream = QueueStream(asyncio.get_running_loop(), partial(self._scheduler.abort, pending))
-        self._scheduler.submit(pending)
-        return pending.stream
+        if not requests:
+            return []
+        first = requests[0]
+        prompt = list(first.prompt_token_ids)
+        for other in requests[1:]:
+            same = other.prompt_token_ids is first.prompt_token_ids or list(other.prompt_token_ids) == prompt
+            if not same or other.params.prompt_logprobs != first.params.prompt_logprobs:
+                raise ValueError("the requests of a group must share one prompt and one prompt_logprobs")
+        group = object() if len(requests) > 1 else None
+        loop = asyncio.get_running_loop()
+        pendings = [Pending(request, group=group) for request in requests]
+        for pending in pendings:
+            pending.stream = QueueStream(loop, partial(self._scheduler.abort, pending))
+        self._scheduler.submit(pendings)
+        return [pending.stream for pending in pendings if pending.stream is not None]
 
     def _load(self) -> None:
         started = time.perf_counter()

@@ -31,6 +31,11 @@ class Pending:
     order: int = -1  # admission order; the newest rows are preempted first
     prompt_logprobs: list[TokenLogprob] | None = None  # computed by the prefill, sent with the first delta
     prompt_reported: bool = False
+    group: object | None = None  # shared by the samples of one prompt, which may share its prefill
+
+    def forks(self, other: Pending) -> bool:
+        """Whether this request can share ``other``'s prefill: a sample of the same prompt, neither one started."""
+        return self.group is not None and self.group is other.group and not self.tokens and not other.tokens
 
     def emit(self, item: EngineDelta | EngineError) -> None:
         assert self.stream is not None

@@ -5,23 +5,35 @@ One worker thread owns the model and runs :meth:`Scheduler.run`. Each step it
 1. drops rows whose consumer went away (``aborted``), so a closed stream frees its row within one step;
 2. runs at most one prefill forward of at most ``prefill_chunk_tokens`` padded prompt tokens: either the next chunk
    of a long prompt, or a group of whole short prompts taken from the head of the FIFO queue. A finished prefill
-   samples each row's first token and merges the rows into the running batch;
+   samples each row's first token and merges the rows into the running batch. The ``n`` samples of one prompt
+   (submitted together, see :meth:`Scheduler.submit`) are prefilled once, as one prompt row, and forked into one
+   batch row each when it merges (their caches are copies); each keeps its own sampler and seed, so its tokens are
+   those it would get alone. As many forks as the batch bounds allow share one prefill; the rest wait for the next;
 3. runs one decode forward over every running row, samples one token per row, emits it, and drops finished rows.
 
 So a running stream waits at most one prefill chunk plus one decode step between tokens.
 
-Failures: an exception in a prefill fails that prefill's requests; one in a decode step fails every running row
-(their cache is gone); a request the engine cannot prepare fails alone. The worker keeps serving. It gives up only
-when ``MAX_FAILED_STEPS`` steps in a row failed (no forward pass succeeded in between: the model or the device is
-broken, not one request) or when something escapes the step loop and would end the thread. It then records
-:attr:`Scheduler.failure`, fails every queued and running request with :class:`EngineError` and stops; the engine
-reports itself not ready from then on (readiness 503, new requests 503) until the process is restarted.
+Failures stay where they belong:
+
+- A row whose own work fails is finished with an :class:`EngineError` alone and leaves the batch; every other row
+  goes on untouched. That covers a request the engine cannot prepare, a row whose logits are unusable (NaN or
+  infinite scores), whose penalties, bias or grammar mask raise or leave no token to choose, and a row whose
+  grammar rejects the token it was given (see :mod:`server.engine.sampling`).
+- An exception in sampling or bookkeeping that cannot be pinned on one row fails the rows it touched (a prefill's
+  requests, or the running batch) but is not held against the engine: the model itself worked.
+- Only a failed model forward pass (a prefill chunk or a decode step) counts as the engine failing. It fails the
+  rows of that forward (their cache is gone). The worker gives up when ``MAX_FAILED_STEPS`` steps in a row had a
+  failed forward pass and none succeeded in between (the model or the device is broken, not one request), or when
+  something escapes the step loop and would end the thread. It then records :attr:`Scheduler.failure`, fails every
+  queued and running request with :class:`EngineError` and stops; the engine reports itself not ready from then on
+  (readiness 503, new requests 503) until the process is restarted.
 
 KV budget (``max_batch_tokens``): the running batch's padded footprint, ``rows x width`` of its left-padded cache,
 stays within the budget. A request is admitted only if the batch it joins fits, ``_ADMIT_HEADROOM`` steps of growth
 included; when growth would still overflow it, the newest rows are preempted: their cache is dropped and they wait
-at the front of the queue to be prefilled again from prompt + generated tokens (vLLM's recompute preemption). A
-single row always runs, even past the budget, so any request that fits the context can finish.
+at the front of the queue to be prefilled again from prompt + generated tokens (vLLM's recompute preemption; a
+preempted fork is prefilled again alone). A single row always runs, even past the budget, so any request that fits
+the context can finish. Every fork counts as a row.
 """
 
 from __future__ import annotations
@@ -38,14 +50,18 @@ from server.engine.base import Constraint, EngineError, EngineOverloaded, TokenL
 from server.engine.batch import PaddedBatch, PrefillJob
 from server.engine.hf_tokenizer import HFTokenizer
 from server.engine.pending import Pending
-from server.engine.sampling import Sampler
+from server.engine.sampling import RowError, Sampler
 
 logger = logging.getLogger("server.engine")
 
 # Admission leaves room for this many decode steps of growth, so a full batch does not preempt on the next step.
 _ADMIT_HEADROOM = 16
 MAX_FAILED_STEPS = 3
-"""Consecutive failed steps after which the engine is marked failed (see the module docstring)."""
+"""Consecutive steps with a failed forward pass after which the engine is marked failed (see the module docstring)."""
+
+
+class ForwardFailed(Exception):
+    """A model forward pass raised (its exception is ``__cause__``): the only failure held against the engine."""
 
 
 class Scheduler:
@@ -86,9 +102,11 @@ class Scheduler:
         self._rows: list[Pending] = []  # one per batch row, in row order
         self._job: PrefillJob | None = None
         self._job_rows: list[Pending] = []
+        self._job_fanout: list[int] = []  # the job's prompt row of each of _job_rows (forks share one)
         self._admitted = 0
         self._stopping = False
-        self._failed_steps = 0  # consecutive steps whose prefill or decode raised
+        self._failed_steps = 0  # consecutive steps whose prefill or decode forward pass raised
+        self._forward_ok = False  # a forward pass of the current step succeeded
         self.failure: str | None = None
         """Why the worker gave up (set once, by the worker); ``None`` while it serves."""
         self._compilers: dict[int, Any] = {}  # grammar compilers by tokenizer identity (built on first use)
@@ -97,6 +115,7 @@ class Scheduler:
         self.peak_footprint = 0
         self.preemptions = 0
         self.steps = 0
+        self.prefilled_tokens = 0  # prompt (and recomputed) tokens fed to prefill forwards, padding excluded
 
     # -- any thread ---------------------------------------------------------------------------------------------
     @property
@@ -107,16 +126,22 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self._rows) + len(self._job_rows)
 
-    def submit(self, pending: Pending) -> None:
-        """Queue ``pending`` (FIFO); raise :class:`EngineOverloaded` when the queue is full or stopping."""
+    def submit(self, pendings: Sequence[Pending]) -> None:
+        """Queue ``pendings`` together (FIFO), or none of them; raise :class:`EngineOverloaded` when they do not fit.
+
+        Requests that share a ``group`` (the samples of one prompt) stay adjacent in the queue, so a prefill can take
+        them together and fork its prompt row.
+        """
         with self._cv:
             if self.failure is not None:
                 raise EngineOverloaded(f"the engine failed: {self.failure}")
             if self._stopping:
                 raise EngineOverloaded("the engine is not running")
-            if len(self._waiting) >= self._max_queue_size:
+            if len(pendings) > self._max_queue_size:
+                raise EngineOverloaded(f"{len(pendings)} samples do not fit the request queue ({self._max_queue_size})")
+            if len(self._waiting) + len(pendings) > self._max_queue_size:
                 raise EngineOverloaded(f"the request queue is full ({self._max_queue_size} waiting)")
-            self._waiting.append(pending)
+            self._waiting.extend(pendings)
             self._cv.notify()
 
     def abort(self, pending: Pending) -> None:
@@ -165,7 +190,6 @@ class Scheduler:
                     self._reset_batch()
                     self._drop_job()
                     self._requeued.clear()
-                    self._step_failed(exc)
         self._fail(self._rows + self._job_rows + list(self._requeued), EngineOverloaded("the engine is shutting down"))
         self._reset_batch()
         self._drop_job()
@@ -174,33 +198,44 @@ class Scheduler:
     def _step(self) -> None:
         self.steps += 1
         self._drop_aborted()
-        error: Exception | None = None
-        ran = False
+        forward_error: Exception | None = None
+        self._forward_ok = False
         try:
             if self._job is not None or self._start_job():
-                ran = True
                 self._prefill()
         except Exception as exc:
-            logger.exception("prefill failed")
-            self._fail(self._job_rows, _failure(exc))
+            cause = _cause(exc)
+            logger.error("prefill failed", exc_info=cause)
+            self._fail(self._job_rows, _failure(cause))
             self._drop_job()
-            error = exc
+            if isinstance(exc, ForwardFailed):
+                forward_error = cause
         if self._rows:
-            ran = True
             try:
                 self._decode()
             except Exception as exc:
-                logger.exception("decode step failed")
-                self._fail(self._rows, _failure(exc))
+                cause = _cause(exc)
+                logger.error("decode step failed", exc_info=cause)
+                self._fail(self._rows, _failure(cause))
                 self._reset_batch()
-                error = exc
-        if error is not None:
-            self._step_failed(error)
-        elif ran:
+                if isinstance(exc, ForwardFailed):
+                    forward_error = cause
+        if forward_error is not None:
+            self._step_failed(forward_error)
+        elif self._forward_ok:
             self._failed_steps = 0
 
+    def _forward(self, run: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
+        """Run one model forward pass; its exception becomes :class:`ForwardFailed` (the engine's own failure)."""
+        try:
+            logits = run()
+        except Exception as exc:
+            raise ForwardFailed(f"{type(exc).__name__}: {exc}") from exc
+        self._forward_ok = True
+        return logits
+
     def _step_failed(self, exc: Exception) -> None:
-        """Count a failed step; give up after ``MAX_FAILED_STEPS`` in a row."""
+        """Count a step whose forward pass failed; give up after ``MAX_FAILED_STEPS`` in a row."""
         self._failed_steps += 1
         if self._failed_steps >= MAX_FAILED_STEPS:
             self._give_up(
@@ -231,9 +266,10 @@ class Scheduler:
             self._drop_job()  # partial rows in a live job are dropped when it merges (at most one chunk later)
 
     def _start_job(self) -> bool:
-        """Take a group of queued requests (FIFO) that fits every bound into a new prefill job."""
-        group: list[Pending] = []
-        contexts: list[list[int]] = []
+        """Take queued requests (FIFO) that fit every bound into a new prefill job; forks of a prompt share its row."""
+        taken: list[Pending] = []
+        contexts: list[list[int]] = []  # one per prompt row of the job
+        fanout: list[int] = []  # the prompt row of each taken request
         with self._cv:
             while True:
                 queue = self._requeued or self._waiting
@@ -243,34 +279,41 @@ class Scheduler:
                 if head.aborted or (head.sampler is None and not self._prepare_or_fail(head)):
                     queue.popleft()
                     continue
-                context = head.context()
-                if not self._fits(contexts, context):
+                fork = bool(taken) and head.forks(taken[-1])
+                context = None if fork else head.context()
+                if not self._fits(contexts, len(taken) + 1, context):
                     break
                 queue.popleft()
                 if head.order < 0:
                     head.order, self._admitted = self._admitted, self._admitted + 1
                 if head.stream is not None:
                     head.stream.mark_started()  # its queue time ends here (kept if it is preempted later)
-                group.append(head)
-                contexts.append(context)
-        if not group:
+                taken.append(head)
+                if context is not None:
+                    contexts.append(context)
+                fanout.append(len(contexts) - 1)
+        if not taken:
             return False
-        self._job_rows = group  # first, so that a failure below still reaches these requests
-        # Prompt logprobs are reported once: a preempted row being prefilled again does not ask twice.
-        want = [None if p.prompt_reported else p.request.params.prompt_logprobs for p in group]
+        self._job_rows, self._job_fanout = taken, fanout  # first, so that a failure below still reaches them
+        # Prompt logprobs are reported once: a preempted row being prefilled again does not ask twice. Forks share
+        # their first request's (the samples of one prompt ask alike).
+        firsts = [taken[fanout.index(r)] for r in range(len(contexts))]
+        want = [None if p.prompt_reported else p.request.params.prompt_logprobs for p in firsts]
         self._job = PrefillJob(
             contexts, self._model.config, self._device, prompt_logprobs=want, vocab_limit=self._sampler.vocab_limit
         )
         return True
 
-    def _fits(self, contexts: Sequence[Sequence[int]], context: Sequence[int]) -> bool:
-        rows = len(self._rows) + len(contexts) + 1
+    def _fits(self, contexts: Sequence[Sequence[int]], requests: int, context: Sequence[int] | None) -> bool:
+        """Whether a job of ``requests`` requests fits: prompt rows ``contexts`` plus ``context`` (None: a fork)."""
+        rows = len(self._rows) + requests
         if rows > self._max_rows:
             return False
-        width = max(len(context), *(len(c) for c in contexts)) if contexts else len(context)
-        if contexts and (len(contexts) + 1) * width > self._chunk:
+        widths = [len(c) for c in contexts] + ([] if context is None else [len(context)])
+        width = max(widths)
+        if len(widths) > 1 and len(widths) * width > self._chunk:
             return False  # only a lone prompt is chunked; a group prefills in one forward
-        if not self._rows and not contexts:
+        if not self._rows and requests == 1:
             return True  # a lone request always runs
         steps = -(-width // self._chunk)  # until it merges, while the batch grows one column per step
         merged = max(self._batch.width + steps, width) + 1 + _ADMIT_HEADROOM
@@ -296,17 +339,23 @@ class Scheduler:
         return compiler.matcher(constraint)
 
     def _prefill(self) -> None:
-        assert self._job is not None
-        logits = self._job.step(self._model, self._chunk)
+        job = self._job
+        assert job is not None
+        fed = job.fed
+        logits = self._forward(lambda: job.step(self._model, self._chunk))
+        self.prefilled_tokens += job.fed - fed
         if logits is None:
             return
-        rows = self._job_rows
+        rows, fanout = self._job_rows, self._job_fanout
+        if len(rows) != job.rows:  # forks: one copy of their prompt row's logits each
+            logits = logits.index_select(0, torch.tensor(fanout, device=logits.device))
         picks, logprobs = self._sample(logits, rows)
-        for row, prompt_lps in zip(rows, self._job.prompt_entries, strict=True):
-            if prompt_lps is not None:
-                row.prompt_logprobs, row.prompt_reported = prompt_lps, True
-        keep = [i for i, row in enumerate(rows) if row.advance(picks[i], logprobs[i])]
-        self._batch.extend(self._job.into_batch(keep))
+        for row, r in zip(rows, fanout, strict=True):
+            entries = job.prompt_entries[r]
+            if entries is not None:
+                row.prompt_logprobs, row.prompt_reported = list(entries), True
+        keep = self._advance(rows, picks, logprobs)
+        self._batch.extend(job.into_batch([fanout[i] for i in keep]))  # a forked prompt row is copied per fork
         self._rows += [rows[i] for i in keep]
         self._drop_job()
 
@@ -314,10 +363,31 @@ class Scheduler:
         self._preempt()
         self.peak_rows = max(self.peak_rows, len(self._rows))
         self.peak_footprint = max(self.peak_footprint, self._batch.size * (self._batch.width + 1))
-        logits = self._batch.decode(self._model, [row.tokens[-1] for row in self._rows])
+        tokens = [row.tokens[-1] for row in self._rows]
+        logits = self._forward(lambda: self._batch.decode(self._model, tokens))
+        assert logits is not None
         picks, logprobs = self._sample(logits, self._rows)
-        rows = self._rows
-        self._keep([i for i, row in enumerate(rows) if row.advance(picks[i], logprobs[i])])
+        self._keep(self._advance(self._rows, picks, logprobs))
+
+    def _advance(
+        self, rows: Sequence[Pending], picks: Sequence[int | RowError], logprobs: Sequence[TokenLogprob | None]
+    ) -> list[int]:
+        """Hand each row its token; return the indexes of the rows that keep running.
+
+        A row that got no token (a :class:`RowError`) or whose bookkeeping raises (its grammar rejects the token)
+        is failed here, alone: it leaves with the finished rows and the others are untouched.
+        """
+        keep: list[int] = []
+        for i, (row, pick) in enumerate(zip(rows, picks, strict=True)):
+            try:
+                if isinstance(pick, RowError):
+                    raise pick
+                if row.advance(pick, logprobs[i]):
+                    keep.append(i)
+            except Exception as exc:
+                logger.warning("request %s failed alone: %s", row.request.request_id, exc)
+                self._fail([row], exc if isinstance(exc, EngineError) else _failure(exc))
+        return keep
 
     def _preempt(self) -> None:
         """Evict the newest rows until the next step's batch fits the KV budget (one row always stays)."""
@@ -331,7 +401,9 @@ class Scheduler:
             logger.info("KV budget: preempted %d row(s) to recompute later", len(evicted))
             self._requeued = deque(sorted([*self._requeued, *evicted], key=lambda p: p.order))
 
-    def _sample(self, logits: torch.Tensor, rows: Sequence[Pending]) -> tuple[list[int], list[TokenLogprob | None]]:
+    def _sample(
+        self, logits: torch.Tensor, rows: Sequence[Pending]
+    ) -> tuple[list[int | RowError], list[TokenLogprob | None]]:
         samplers = [row.sampler for row in rows]
         assert all(s is not None for s in samplers)
         picks = self._sampler.sample(logits, samplers)  # type: ignore[arg-type]
@@ -345,13 +417,19 @@ class Scheduler:
         self._batch, self._rows = PaddedBatch.empty(self._device), []
 
     def _drop_job(self) -> None:
-        self._job, self._job_rows = None, []
+        self._job, self._job_rows, self._job_fanout = None, [], []
 
     @staticmethod
     def _fail(rows: Sequence[Pending], exc: EngineError) -> None:
         for row in rows:
             if not row.aborted:
                 row.emit(exc)
+
+
+def _cause(exc: Exception) -> Exception:
+    """The model's own exception behind a :class:`ForwardFailed`; any other exception as it is."""
+    cause = exc.__cause__
+    return cause if isinstance(exc, ForwardFailed) and isinstance(cause, Exception) else exc
 
 
 def _failure(exc: Exception) -> EngineError:

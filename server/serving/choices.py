@@ -117,19 +117,26 @@ def admit(
 ) -> list[Choice]:
     """Submit ``n`` engine requests per prompt (choice ``p * n + s``); all or nothing (503 when the queue is full).
 
-    Sample ``s`` of a seeded request runs with :func:`derived_seed`, so every choice is reproducible alone.
+    The ``n`` samples of a prompt go to the engine as one group (:meth:`Engine.generate_group`), which prefills the
+    prompt once. Sample ``s`` of a seeded request runs with :func:`derived_seed`, so every choice is reproducible
+    alone.
     """
     choices: list[Choice] = []
     want_logprobs = params.logprobs is not None
     try:
         for p, ids in enumerate(prompts):
-            for sample in range(n):
-                i = p * n + sample
-                row_params = (
-                    params if sample == 0 else dataclasses.replace(params, seed=derived_seed(params.seed, sample))
+            group = [
+                EngineRequest(
+                    request_id=f"{request_id}-{p * n + sample}",
+                    prompt_token_ids=ids,
+                    params=params
+                    if sample == 0
+                    else dataclasses.replace(params, seed=derived_seed(params.seed, sample)),
                 )
-                req = EngineRequest(request_id=f"{request_id}-{i}", prompt_token_ids=ids, params=row_params)
-                choice = Choice(index=i, prompt_tokens=len(ids), stream=engine.generate(req), stops=stops)
+                for sample in range(n)
+            ]
+            for sample, stream in enumerate(engine.generate_group(group)):
+                choice = Choice(index=p * n + sample, prompt_tokens=len(ids), stream=stream, stops=stops)
                 choice.logprobs = [] if want_logprobs else None
                 choices.append(choice)
     except EngineOverloaded as exc:

@@ -281,7 +281,7 @@ class Plan:
     @property
     def deterministic(self) -> bool:
         """Greedy or explicitly seeded: the same request gives the same output."""
-        return self.params.temperature == 0.0 or self.params.seed is not None
+        return self.params.greedy or self.params.seed is not None
 
     @property
     def cacheable(self) -> bool:

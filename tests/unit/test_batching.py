@@ -168,11 +168,16 @@ async def test_closing_one_stream_frees_its_row_within_a_step(engine: HFEngine) 
     await anext(victim)
     with anyio.fail_after(10):
         await until(lambda: sched(engine).num_running == 4 and all(progress.values()) and len(progress) == 3)
-    steps = sched(engine).steps
+    # The victim's own row counts its tokens: they grow by one per step while it is in the batch, whatever the
+    # event loop's polling speed (counting engine steps while polling failed once on a loaded machine).
+    row = next(p for p in sched(engine)._rows if p.request.request_id == "victim")
+    at_close = len(row.tokens)
     await victim.aclose()
     with anyio.fail_after(5):
         await until(lambda: engine.num_running <= 3)
-    assert sched(engine).steps - steps <= 2  # dropped at the start of the next step (plus one racing read)
+    # The step in progress may still give it a token (plus one racing the read above); the next one drops it.
+    assert len(row.tokens) - at_close <= 2
+    assert row not in sched(engine)._rows
     results = await asyncio.gather(*keep)
     assert {r.request_id: res for r, res in zip(requests[1:], results, strict=True)} == {
         k: v for k, v in expected.items() if k != "c0"

@@ -156,6 +156,95 @@ def test_random_decoding_follows_a_strict_nested_schema(
         assert not re.search(r"\s", outside_strings(text)), text
 
 
+# --- (a') compact at every step: no whitespace token outside strings -------------------------------------------
+
+COMPACT = {"a": [1, -2.5e3, True, None, {"b": "x y\n\t"}], "c": {}, "d": [], "e": "", "f": [[], [{}]], "g": 0.5}
+COMPACT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "a": {"type": "array"},
+        "c": {"type": "object"},
+        "d": {"type": "array", "items": {"type": "integer"}},
+        "e": {"type": "string"},
+        "f": {"type": "array", "items": {"type": "array"}},
+        "g": {"type": "number"},
+    },
+    "required": ["a", "c", "d", "e", "f", "g"],
+    "additionalProperties": False,
+}
+
+
+def free_whitespace(texts: list[str], allowed_ids: set[int], in_string: bool, expected: str) -> list[str]:
+    """Allowed tokens that would put whitespace outside a JSON string where ``expected`` (the text to come) has none.
+
+    ``in_string`` is the lexer state before the token; whitespace inside strings is content, and whitespace that the
+    grammar's own literals spell (the framing's newlines) matches ``expected`` at the same offset.
+    """
+    bad = []
+    for token in allowed_ids:
+        inside, escaped = in_string, False
+        for j, ch in enumerate(texts[token]):
+            if inside:
+                if escaped:
+                    escaped = False
+                elif ch == "\\":
+                    escaped = True
+                elif ch == '"':
+                    inside = False
+            elif ch == '"':
+                inside = True
+            elif ch.isspace() and (j >= len(expected) or expected[j] != ch):
+                bad.append(texts[token])
+                break
+    return bad
+
+
+CASES = {
+    "json_object": (Constraint('{"type":"object"}'), "", ""),
+    "json_object_lenient": (Constraint('{"type":"object"}', lenient=True), "", ""),
+    "json_schema_strict": (Constraint(json.dumps(COMPACT_SCHEMA)), "", ""),
+    "json_schema_lenient": (Constraint(json.dumps(COMPACT_SCHEMA), lenient=True), "", ""),
+    "tools": (
+        Constraint('{"type":"object"}', lenient=True, prefix="<tool_call>\n", suffix="\n</tool_call>", max_items=None),
+        "<tool_call>\n{}\n</tool_call>\n<tool_call>\n",
+        "\n</tool_call>",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_no_whitespace_token_is_allowed_outside_strings_at_any_step(
+    tokenizer: Any, eos_ids: frozenset[int], compiler: GrammarCompiler, case: str
+) -> None:
+    """Walk a compact value character by character; at every step outside a string, check every allowed token."""
+    constraint, before, after = CASES[case]
+    compact = json.dumps(COMPACT, separators=(",", ":"))
+    text = before + compact + after
+    # What may follow the text: the next item's framing (unbounded items), or nothing but EOS.
+    tail = "\n<tool_call>\n" if constraint.max_items is None else ""
+    texts = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+    assert sum(1 for t in texts if t and not t.strip()) >= 20  # the vocabulary has whitespace-only tokens to offer
+    row = compiler.matcher(constraint)
+    in_string, escaped, whitespace_in_strings = False, False, 0
+    for k in range(len(text) + 1):
+        ids = allowed(row) - eos_ids
+        if in_string:
+            whitespace_in_strings += any(not texts[t].strip() for t in ids)
+        else:
+            assert not free_whitespace(texts, ids, False, (text + tail)[k:]), (case, text[:k])
+        if k == len(text):
+            break
+        ch = text[k]
+        (token,) = tokenizer.encode(ch, add_special_tokens=False)
+        row.consume(token)
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        else:
+            in_string = ch == '"'
+    assert whitespace_in_strings  # inside strings whitespace is content, and the check above would have seen it
+    assert row.is_accepting
+
+
 # --- (b) framing: prefix, suffix, separator, item counts ------------------------------------------------------
 
 

@@ -15,9 +15,10 @@ from transformers import AutoTokenizer
 
 from server.engine.base import Engine, EngineError, EngineOverloaded, EngineRequest, SamplingParams
 from server.engine.demo_model import is_complete, resolve_builtin, write_demo_model
+from server.engine.draw import _nucleus_candidates
 from server.engine.hf import HFEngine
 from server.engine.hf_tokenizer import HFTokenizer
-from server.engine.sampling import RowSampler, Sampler, _nucleus_candidates
+from server.engine.sampling import RowSampler, Sampler
 
 pytestmark = pytest.mark.slow
 
