@@ -7,8 +7,11 @@ PostgreSQL runs for real when ``LLM_SERVER_TEST_POSTGRES_URL`` is set, Redis whe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +20,7 @@ import asyncpg
 import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from persistence import migrate, store
@@ -243,6 +247,139 @@ def test_a_reservation_whose_answer_was_lost_is_given_back(
         assert ok.status_code == 200
         assert http.get("/admin/usage", headers=bearer(admin)).status_code == 200
         assert asyncio.run(usage_of_url(postgres_url, key_id)) == (ok.json()["usage"]["total_tokens"], 1)
+
+
+class HeldReplies:
+    """A TCP proxy in front of PostgreSQL that, once armed, holds the server's replies after the client sends
+    ``trigger``: the server has the statement (and commits it) but the client hears nothing, as in a partition."""
+
+    def __init__(self, target: str) -> None:
+        url = make_url(target)
+        self._target = (url.host or "127.0.0.1", url.port or 5432)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)  # so the accepting thread sees close() soon
+        self.url = url.set(port=self._listener.getsockname()[1]).render_as_string(hide_password=False)
+        self.trigger: bytes | None = None
+        self.holding = threading.Event()
+        self.released = threading.Event()
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def arm(self, trigger: bytes) -> None:
+        self.trigger = trigger
+
+    def release(self) -> None:
+        self.trigger = None
+        self.holding.clear()
+        self.released.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self.release()
+        self._threads[0].join(5)
+        self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in self._threads:
+            thread.join(5)
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            server = socket.create_connection(self._target)
+            self._sockets += [client, server]
+            for args in ((client, server, True), (server, client, False)):
+                self._threads.append(threading.Thread(target=self._pipe, args=args, daemon=True))
+                self._threads[-1].start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if upstream and self.trigger is not None and self.trigger in data:
+                    self.holding.set()
+                    self.released.clear()
+                if not upstream and self.holding.is_set():
+                    self.released.wait()
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture
+def held_replies(postgres_url: str) -> Iterator[HeldReplies]:
+    proxy = HeldReplies(postgres_url)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+@pytest.mark.anyio
+async def test_a_batch_whose_commit_reply_is_lost_in_the_network_is_applied_once(
+    postgres_url: str, held_replies: HeldReplies, tmp_path: Path
+) -> None:
+    """No simulation in the code: PostgreSQL receives COMMIT and commits, the reply never comes, the writer's
+    database call times out; the retry finds the unit's id and applies nothing twice."""
+    await migrate.upgrade(postgres_url)
+    settings = Settings(data_dir=tmp_path, database_url=postgres_url, key_pepper=TEST_PEPPER)
+    await create_test_key(settings, name="payer")
+    [key_id] = (await key_ids(settings)).values()
+    db = Database(held_replies.url + "?ssl=disable", timeout_s=0.5)
+    writer = RequestLogWriter(db)
+    try:
+        assert await db.ping()  # the pool's connection is open before the proxy is armed
+        held_replies.arm(b"COMMIT")
+        writer.add_usage(key_id, MONTH, 100, 1)
+        writer.add_row(RequestRecord("r-1", "/v1/test", "POST", status=200, key_id=key_id))
+        assert not await writer.flush()
+        assert held_replies.holding.is_set()
+        assert await usage_of_url(postgres_url, key_id) == (100, 1)  # committed, though the writer never heard
+        held_replies.release()
+        assert await writer.flush()
+        assert await usage_of_url(postgres_url, key_id) == (100, 1)
+        assert len(await pg_fetch(postgres_url, "SELECT id FROM request_logs")) == 1
+    finally:
+        held_replies.release()
+        await db.close()
+
+
+def test_a_reservation_whose_reply_is_lost_in_the_network_is_given_back(
+    tmp_path: Path, postgres_url: str, held_replies: HeldReplies
+) -> None:
+    """No simulation in the code: the reservation's statement reaches PostgreSQL and commits, its reply is held, the
+    request gets 503; the undo the gateway queued gives the reservation back."""
+    asyncio.run(migrate.upgrade(postgres_url))
+    settings = pg_settings(
+        tmp_path, held_replies.url + "?ssl=disable", database_timeout_s=0.5, cache_enabled=False, key_cache_ttl_s=600
+    )
+    key = asyncio.run(add_role_key(settings, "metered", monthly_tokens=100_000))
+    key_id = asyncio.run(key_ids(settings))["metered"]
+    app = create_app(settings, engine=FakeEngine(["a", "b"]))
+    with TestClient(app) as http:
+        writer = app.state.services.writer
+        first = http.post("/v1/chat/completions", json=chat("hi", max_tokens=50), headers=bearer(key))
+        assert first.status_code == 200  # the key is cached now: the next request's only statement is its reservation
+        http.blocking_portal.call(writer.stop)  # flushes; from here the writer writes only when asked
+        assert asyncio.run(usage_of_url(postgres_url, key_id)) == (first.json()["usage"]["total_tokens"], 1)
+        held_replies.arm(key_id.encode())  # a parameter of the reservation's statement
+        r = http.post("/v1/chat/completions", json=chat("hi", max_tokens=50), headers=bearer(key))
+        assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable", r.text
+        assert held_replies.holding.is_set()
+        phantom = asyncio.run(usage_of_url(postgres_url, key_id))
+        assert phantom[1] == 2  # the refused request's reservation committed
+        held_replies.release()
+        assert http.blocking_portal.call(writer.flush)
+    assert asyncio.run(usage_of_url(postgres_url, key_id)) == (first.json()["usage"]["total_tokens"], 1)
 
 
 @pytest.mark.anyio
