@@ -475,6 +475,20 @@ def test_a_repeated_deterministic_remote_request_hits_at_once(settings: Settings
     assert second.json()["choices"] == first.json()["choices"] and mock.calls == 1
 
 
+def test_queued_cache_entries_are_bounded_and_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tenant cannot grow the queue past its byte bound, and a queued entry is never served past its TTL."""
+    import server.writes
+
+    monkeypatch.setattr(server.writes, "MAX_CACHE_BYTES", 10)
+    queue = server.writes.CacheQueue()
+    queue.add("a", "key_x", "fake", b"12345", ttl_s=60)
+    queue.add("b", "key_x", "fake", b"123456", ttl_s=60)  # over the bound: skipped
+    queue.add("a", "key_x", "fake", b"1234567890", ttl_s=60)  # replacing frees the old entry's bytes first
+    assert (queue.get("a"), queue.get("b")) == (b"1234567890", None)
+    queue.add("old", "key_x", "fake", b"", ttl_s=-1)
+    assert queue.get("old") is None and [k for k, _ in queue.due()] == ["a"]
+
+
 # ---- log hygiene ------------------------------------------------------------------------------------------------
 
 
