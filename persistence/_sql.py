@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Result
+from sqlalchemy import ColumnElement, Result, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import OperationalError
@@ -40,6 +40,33 @@ def dialect_insert(session: AsyncSession, model: Any) -> Any:
 def rowcount(result: Result[Any]) -> int:
     """Rows matched by an ``UPDATE``/``DELETE`` executed through a session."""
     return int(cast("CursorResult[Any]", result).rowcount)
+
+
+async def delete_in_chunks(
+    session: AsyncSession, model: Any, key: Any, condition: ColumnElement[bool], chunk_size: int
+) -> int:
+    """Delete ``model`` rows matching ``condition``, ``chunk_size`` rows per committed transaction.
+
+    Small chunks keep each write lock short, so request handlers that write concurrently are never stalled for
+    long. Anything pending on ``session`` is committed with the first chunk.
+
+    Args:
+        key: The primary-key column the chunks are selected by (ordered, so each chunk takes the oldest ids).
+
+    Returns:
+        How many rows were deleted.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk = select(key).where(condition).order_by(key).limit(chunk_size)
+    stmt = delete(model).where(key.in_(chunk)).execution_options(synchronize_session=False)
+    total = 0
+    while True:
+        deleted = rowcount(await session.execute(stmt))
+        await session.commit()
+        total += deleted
+        if deleted < chunk_size:
+            return total
 
 
 def _is_locked(exc: OperationalError) -> bool:

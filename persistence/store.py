@@ -3,8 +3,9 @@
 Reads return frozen records (:class:`RoleRecord`, :class:`KeyRecord`, :class:`UsageRecord`) that stay valid
 after the session closes, so callers may cache them. Unless a function says it commits, the caller owns the
 transaction (in a Litestar handler the plugin commits when the response starts). Functions that commit
-themselves: :func:`reserve_usage`, :func:`adjust_usage` (each its own short transaction) and
-:func:`delete_request_logs_before` (one transaction per chunk).
+themselves: :func:`reserve_usage`, :func:`adjust_usage` (each its own short transaction),
+:func:`delete_request_logs_before`, :func:`cache_purge_expired` and :func:`delete_applied_writes_before` (one
+transaction per chunk).
 
 Unknown keys or roles raise :class:`LookupError` from mutations (``get_*`` return ``None``); invalid or duplicate
 input raises :class:`ValueError`.
@@ -31,11 +32,20 @@ from persistence.logs import (
     cache_get,
     cache_purge_expired,
     cache_put,
+    clean_request_log_row,
     delete_request_logs_before,
     insert_request_logs,
 )
 from persistence.records import KeyRecord, KeyState, RoleRecord, UsageRecord
-from persistence.usage import add_usage, adjust_usage, get_usage, reserve_usage
+from persistence.usage import (
+    add_usage,
+    adjust_usage,
+    delete_applied_writes_before,
+    get_usage,
+    mark_applied,
+    reserve_usage,
+    undo_reservation,
+)
 
 __all__ = (
     "LIMIT_FIELDS",
@@ -50,7 +60,9 @@ __all__ = (
     "cache_get",
     "cache_purge_expired",
     "cache_put",
+    "clean_request_log_row",
     "create_role",
+    "delete_applied_writes_before",
     "delete_request_logs_before",
     "get_key",
     "get_key_by_digest",
@@ -60,8 +72,10 @@ __all__ = (
     "insert_request_logs",
     "list_keys",
     "list_roles",
+    "mark_applied",
     "mark_rotated",
     "reserve_usage",
     "revoke_key",
+    "undo_reservation",
     "update_role",
 )

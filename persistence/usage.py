@@ -1,31 +1,36 @@
-"""Monthly quotas, exact under concurrency: one conditional ``UPDATE`` decides each reservation.
+"""Monthly quotas, exact under concurrency: one conditional upsert decides each reservation.
 
-The database, not the application, compares usage with the limit: ``UPDATE ... SET tokens = tokens + :t
-WHERE ... AND tokens + :t <= :limit`` either matches the row or not, atomically on both SQLite (one writer at a
-time) and PostgreSQL (the row lock makes a concurrent updater re-check the condition on the new row version).
+The database, not the application, compares usage with the limit: ``INSERT ... ON CONFLICT DO UPDATE SET tokens =
+tokens + :t WHERE tokens + :t <= :limit`` either changes the row or not, atomically on both SQLite (one writer at a
+time) and PostgreSQL (the conflicting row is locked and the condition re-checked on its newest version).
+
+Writes whose answer can be lost (a timeout, a dropped connection: they may still have committed) record an id in
+``applied_writes`` in the same transaction, so a retry or an undo knows whether they were applied:
+:func:`mark_applied` for batches, ``write_id`` of :func:`reserve_usage` with :func:`undo_reservation` for
+reservations.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, select, update
+from sqlalchemy import and_, case, func, insert, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from persistence._sql import dialect_insert, own_transaction, rowcount
-from persistence.models import UsageMonthly
+from persistence._sql import delete_in_chunks, dialect_insert, dialect_name, own_transaction, rowcount
+from persistence.models import AppliedWrite, UsageMonthly, utcnow
 from persistence.records import UsageRecord
 
-__all__ = ("add_usage", "adjust_usage", "get_usage", "reserve_usage")
-
-
-async def _ensure_row(session: AsyncSession, key_id: str, month: str) -> None:
-    stmt = (
-        dialect_insert(session, UsageMonthly)
-        .values(key_id=key_id, month=month, tokens=0, requests=0)
-        .on_conflict_do_nothing(index_elements=["key_id", "month"])
-    )
-    await session.execute(stmt)
+__all__ = (
+    "add_usage",
+    "adjust_usage",
+    "delete_applied_writes_before",
+    "get_usage",
+    "mark_applied",
+    "reserve_usage",
+    "undo_reservation",
+)
 
 
 async def reserve_usage(
@@ -36,10 +41,12 @@ async def reserve_usage(
     *,
     max_tokens_per_month: int | None,
     max_requests_per_month: int | None,
+    write_id: str | None = None,
 ) -> bool:
     """Count one request and ``tokens`` against ``key_id``'s ``month`` if both stay within the limits.
 
-    Runs as its own short transaction and commits it (anything pending on ``session`` is committed first).
+    Runs as its own short transaction and commits it (anything pending on ``session`` is committed first). On
+    PostgreSQL it is a single statement, atomic by itself (so it may run on an autocommit connection).
 
     Args:
         session: Any session; use a fresh one per call when calling concurrently.
@@ -49,29 +56,109 @@ async def reserve_usage(
             :func:`adjust_usage`.
         max_tokens_per_month: Token limit, ``None`` for unlimited.
         max_requests_per_month: Request limit, ``None`` for unlimited.
+        write_id: When given, a reservation that is made records this id in ``applied_writes`` in the same
+            transaction (at most 64 characters), so that :func:`undo_reservation` can give it back exactly once
+            if its caller never learnt the outcome.
 
     Returns:
         Whether the reservation was made; ``False`` leaves the usage unchanged.
     """
     if tokens < 0:
         raise ValueError(f"tokens must be >= 0, got {tokens}")
-    new_tokens = UsageMonthly.tokens + tokens
-    stmt: Any = (
-        update(UsageMonthly)
-        .where(UsageMonthly.key_id == key_id, UsageMonthly.month == month)
-        .values(tokens=new_tokens, requests=UsageMonthly.requests + 1)
-        .execution_options(synchronize_session=False)
-    )
+    # A month's first request inserts its row unchecked: refuse here what could never fit.
+    if (max_tokens_per_month is not None and tokens > max_tokens_per_month) or (
+        max_requests_per_month is not None and max_requests_per_month < 1
+    ):
+        return False
+    conditions = []
     if max_tokens_per_month is not None:
-        stmt = stmt.where(new_tokens <= max_tokens_per_month)
+        conditions.append(UsageMonthly.tokens + tokens <= max_tokens_per_month)
     if max_requests_per_month is not None:
-        stmt = stmt.where(UsageMonthly.requests + 1 <= max_requests_per_month)
+        conditions.append(UsageMonthly.requests + 1 <= max_requests_per_month)
+    upsert = (
+        dialect_insert(session, UsageMonthly)
+        .values(key_id=key_id, month=month, tokens=tokens, requests=1)
+        .on_conflict_do_update(
+            index_elements=["key_id", "month"],
+            set_={"tokens": UsageMonthly.tokens + tokens, "requests": UsageMonthly.requests + 1},
+            where=and_(*conditions) if conditions else None,
+        )
+    )
+    if dialect_name(session) == "postgresql":
+        # One statement: the marker is inserted only when the upsert changed the row. A marker already there (an
+        # undo came first, see undo_reservation) fails the whole statement, so the reservation never lands.
+        reserved = upsert.returning(UsageMonthly.key_id).cte("reserved")
+        counted: Any = select(func.count()).select_from(reserved)
+        if write_id is not None:
+            marker = select(literal(write_id, AppliedWrite.id.type), literal(utcnow(), AppliedWrite.created_at.type))
+            marked = insert(AppliedWrite).from_select(["id", "created_at"], marker.select_from(reserved)).cte("marked")
+            counted = counted.add_cte(marked)
+        return await own_transaction(session, lambda: _scalar_is_one(session, counted))
 
     async def work() -> bool:
-        await _ensure_row(session, key_id, month)
-        return rowcount(await session.execute(stmt)) == 1
+        made = rowcount(await session.execute(upsert)) == 1  # not RETURNING on SQLite: see _claim
+        if made and write_id is not None:
+            await session.execute(insert(AppliedWrite).values(id=write_id, created_at=utcnow()))
+        return made
 
     return await own_transaction(session, work)
+
+
+async def _scalar_is_one(session: AsyncSession, stmt: Any) -> bool:
+    return bool((await session.execute(stmt)).scalar_one() == 1)
+
+
+async def undo_reservation(session: AsyncSession, write_id: str, key_id: str, month: str, tokens: int) -> bool:
+    """Give back a reservation made with ``write_id`` if, and only if, it was applied; the caller commits.
+
+    For a reservation whose caller never learnt the outcome (it timed out, the connection dropped, the request was
+    cancelled). Its marker is claimed with ``INSERT ... ON CONFLICT DO NOTHING``: on PostgreSQL that waits for a
+    reservation still in flight to commit or roll back. A conflict means the reservation was applied: one request
+    and ``tokens`` are given back. Otherwise the inserted marker blocks the reservation for good (a late arrival
+    fails on it). Run it inside an idempotent batch (:func:`mark_applied`), so a retried undo gives back once.
+
+    Returns:
+        Whether the reservation had been applied (and was given back now).
+    """
+    if await _claim(session, write_id):
+        return False
+    await add_usage(session, key_id, month, -tokens, -1)
+    return True
+
+
+async def mark_applied(session: AsyncSession, write_id: str) -> bool:
+    """Record that the transaction on ``session`` applies the write ``write_id``; the caller commits.
+
+    Call it first in the write's transaction: ``False`` means a committed transaction already applied this id (a
+    retry after a lost answer), and the caller should apply nothing. On PostgreSQL an attempt still in flight
+    holds the id, so a retry waits for it to commit (``False``) or roll back (``True``).
+    """
+    return await _claim(session, write_id)
+
+
+async def _claim(session: AsyncSession, write_id: str) -> bool:
+    """Insert ``write_id`` unless it is there; whether it was inserted.
+
+    By the row count, not ``RETURNING``: on SQLite a statement with ``RETURNING`` whose caller is cancelled before
+    it read the rows stays in progress, and its connection keeps the write lock after the rollback (measured with
+    aiosqlite: the database stayed locked until the connection closed).
+    """
+    stmt = (
+        dialect_insert(session, AppliedWrite)
+        .values(id=write_id, created_at=utcnow())
+        .on_conflict_do_nothing(index_elements=["id"])
+    )
+    return rowcount(await session.execute(stmt)) == 1
+
+
+async def delete_applied_writes_before(session: AsyncSession, cutoff: datetime, chunk_size: int = 1000) -> int:
+    """Forget write ids recorded before ``cutoff`` (in committed chunks); returns how many.
+
+    Keep them for longer than any retry can come: a day is ample (a lost write is retried or undone within the
+    database's next answer).
+    """
+    old = AppliedWrite.created_at < cutoff
+    return await delete_in_chunks(session, AppliedWrite, AppliedWrite.id, old, chunk_size)
 
 
 async def add_usage(session: AsyncSession, key_id: str, month: str, tokens: int, requests: int = 0) -> None:

@@ -3,18 +3,21 @@
 The key hashes the caller's key id, the model, the endpoint family, the prompt token ids and every parameter
 that shapes the output, so one tenant never receives another's output and a different parameter never hits.
 Hits still pass admission (rate limits) and are logged; the cache fails open (a database error is a miss).
+Entries are written by the request-log writer's batches; until then they are served from the writer's queue, so a
+request repeated at once hits. Expired entries are deleted by the writer's retention pass.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import msgspec
 
 from persistence import store
-from server.database import Database, DatabaseUnavailable
+from server.database import Database, DatabaseUnavailable, describe_error
 from server.serving.common import Plan
 
 log = logging.getLogger("server.cache")
@@ -45,12 +48,27 @@ def encode_results(plan: Plan) -> bytes:
 
 
 class CompletionCache:
-    """Reads the cache on the request path; writes go through the request-log writer's batches."""
+    """Reads the cache on the request path; writes go through the request-log writer's batches.
 
-    def __init__(self, db: Database, *, ttl_s: int, timeout_s: float = 1.0) -> None:
+    Args:
+        db: Where entries are read.
+        ttl_s: Lifetime of an entry.
+        timeout_s: Longest wait for a read (a slow database is a miss).
+        queued: Entries written but not stored yet (the writer's queue), consulted before the database.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        ttl_s: int,
+        timeout_s: float = 1.0,
+        queued: Callable[[str], bytes | None] | None = None,
+    ) -> None:
         self._db = db
         self.ttl_s = ttl_s
         self._timeout = timeout_s
+        self._queued = queued
 
     async def get(self, key: str) -> Results | None:
         raw = await self.get_raw(key)
@@ -60,6 +78,8 @@ class CompletionCache:
 
     async def get_raw(self, key: str) -> bytes | None:
         """The stored entry as written (``None`` for a miss, an expired entry or an unavailable database)."""
+        if self._queued is not None and (queued := self._queued(key)) is not None:
+            return queued
 
         async def read(session: object) -> bytes | None:
             return await store.cache_get(session, key, datetime.now(UTC))  # type: ignore[arg-type]
@@ -67,5 +87,5 @@ class CompletionCache:
         try:
             return await self._db.run(read, timeout_s=self._timeout)
         except DatabaseUnavailable as exc:
-            log.warning("completion cache unavailable, treating as a miss: %s", exc)
+            log.warning("completion cache unavailable, treating as a miss: %s", describe_error(exc))
             return None

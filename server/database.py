@@ -1,4 +1,13 @@
-"""The app's database handle: sessions with a bounded wait, and a uniform "unavailable" error."""
+"""The app's database handle: sessions with a bounded wait, and a uniform "unavailable" error.
+
+A write that times out is abandoned, not undone: its task is cancelled, but a cancellation that lands during
+``COMMIT`` (or a server that received ``COMMIT`` just before a network partition) still commits. So "unavailable"
+after a write means "the outcome is unknown"; callers that retry make their writes idempotent (an id recorded in
+``applied_writes`` in the same transaction, see ``persistence.usage``).
+
+Log lines name errors with :func:`describe_error` only: SQLAlchemy's ``str(exc)`` carries the statement and its
+parameters (prompt text, key digests), and driver messages may quote values.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +18,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from persistence.config import make_engine_config
 
@@ -52,14 +61,41 @@ def is_unavailable(exc: BaseException) -> bool:
 _STATEMENT_CLASSES = frozenset({"22", "23", "42"})
 
 
-def _sqlstate_class(exc: BaseException) -> str | None:
+def _sqlstate(exc: BaseException) -> str | None:
     seen: BaseException | None = exc
     while seen is not None:
         state = getattr(getattr(seen, "orig", None), "sqlstate", None) or getattr(seen, "sqlstate", None)
         if isinstance(state, str) and len(state) == 5:
-            return state[:2]
+            return state
         seen = seen.__cause__
     return None
+
+
+def _sqlstate_class(exc: BaseException) -> str | None:
+    state = _sqlstate(exc)
+    return state[:2] if state else None
+
+
+def describe_error(exc: BaseException) -> str:
+    """A log-safe name for ``exc``: its class, the driver's class, the SQLSTATE (or SQLite's error name).
+
+    Never the message of a database error: SQLAlchemy appends the statement and its parameters, and drivers quote
+    values (``DETAIL: Key (id)=(...)``). Operating-system errors (connection refused, host unreachable) keep their
+    message, which names no data.
+    """
+    if isinstance(exc, DatabaseUnavailable):
+        return str(exc)
+    parts = [type(exc).__name__]
+    orig = getattr(exc, "orig", None)
+    if isinstance(orig, BaseException):
+        parts.append(f"from {type(orig).__name__}")
+        if (name := getattr(orig, "sqlite_errorname", None)) is not None:
+            parts.append(str(name))
+    if (state := _sqlstate(exc)) is not None:
+        parts.append(f"SQLSTATE {state}")
+    if isinstance(exc, OSError | TimeoutError) and not isinstance(exc, sa_exc.SQLAlchemyError) and str(exc):
+        parts.append(f"({str(exc).splitlines()[0][:200]})")
+    return " ".join(parts)
 
 
 def is_data_exception(exc: BaseException) -> bool:
@@ -94,6 +130,9 @@ class Database:
         # SQLite's busy handler (which sleeps up to 100 ms per retry), keeps quota reservations fast under load.
         self._write_lock = asyncio.Lock() if url.startswith("sqlite") else None
         self._abandoned: set[asyncio.Task[Any]] = set()
+        self._autocommit: AsyncEngine | None = None
+        if url.startswith("postgresql"):
+            self._autocommit = self.config.get_engine().execution_options(isolation_level="AUTOCOMMIT")
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -102,18 +141,30 @@ class Database:
             yield session
 
     async def run(
-        self, fn: Callable[[AsyncSession], Awaitable[T]], *, timeout_s: float | None = None, write: bool = False
+        self,
+        fn: Callable[[AsyncSession], Awaitable[T]],
+        *,
+        timeout_s: float | None = None,
+        write: bool = False,
+        single_statement: bool = False,
     ) -> T:
         """Run ``fn(session)`` in a fresh session within the timeout; commit on success.
 
         ``write=True`` marks a transaction that writes, so that on SQLite it waits its turn in this process.
+        ``single_statement=True`` promises that ``fn`` runs one statement that is atomic by itself: on PostgreSQL it
+        then runs in autocommit mode, without the ``BEGIN`` and ``COMMIT`` round trips (and without a transaction
+        left open on the server if the connection is cut before ``COMMIT``); elsewhere it is a transaction as usual.
 
         Raises:
             DatabaseUnavailable: the database did not answer within the timeout, refused the connection, lost it,
-                or is locked; the caller may retry later.
+                or is locked; the caller may retry later. After a write, its outcome is unknown: it may have
+                committed (see the module docstring).
         """
 
         async def go() -> T:
+            if single_statement and self._autocommit is not None:
+                async with AsyncSession(self._autocommit, expire_on_commit=False) as session:
+                    return await fn(session)
             async with self.session() as session:
                 result = await fn(session)
                 await session.commit()
@@ -140,7 +191,7 @@ class Database:
             return task.result()
         except Exception as exc:
             if is_unavailable(exc):
-                raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
+                raise DatabaseUnavailable(describe_error(exc)) from exc
             raise
 
     def _abandon(self, task: asyncio.Task[Any]) -> None:

@@ -18,6 +18,7 @@ from server.database import Database, DatabaseUnavailable
 from server.metrics import Metrics
 from server.requestlog import RequestLogWriter
 from server.settings import Settings
+from server.writes import new_write_id
 
 
 @dataclass(slots=True)
@@ -48,20 +49,36 @@ def build_services(settings: Settings, metrics: Metrics, *, ratelimit_key_prefix
         except DatabaseUnavailable as exc:
             raise ConnectionError(str(exc)) from exc
 
-    async def reserve(key_id: str, month: str, tokens: int, max_tokens: int | None, max_requests: int | None) -> bool:
-        return await db.run(
-            lambda s: store.reserve_usage(
-                s, key_id, month, tokens, max_tokens_per_month=max_tokens, max_requests_per_month=max_requests
-            ),
-            write=True,
-        )
-
     writer = RequestLogWriter(db, retention_days=settings.request_log_retention_days)
+
+    async def reserve(key_id: str, month: str, tokens: int, max_tokens: int | None, max_requests: int | None) -> bool:
+        # One autocommit statement that also records write_id when it reserves. If the answer is lost (a timeout,
+        # a dropped connection, the request cancelled meanwhile), it may still have committed: the writer then
+        # gives it back if, and only if, it did (the client was refused, so the reservation must not stand).
+        write_id = new_write_id("r")
+        try:
+            return await db.run(
+                lambda s: store.reserve_usage(
+                    s,
+                    key_id,
+                    month,
+                    tokens,
+                    max_tokens_per_month=max_tokens,
+                    max_requests_per_month=max_requests,
+                    write_id=write_id,
+                ),
+                write=True,
+                single_statement=True,
+            )
+        except BaseException:
+            writer.add_undo(write_id, key_id, month, tokens)
+            raise
+
     limiter = RateLimiter(settings.ratelimit_storage_uri, key_prefix=ratelimit_key_prefix)
     sequences = SequenceBudget(settings.sequences_per_key)
     if settings.database.startswith("sqlite"):
         # One process owns a SQLite file: keep exact quota counters in memory, persisted in batches.
-        ledger = LocalLedger(db, writer)
+        ledger = LocalLedger(writer)
         gateway = Gateway(
             limiter, ledger.reserve, ledger.settle, metrics, fail_open=settings.ratelimit_fail_open, sequences=sequences
         )
@@ -70,7 +87,7 @@ def build_services(settings: Settings, metrics: Metrics, *, ratelimit_key_prefix
             limiter, reserve, writer.add_usage, metrics, fail_open=settings.ratelimit_fail_open, sequences=sequences
         )
     auth = Authenticator(lookup, pepper, ttl_s=settings.key_cache_ttl_s, timeout_s=settings.database_timeout_s)
-    cache = CompletionCache(db, ttl_s=settings.cache_ttl_s) if settings.cache_enabled else None
+    cache = CompletionCache(db, ttl_s=settings.cache_ttl_s, queued=writer.cached) if settings.cache_enabled else None
     per_minute = settings.auth_failures_per_minute
     throttle = AuthThrottle(limiter, per_minute, metrics) if per_minute is not None else None
     return Services(settings, db, pepper, auth, limiter, gateway, cache, writer, metrics, throttle)

@@ -12,7 +12,9 @@ are the RPM and TPM windows hit — so a request refused at any step consumes no
 Tokens: the quota reserves prompt + max tokens and is reconciled to the actual count when the request ends
 (success, error, disconnect or cache hit). TPM counts prompt + max tokens at admission, as OpenAI's limiter
 counts ``max_tokens``; when the client sets no max tokens, TPM counts prompt + ``min(remaining context,
-TPM_ESTIMATE)`` and tokens generated beyond that are added when the request ends.
+TPM_ESTIMATE)`` and tokens generated beyond that are added when the request ends, all of them, even past the limit
+(the window then shows 0 remaining and refuses until they slide out). A request admitted while the rate-limit
+storage was unreachable (fail-open) has all its tokens added when it ends, if the storage answers by then.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class Ticket:
     """Sequences taken from the key's budget (given back by :meth:`Gateway.finish`)."""
     headers: dict[str, str] = field(default_factory=dict)
     finished: bool = False
+    tpm_hit: bool = False
+    """``tpm_counted`` was added to the TPM window at admission."""
 
 
 def rate_headers(requests: Window | None, tokens: Window | None) -> dict[str, str]:
@@ -255,8 +259,10 @@ class Gateway:
             # Tested a moment ago; a hit fails only if a concurrent request won the race for the last room.
             if role.rpm is not None and not await self.limiter.hit("requests", key_id, role.rpm, 1):
                 raise await self._rate_limited(ticket.principal, "requests", role.rpm, 1)
-            if role.tpm is not None and not await self.limiter.hit("tokens", key_id, role.tpm, ticket.tpm_counted):
-                raise await self._rate_limited(ticket.principal, "tokens", role.tpm, ticket.tpm_counted)
+            if role.tpm is not None:
+                if not await self.limiter.hit("tokens", key_id, role.tpm, ticket.tpm_counted):
+                    raise await self._rate_limited(ticket.principal, "tokens", role.tpm, ticket.tpm_counted)
+                ticket.tpm_hit = True
             ticket.headers = await self.headers(ticket.principal)
         except StorageUnavailable as exc:
             self._storage_down(exc)
@@ -324,9 +330,12 @@ class Gateway:
                 await self.limiter.release_slot(key_id)
             except StorageUnavailable as exc:
                 log.warning("could not release a concurrency slot: %s", exc)
-        if count_request and role.tpm is not None and used_tokens > ticket.tpm_counted:
-            with contextlib.suppress(StorageUnavailable):  # best effort: the overrun is added if the window has room
-                await self.limiter.hit("tokens", key_id, role.tpm, min(role.tpm, used_tokens - ticket.tpm_counted))
+        if count_request and role.tpm is not None:
+            # All tokens beyond what admission counted, even past the limit: the window then stays full until they
+            # slide out. Without the storage now it is not counted (the outage is logged once by the limiter).
+            overrun = used_tokens - (ticket.tpm_counted if ticket.tpm_hit else 0)
+            with contextlib.suppress(StorageUnavailable):
+                await self.limiter.add("tokens", key_id, role.tpm, overrun)
         if ticket.quota_reserved:
             # The reservation already counted one request and reserved_tokens; give back the difference.
             self._settle(key_id, ticket.month, used_tokens - ticket.reserved_tokens, 0 if count_request else -1)

@@ -2,8 +2,9 @@
 
 SQLite serves one process, so this process can own the counters: each (key, month) is loaded from the database
 once, reservations and reconciliations change it in memory (atomically: there is no ``await`` between the check
-and the update), and every change is also queued to the batched request-log writer, which persists it. With
-PostgreSQL (several replicas) the gateway reserves in the database instead, with one conditional UPDATE.
+and the update), and every change is also queued to the batched request-log writer, which persists it exactly
+once (its units are idempotent). A reservation never waits for the database, so it has no lost answer to undo.
+With PostgreSQL (several replicas) the gateway reserves in the database instead, with one conditional upsert.
 """
 
 from __future__ import annotations
@@ -11,15 +12,13 @@ from __future__ import annotations
 import asyncio
 
 from persistence import store
-from server.database import Database
 from server.requestlog import RequestLogWriter
 
 
 class LocalLedger:
     """In-memory usage counters, authoritative for this process, persisted through the writer."""
 
-    def __init__(self, db: Database, writer: RequestLogWriter) -> None:
-        self._db = db
+    def __init__(self, writer: RequestLogWriter) -> None:
         self._writer = writer
         self._usage: dict[tuple[str, str], list[int]] = {}
         self._loading: dict[tuple[str, str], asyncio.Lock] = {}
@@ -32,9 +31,14 @@ class LocalLedger:
         lock = self._loading.setdefault(k, asyncio.Lock())
         async with lock:
             if k not in self._usage:
-                await self._writer.flush()  # what is queued for this key must be in the row we read
-                rows = await self._db.run(lambda s: store.get_usage(s, key_id, month))
-                self._usage[k] = [rows[0].tokens, rows[0].requests] if rows else [0, 0]
+                # The row read holds everything queued before the writer's flush; what was queued since (a
+                # settlement while this loads) is still in the writer, counted once here and written later.
+                rows, tokens, requests = await self._writer.read_flushed(
+                    lambda s: store.get_usage(s, key_id, month), key_id, month
+                )
+                if rows:
+                    tokens, requests = tokens + rows[0].tokens, requests + rows[0].requests
+                self._usage[k] = [max(0, tokens), max(0, requests)]
         self._loading.pop(k, None)
         return self._usage[k]
 

@@ -26,6 +26,7 @@ T = TypeVar("T")
 NAMESPACE = "llm-server"
 # A concurrency counter outlives any request; it only expires to heal slots leaked by a crashed replica.
 CONCURRENCY_TTL_S = 3600
+_UNBOUNDED = 2**62  # a limit that no window count reaches: the sliding-window entry then always counts
 STORAGE_TIMEOUT_S = 2.0
 """Longest wait for one storage (Redis) call before :class:`StorageUnavailable`."""
 RETRY_AFTER_FAILURE_S = 1.0
@@ -154,6 +155,21 @@ class RateLimiter:
         if cost > limit:
             return False
         return bool(await self._call(limiter.hit(item, NAMESPACE, kind, key_id, cost=cost)))
+
+    async def add(self, kind: str, key_id: str, limit: int, cost: int) -> None:
+        """Count ``cost`` in the ``kind`` window whatever room it has left (tokens used beyond what was counted).
+
+        The window may go past its limit: it then shows 0 remaining and refuses until the excess slides out. Only
+        for the sliding-window counter (``tokens``): the same storage entry as :meth:`hit` (same keys, one atomic
+        call, on memory and Redis alike), with a bound no cost reaches.
+        """
+        if kind != "tokens":
+            raise ValueError(f"only the tokens window takes an unconditional count, not {kind!r}")
+        if cost <= 0:
+            return
+        item = RateLimitItemPerMinute(limit)
+        key = item.key_for(NAMESPACE, kind, key_id)
+        await self._call(self.storage.acquire_sliding_window_entry(key, _UNBOUNDED, item.get_expiry(), cost))
 
     async def acquire_slot(self, key_id: str, limit: int) -> bool:
         """Take one of ``limit`` concurrent slots of ``key_id``."""

@@ -424,7 +424,7 @@ async def test_request_log_writer_stopped_during_a_flush_keeps_that_flushs_rows(
 
 
 @pytest.mark.anyio
-async def test_request_log_writer_holds_rows_within_its_bound_and_skips_rejected_batches(settings: Settings) -> None:
+async def test_request_log_writer_holds_rows_within_its_bound_and_drops_only_rejected_items(settings: Settings) -> None:
     db_file = settings.data_dir / "llm_server.db"
     con = sqlite3.connect(db_file)
     key_id = con.execute("SELECT id FROM api_keys LIMIT 1").fetchone()[0]
@@ -461,16 +461,18 @@ async def test_request_log_writer_holds_rows_within_its_bound_and_skips_rejected
         assert await writer.flush()
         assert _sqlite_rows(db_file) == before + 3 and usage() == (25, 3) and writer.pending_rows == 0
 
-        # A batch the database rejects (usage of a key that does not exist) is dropped, not retried forever ...
+        # What the database rejects (usage of a key that does not exist) is dropped alone, not retried forever;
+        # the row and the other key's usage written with it are kept ...
         writer.add_usage("key_that_does_not_exist", "2099-01", 1, 1)
-        writer.add_row(RequestRecord("rejected", "/v1/test", "POST", status=200))
+        writer.add_usage(key_id, "2099-01", 2, 1)
+        writer.add_row(RequestRecord("written", "/v1/test", "POST", status=200))
         assert await writer.flush()
-        assert writer.dropped == 4 and writer.pending_rows == 0
-        # ... so it does not block the batches behind it.
+        assert writer.dropped == 3 and writer.pending_rows == 0 and usage() == (27, 4)
+        # ... and it does not block the batches behind it.
         writer.add_row(RequestRecord("after", "/v1/test", "POST", status=200))
         writer.add_usage(key_id, "2099-01", 1, 1)
         assert await writer.flush()
-        assert _sqlite_rows(db_file) == before + 4 and usage() == (26, 4)
+        assert _sqlite_rows(db_file) == before + 5 and usage() == (28, 5)
     finally:
         await db.close()
 

@@ -9,9 +9,11 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 from advanced_alchemy.extensions.litestar import SQLAlchemyAsyncConfig
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
 from persistence import store
 from persistence.config import make_engine_config
@@ -296,6 +298,116 @@ async def test_completion_cache_get_put_expiry_and_upsert(db: SQLAlchemyAsyncCon
         await session.commit()
         assert await store.cache_purge_expired(session, T0) == 0
         assert await store.cache_get(session, "c" * 64, T0) == b'{"v":2}'
+
+
+async def test_request_log_rows_are_cleaned_to_fit_their_columns(db: SQLAlchemyAsyncConfig) -> None:
+    """What PostgreSQL (and partly SQLite) would reject: NUL, lone surrogates, long strings, huge numbers, NaN."""
+    row = {
+        **_log(0, T0),
+        "request_id": "r" * 500,
+        "model": "m\x00" * 300,
+        "route": "/v1/" + "x" * 300,
+        "method": "PATCHING",
+        "finish_reason": "stop" * 20,
+        "error_type": "e" * 100,
+        "prompt_text": "before\x00after \ud800 end",
+        "output_text": "\x00" * 3,
+        "status": 2**40,
+        "prompt_tokens": -(2**40),
+        "completion_tokens": 2**31,
+        "latency_ms": float("nan"),
+        "ttft_ms": float("inf"),
+    }
+    async with db.get_session() as session:
+        await store.insert_request_logs(session, [row])
+        await session.commit()
+        got = (await session.execute(text("SELECT * FROM request_logs"))).mappings().one()
+    assert (len(got["request_id"]), got["model"], len(got["route"]), got["method"]) == (128, "m" * 256, 128, "PATCHING")
+    assert (len(got["finish_reason"]), len(got["error_type"])) == (32, 64)
+    assert got["prompt_text"] == "beforeafter ? end" and got["output_text"] == ""
+    assert (got["status"], got["prompt_tokens"], got["completion_tokens"]) == (2**31 - 1, -(2**31), 2**31 - 1)
+    assert (got["latency_ms"], got["ttft_ms"]) == (0.0, None)
+    assert store.clean_request_log_row({"bogus": "\x00"}) == {"bogus": "\x00"}  # only known columns are touched
+
+
+async def test_mark_applied_records_a_write_once(db: SQLAlchemyAsyncConfig) -> None:
+    async with db.get_session() as session:
+        assert await store.mark_applied(session, "w:1")
+        await session.commit()
+        assert not await store.mark_applied(session, "w:1")
+        assert await store.mark_applied(session, "w:2")
+        await session.rollback()
+        assert await store.mark_applied(session, "w:2")  # the rolled-back attempt left nothing
+        await session.commit()
+
+
+async def test_an_undo_gives_back_exactly_an_applied_reservation(db: SQLAlchemyAsyncConfig) -> None:
+    await _add_key(db)
+    key, limits = "key_0123456789abcdef", {"max_tokens_per_month": 1000, "max_requests_per_month": None}
+    async with db.get_session() as session:
+        assert await store.reserve_usage(session, key, MONTH, 100, **limits, write_id="r:applied")
+        assert not await store.reserve_usage(session, key, MONTH, 950, **limits, write_id="r:refused")
+        assert await _usage(db) == (100, 1)
+        assert await store.undo_reservation(session, "r:applied", key, MONTH, 100)
+        assert not await store.undo_reservation(session, "r:refused", key, MONTH, 950)
+        await session.commit()
+        assert await _usage(db) == (0, 0)
+        # An undo that came first (the reservation was still on its way) blocks it for good.
+        assert not await store.undo_reservation(session, "r:late", key, MONTH, 10)
+        await session.commit()
+        with pytest.raises(IntegrityError):
+            await store.reserve_usage(session, key, MONTH, 10, **limits, write_id="r:late")
+    assert await _usage(db) == (0, 0)
+
+
+async def test_an_undo_waits_for_a_reservation_in_flight(postgres_url: str) -> None:
+    """PostgreSQL: the reservation's marker is inserted but not committed yet when the undo runs; the undo waits
+    and then gives it back (the reservation committed) or blocks it (it rolled back)."""
+    async with migrated_config(postgres_url) as config:
+        await _add_key(config)
+        conn = await asyncpg.connect(postgres_url.replace("postgresql+asyncpg", "postgresql"), timeout=10)
+        try:
+            for outcome in ("commit", "rollback"):
+                write_id = f"r:{outcome}"
+                in_flight = conn.transaction()
+                await in_flight.start()
+                await conn.execute(
+                    "INSERT INTO usage_monthly (key_id, month, tokens, requests) VALUES ($1, $2, 40, 1) "
+                    "ON CONFLICT (key_id, month) DO UPDATE SET tokens = usage_monthly.tokens + 40, "
+                    "requests = usage_monthly.requests + 1",
+                    "key_0123456789abcdef",
+                    MONTH,
+                )
+                await conn.execute("INSERT INTO applied_writes (id, created_at) VALUES ($1, now())", write_id)
+
+                async def undo(write_id: str = write_id) -> bool:
+                    async with config.get_session() as session:
+                        given_back = await store.undo_reservation(session, write_id, "key_0123456789abcdef", MONTH, 40)
+                        await session.commit()
+                        return given_back
+
+                undoing = asyncio.create_task(undo())
+                await asyncio.sleep(0.3)
+                assert not undoing.done()  # waiting for the reservation's transaction
+                await (in_flight.commit() if outcome == "commit" else in_flight.rollback())
+                assert await asyncio.wait_for(undoing, 5) is (outcome == "commit")
+                assert await _usage(config) == (0, 0)
+        finally:
+            await conn.close()
+
+
+async def test_expired_cache_entries_and_old_write_ids_are_deleted_in_chunks(db: SQLAlchemyAsyncConfig) -> None:
+    async with db.get_session() as session:
+        for i in range(5):
+            await store.cache_put(session, f"{i}".ljust(64, "x"), "key_x", "tiny", b"old", T0 - timedelta(seconds=i))
+            assert await store.mark_applied(session, f"w:{i}")
+        await store.cache_put(session, "live".ljust(64, "x"), "key_x", "tiny", b"new", T0 + timedelta(seconds=1))
+        await session.commit()
+        assert await store.cache_purge_expired(session, T0, chunk_size=2) == 5
+        assert await store.cache_get(session, "live".ljust(64, "x"), T0) == b"new"
+        cutoff = datetime.now(UTC) + timedelta(seconds=1)
+        assert await store.delete_applied_writes_before(session, cutoff, chunk_size=2) == 5
+        assert await store.delete_applied_writes_before(session, cutoff) == 0
 
 
 # --- engine configuration -----------------------------------------------------------------------------------------
