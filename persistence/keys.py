@@ -39,7 +39,7 @@ class _Unset(enum.Enum):
 UNSET = _Unset.UNSET
 """Default of :func:`update_role` arguments: leave the field as it is (``None`` sets it to unlimited)."""
 
-LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "monthly_tokens", "monthly_requests", "max_tokens")
+LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "monthly_tokens", "monthly_requests", "max_tokens", "max_n")
 """The integer limits of a role, in display order."""
 
 _Limit = int | None | Literal[_Unset.UNSET]
@@ -82,10 +82,11 @@ async def create_role(
     monthly_tokens: int | None = None,
     monthly_requests: int | None = None,
     max_tokens: int | None = None,
+    max_n: int | None = None,
     allowed_models: Sequence[str] | None = None,
     is_admin: bool = False,
 ) -> RoleRecord:
-    """Create a role; omitted limits are unlimited.
+    """Create a role; omitted limits are unlimited (``max_n``: the server's own bound of choices per request).
 
     Raises:
         ValueError: the role exists already, or a limit is invalid. (If a concurrent insert wins the race, the
@@ -103,6 +104,7 @@ async def create_role(
         monthly_tokens=_check_limit("monthly_tokens", monthly_tokens),
         monthly_requests=_check_limit("monthly_requests", monthly_requests),
         max_tokens=_check_limit("max_tokens", max_tokens),
+        max_n=_check_limit("max_n", max_n),
         allowed_models=_check_models(allowed_models),
         is_admin=bool(is_admin),
     )
@@ -124,6 +126,7 @@ async def update_role(
     monthly_tokens: _Limit = UNSET,
     monthly_requests: _Limit = UNSET,
     max_tokens: _Limit = UNSET,
+    max_n: _Limit = UNSET,
     allowed_models: _Models = UNSET,
     is_admin: bool | Literal[_Unset.UNSET] = UNSET,
 ) -> RoleRecord:
@@ -143,6 +146,7 @@ async def update_role(
         "monthly_tokens": monthly_tokens,
         "monthly_requests": monthly_requests,
         "max_tokens": max_tokens,
+        "max_n": max_n,
     }
     for field, value in limits.items():
         if value is not UNSET:

@@ -48,6 +48,7 @@ def role_out(role: RoleRecord) -> RoleOut:
         monthly_tokens=role.monthly_tokens,
         monthly_requests=role.monthly_requests,
         max_tokens=role.max_tokens,
+        max_n=role.max_n,
         models=None if role.allowed_models is None else list(role.allowed_models),
         is_admin=role.is_admin,
     )
