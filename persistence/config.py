@@ -1,8 +1,9 @@
 """The advanced-alchemy async config: one engine per URL with SQLite and PostgreSQL tuned for a server.
 
 SQLite gets WAL (readers never block the writer), a busy timeout (writers queue instead of failing with
-"database is locked") and foreign keys; PostgreSQL gets a connect timeout and pre-ping so an unreachable or
-restarted database fails a request in seconds instead of hanging it.
+"database is locked") and foreign keys, and a new database file is created 0600 before SQLite opens it
+(``persistence.private``); PostgreSQL gets a connect timeout and pre-ping so an unreachable or restarted database
+fails a request in seconds instead of hanging it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import migrations
 from persistence.models import Base
+from persistence.private import private_sqlite_file
 
 __all__ = (
     "MIGRATIONS_DIR",
@@ -36,9 +38,10 @@ DEFAULT_BUSY_TIMEOUT_MS = 5000
 
 
 def _prepare_sqlite_file(url: URL) -> None:
+    """Create a new database file 0600 (in a 0700 folder if that is missing too) before SQLite opens it."""
     database = url.database
     if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite_file(database)
 
 
 def create_engine(
