@@ -108,3 +108,19 @@ def test_private_helpers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> No
     assert private_file(made / "f") is False and shared_mode(made / "f") == 0o604
     assert len(caplog.records) == 1 and "chmod 600" in caplog.records[0].getMessage()
     assert shared_mode(tmp_path / "missing") is None
+
+
+@pytest.mark.usefixtures("open_umask")
+def test_the_database_file_is_created_private_on_first_connect_only(tmp_path: Path) -> None:
+    import asyncio
+
+    from server.database import Database
+
+    path = tmp_path / "fresh" / "llm_server.db"
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    try:
+        assert mode(path.parent) == 0o700 and not path.exists()  # an engine alone creates no database file
+        assert asyncio.run(db.ping())
+        assert mode(path) == 0o600
+    finally:
+        asyncio.run(db.close())
