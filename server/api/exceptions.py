@@ -63,6 +63,11 @@ def to_openai_error(exc: Exception) -> OpenAIError:
         return database_unavailable()
     if isinstance(exc, msgspec.ValidationError | msgspec.DecodeError):
         return from_msgspec(exc)
+    if isinstance(exc, RecursionError):
+        # Request bodies are bounded in depth when decoded; this catches nesting hidden in a string the request
+        # carries (JSON text in a field, parsed later). Logged with its traceback: it could also be a server bug.
+        log.warning("a request nested too deeply to process", exc_info=exc)
+        return invalid_request("The request is nested too deeply to be processed.", None, "invalid_json")
     if isinstance(exc, RequestEntityTooLarge):
         return OpenAIError(413, "invalid_request_error", "The request body is too large.", code="request_too_large")
     if isinstance(exc, NotFoundException):
