@@ -1,8 +1,9 @@
 """The advanced-alchemy async config: one engine per URL with SQLite and PostgreSQL tuned for a server.
 
 SQLite gets WAL (readers never block the writer), a busy timeout (writers queue instead of failing with
-"database is locked") and foreign keys; PostgreSQL gets a connect timeout and pre-ping so an unreachable or
-restarted database fails a request in seconds instead of hanging it.
+"database is locked") and foreign keys, and a new database file is created 0600 before SQLite opens it
+(``persistence.private``); PostgreSQL gets a connect timeout and pre-ping so an unreachable or restarted database
+fails a request in seconds instead of hanging it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import migrations
 from persistence.models import Base
+from persistence.private import private_dir, private_sqlite_file
 
 __all__ = (
     "MIGRATIONS_DIR",
@@ -35,10 +37,25 @@ DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_BUSY_TIMEOUT_MS = 5000
 
 
-def _prepare_sqlite_file(url: URL) -> None:
+def _sqlite_file(url: URL) -> Path | None:
     database = url.database
     if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        return Path(database).expanduser()
+    return None
+
+
+def _prepare_sqlite_folder(path: Path) -> None:
+    if not path.parent.exists():
+        private_dir(path.parent, "the database folder")
+
+
+def _create_sqlite_file_privately(engine: AsyncEngine, path: Path) -> None:
+    """Before each new connection: a missing database file is created 0600 first, so SQLite never creates it with
+    the umask's mode (building an engine alone creates no file)."""
+
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def _before_connect(*_: Any) -> None:
+        private_sqlite_file(path)
 
 
 def create_engine(
@@ -61,8 +78,11 @@ def create_engine(
     url = make_url(database_url)
     backend = url.get_backend_name()
     connect_args: dict[str, Any] = dict(kwargs.pop("connect_args", None) or {})
+    sqlite_file: Path | None = None
     if backend == "sqlite":
-        _prepare_sqlite_file(url)
+        sqlite_file = _sqlite_file(url)
+        if sqlite_file is not None:
+            _prepare_sqlite_folder(sqlite_file)
         # The driver's own busy handler (seconds) covers the connect itself; the PRAGMA below the rest.
         connect_args.setdefault("timeout", busy_timeout_ms / 1000)
     elif backend == "postgresql":
@@ -74,6 +94,8 @@ def create_engine(
     engine = create_async_engine(url, connect_args=connect_args, **kwargs)
     if backend == "sqlite":
         _install_sqlite_pragmas(engine, busy_timeout_ms)
+    if sqlite_file is not None:
+        _create_sqlite_file_privately(engine, sqlite_file)
     return engine
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal, cast
 
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -17,6 +18,7 @@ from persistence.records import KeyRecord, RoleRecord
 __all__ = (
     "LIMIT_FIELDS",
     "UNSET",
+    "AlreadyRotated",
     "create_role",
     "get_key",
     "get_key_by_digest",
@@ -37,7 +39,7 @@ class _Unset(enum.Enum):
 UNSET = _Unset.UNSET
 """Default of :func:`update_role` arguments: leave the field as it is (``None`` sets it to unlimited)."""
 
-LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "monthly_tokens", "monthly_requests", "max_tokens")
+LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "monthly_tokens", "monthly_requests", "max_tokens", "max_n")
 """The integer limits of a role, in display order."""
 
 _Limit = int | None | Literal[_Unset.UNSET]
@@ -80,10 +82,11 @@ async def create_role(
     monthly_tokens: int | None = None,
     monthly_requests: int | None = None,
     max_tokens: int | None = None,
+    max_n: int | None = None,
     allowed_models: Sequence[str] | None = None,
     is_admin: bool = False,
 ) -> RoleRecord:
-    """Create a role; omitted limits are unlimited.
+    """Create a role; omitted limits are unlimited (``max_n``: the server's own bound of choices per request).
 
     Raises:
         ValueError: the role exists already, or a limit is invalid. (If a concurrent insert wins the race, the
@@ -101,6 +104,7 @@ async def create_role(
         monthly_tokens=_check_limit("monthly_tokens", monthly_tokens),
         monthly_requests=_check_limit("monthly_requests", monthly_requests),
         max_tokens=_check_limit("max_tokens", max_tokens),
+        max_n=_check_limit("max_n", max_n),
         allowed_models=_check_models(allowed_models),
         is_admin=bool(is_admin),
     )
@@ -122,6 +126,7 @@ async def update_role(
     monthly_tokens: _Limit = UNSET,
     monthly_requests: _Limit = UNSET,
     max_tokens: _Limit = UNSET,
+    max_n: _Limit = UNSET,
     allowed_models: _Models = UNSET,
     is_admin: bool | Literal[_Unset.UNSET] = UNSET,
 ) -> RoleRecord:
@@ -141,6 +146,7 @@ async def update_role(
         "monthly_tokens": monthly_tokens,
         "monthly_requests": monthly_requests,
         "max_tokens": max_tokens,
+        "max_n": max_n,
     }
     for field, value in limits.items():
         if value is not UNSET:
@@ -239,15 +245,41 @@ async def revoke_key(session: AsyncSession, id: str, at: datetime) -> KeyRecord:
     return KeyRecord.from_orm(key)
 
 
+class AlreadyRotated(ValueError):
+    """The key already has a replacement: rotating it again could only reopen or extend its grace period."""
+
+    def __init__(self, key_id: str, replaced_by_id: str) -> None:
+        super().__init__(
+            f"key {key_id} was already rotated (replaced by {replaced_by_id}); rotate {replaced_by_id} instead, "
+            f"or revoke {key_id} to end its grace period now"
+        )
+        self.key_id = key_id
+        self.replaced_by_id = replaced_by_id
+
+
 async def mark_rotated(session: AsyncSession, old_id: str, new_id: str, grace_until: datetime) -> KeyRecord:
     """Record that ``new_id`` replaces ``old_id``, which keeps working until ``grace_until``.
 
+    A key is rotated once: a second rotation would move ``grace_until`` and bring back a key whose grace had
+    ended. The update is conditional on the key having no replacement yet, so of two concurrent rotations
+    exactly one wins (the other's transaction, with its new key, must be rolled back).
+
     Raises:
         LookupError: either key is unknown.
+        AlreadyRotated: ``old_id`` already has a replacement.
     """
     old = await _load_key(session, old_id)
     await _load_key(session, new_id)
-    old.replaced_by_id = new_id
-    old.grace_until = grace_until
-    await session.flush()
+    if old.replaced_by_id is not None:
+        raise AlreadyRotated(old_id, old.replaced_by_id)
+    result = await session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == old_id, ApiKey.replaced_by_id.is_(None))
+        .values(replaced_by_id=new_id, grace_until=grace_until)
+        .execution_options(synchronize_session=False)
+    )
+    if cast("CursorResult[Any]", result).rowcount != 1:  # another transaction rotated it since we read it
+        await session.refresh(old)
+        raise AlreadyRotated(old_id, old.replaced_by_id or "another key")
+    await session.refresh(old)
     return KeyRecord.from_orm(old)

@@ -15,7 +15,8 @@ KeyState = Literal["active", "revoked", "expired", "rotated"]
 
 @dataclass(frozen=True, slots=True)
 class RoleRecord:
-    """A role's limits; ``None`` means unlimited (``allowed_models`` ``None``: every model)."""
+    """A role's limits; ``None`` means unlimited (``allowed_models`` ``None``: every model; ``max_n`` ``None``: the
+    server's own bound on the choices of one request)."""
 
     name: str
     rpm: int | None
@@ -24,6 +25,7 @@ class RoleRecord:
     monthly_tokens: int | None
     monthly_requests: int | None
     max_tokens: int | None
+    max_n: int | None
     allowed_models: tuple[str, ...] | None
     is_admin: bool
     created_at: datetime
@@ -40,6 +42,7 @@ class RoleRecord:
             monthly_tokens=role.monthly_tokens,
             monthly_requests=role.monthly_requests,
             max_tokens=role.max_tokens,
+            max_n=role.max_n,
             allowed_models=None if role.allowed_models is None else tuple(role.allowed_models),
             is_admin=role.is_admin,
             created_at=role.created_at,

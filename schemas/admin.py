@@ -10,6 +10,8 @@ from msgspec import Meta
 # Bounded by the columns they are stored in (INTEGER / BIGINT): a bigger value was a 500 from the database.
 Limit = Annotated[int, Meta(ge=1, le=2**31 - 1)] | None
 BigLimit = Annotated[int, Meta(ge=1, le=2**63 - 1)] | None
+# The server answers at most 128 choices (n x prompts) per request whatever the role says: a bigger bound is a mistake.
+MaxN = Annotated[int, Meta(ge=1, le=128)] | None
 Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
 
 
@@ -44,7 +46,10 @@ class KeyOut(msgspec.Struct, kw_only=True):
 
 
 class RoleIn(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """A role's limits; a field left out is unchanged (update) or unlimited (create); ``null`` is unlimited."""
+    """A role's limits; a field left out is unchanged (update) or unlimited (create); ``null`` is unlimited.
+
+    ``max_n`` bounds the choices of one request (``n`` times the prompts); unlimited means the server's own 128.
+    """
 
     rpm: Limit | msgspec.UnsetType = msgspec.UNSET
     tpm: Limit | msgspec.UnsetType = msgspec.UNSET
@@ -52,6 +57,7 @@ class RoleIn(msgspec.Struct, kw_only=True, omit_defaults=True):
     monthly_tokens: BigLimit | msgspec.UnsetType = msgspec.UNSET
     monthly_requests: Limit | msgspec.UnsetType = msgspec.UNSET
     max_tokens: Limit | msgspec.UnsetType = msgspec.UNSET
+    max_n: MaxN | msgspec.UnsetType = msgspec.UNSET
     models: list[Annotated[str, Meta(min_length=1)]] | msgspec.UnsetType | None = msgspec.UNSET
 
 
@@ -71,6 +77,7 @@ class RoleOut(msgspec.Struct, kw_only=True):
     monthly_tokens: int | None
     monthly_requests: int | None
     max_tokens: int | None
+    max_n: int | None
     models: list[str] | None
     is_admin: bool
 

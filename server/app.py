@@ -30,6 +30,7 @@ from server.api.health import health, metrics, readyz
 from server.api.models import list_models, retrieve_model
 from server.api.native import generate_text, stream_text
 from server.api.openai import create_chat_completion, create_completion
+from server.datadir import prepare_data_dir
 from server.engine.base import Engine
 from server.lifecycle import CANCEL_MARGIN_S, Lifecycle, shutting_down
 from server.metrics import Metrics, status_class
@@ -99,6 +100,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        prepare_data_dir(settings)  # 0700, before a built-in model is built in it
         if settings.auto_migrate:
             default_role = {
                 "rpm": settings.default_role_rpm,

@@ -19,7 +19,8 @@ from server.auth.pepper import load_pepper
 from server.database import Database, DatabaseUnavailable
 from server.settings import Settings
 
-LIMIT_FLAGS = ("rpm", "tpm", "max_concurrency", "monthly_tokens", "monthly_requests", "max_tokens")
+LIMIT_FLAGS = ("rpm", "tpm", "max_concurrency", "monthly_tokens", "monthly_requests", "max_tokens", "max_n")
+_LIMIT_HELP = {"max_n": "most choices per request (n x prompts), 1 to 128; 0 = the server's own bound of 128"}
 
 
 class CommandError(Exception):
@@ -74,7 +75,7 @@ def add_admin_commands(sub: Any) -> None:
         r = roles.add_parser(action, help=f"{action} a role; a limit of 0 means unlimited")
         r.add_argument("name")
         for flag in LIMIT_FLAGS:
-            r.add_argument(f"--{flag.replace('_', '-')}", type=int, metavar="N")
+            r.add_argument(f"--{flag.replace('_', '-')}", type=int, metavar="N", help=_LIMIT_HELP.get(flag))
         r.add_argument("--models", help="comma-separated allowlist; empty for all models")
         r.add_argument("--json", action="store_true")
 
@@ -101,9 +102,16 @@ def _role_spec(args: argparse.Namespace, create: bool) -> RoleIn:
             fields[flag] = value or None
     if args.models is not None:
         fields["models"] = [m.strip() for m in args.models.split(",") if m.strip()] or None
-    if create:
-        return msgspec.convert({"name": args.name, **fields}, RoleCreate)
-    return msgspec.convert(fields, RoleIn)
+    try:
+        if create:
+            return msgspec.convert({"name": args.name, **fields}, RoleCreate)
+        return msgspec.convert(fields, RoleIn)
+    except msgspec.ValidationError as exc:  # name the flag, not the JSON path: "--max-n: Expected `int` <= 128"
+        text = str(exc)
+        detail, _, path = text.partition(" - at `$.")
+        field = path.rstrip("`").split("[")[0]
+        where = "the role name" if field == "name" else f"--{field.replace('_', '-')}"
+        raise CommandError(f"{where}: {detail}" if field else text) from None
 
 
 def _print(obj: Any, as_json: bool, human: Callable[[Any], str]) -> None:
@@ -126,7 +134,7 @@ def _role_line(r: Any) -> str:
     return (
         f"{r.name}: rpm={fmt(r.rpm)} tpm={fmt(r.tpm)} concurrency={fmt(r.max_concurrency)} "
         f"monthly_tokens={fmt(r.monthly_tokens)} monthly_requests={fmt(r.monthly_requests)} "
-        f"max_tokens={fmt(r.max_tokens)} models={models}{' admin' if r.is_admin else ''}"
+        f"max_tokens={fmt(r.max_tokens)} max_n={fmt(r.max_n)} models={models}{' admin' if r.is_admin else ''}"
     )
 
 

@@ -38,5 +38,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index(op.f("ix_applied_writes_created_at"), table_name="applied_writes")
     op.drop_table("applied_writes")
-    with op.batch_alter_table("roles") as batch:
+    # Not a batch copy of "roles" on SQLite: api_keys references it, and with foreign keys on, dropping the old copy
+    # of a referenced table fails. ALTER TABLE ... DROP COLUMN (SQLite 3.35+) changes it in place.
+    with op.batch_alter_table("roles", recreate="never") as batch:
         batch.drop_column("max_n")

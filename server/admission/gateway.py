@@ -133,6 +133,20 @@ class Gateway:
             )
         return cap
 
+    @staticmethod
+    def check_n(principal: Principal, choices: int, param: str = "n") -> None:
+        """400 naming ``param`` when a request's choices (``n`` times its prompts) exceed the role's ``max_n``.
+
+        A role without ``max_n`` is bounded only by the server's own limit on choices per request.
+        """
+        limit = principal.role.max_n
+        if limit is not None and choices > limit:
+            raise invalid_request(
+                f"This request asks for {choices} choices ('{param}' times the number of prompts), above your "
+                f"role's limit of {limit} per request.",
+                param,
+            )
+
     def check_sequences(self, choices: int, param: str = "n") -> None:
         """400 when one request asks for more sequences than a key may ever have in flight (it could never run)."""
         budget = self.sequences

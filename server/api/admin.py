@@ -10,6 +10,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody
 
 from persistence import store
+from persistence.keys import AlreadyRotated
 from schemas.admin import KeyCreate, KeyList, KeyOut, KeyRotate, RoleCreate, RoleIn, RoleList, RoleOut, UsageList
 from server.admission.gateway import current_month
 from server.api.apidoc import KEY_SECURITY, KEYED, WITH_BODY, ApiOperation, errors
@@ -31,6 +32,8 @@ async def _run(services: Services, fn: Any, *, missing: tuple[str, str] | None =
         if missing is None:
             raise
         raise not_found(*missing) from exc
+    except AlreadyRotated as exc:  # a state conflict, reported like the other refused changes (400, not 409)
+        raise invalid_request(f"{exc}.", "key_id", "key_already_rotated") from exc
     except ValueError as exc:
         raise invalid_request(str(exc), None) from exc
 
@@ -77,7 +80,7 @@ async def revoke_key(key_id: FromPath[str], services: NamedDependency[Services])
     operation_class=ApiOperation,
 )
 async def rotate_key(key_id: FromPath[str], data: JSONBody[KeyRotate], services: NamedDependency[Services]) -> KeyOut:
-    """A new key; the old one keeps working until its grace deadline."""
+    """A new key; the old one keeps working until its grace deadline (a key is rotated once: 400 again)."""
     new, secret = await _run(
         services, lambda s: manage.rotate_key(s, services.pepper, key_id, data.grace_hours), missing=("key", "key_id")
     )

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable
+from itertools import accumulate
 from typing import Any
 
+import anyio
 import msgspec
 from litestar import Request, Response
 from litestar.background_tasks import BackgroundTask
 from litestar.enums import ScopeType
 from litestar.response import Stream
 from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
+from litestar.utils.scope.state import ScopeState
 
 from server.api.exceptions import from_msgspec
-from server.errors import OpenAIError
+from server.errors import OpenAIError, invalid_request
 from server.sse import HEADERS, sse_frames
 
 _encoder = msgspec.json.Encoder()
@@ -40,19 +45,99 @@ def sse_response(
     )
 
 
-async def strict_body(request: Request[Any, Any, Any]) -> None:
-    """``before_request`` hook: decode the body strictly (OpenAI rejects ``"stream": 0``; Litestar would not).
+MAX_JSON_DEPTH = 128
+"""Most levels of nesting in a request body (``[[1]]`` has 2): far above any real request, far below what the
+decoder and the code downstream (schemas, tool arguments, re-encoding for a remote model) can recurse through."""
+_THREAD_BYTES = 1 << 20  # bodies over 1 MiB are checked and decoded in a worker thread, off the event loop
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_FOLD = bytes.maketrans(b"{}", b"[]")
+_STEPS = bytes.maketrans(b"[]", b"\x01\xff")  # +1 and -1 as signed bytes
+# Only a number this long, or with a 3-digit positive exponent, can be out of range (a float over ~1.8e308, an
+# integer over Python's 4,300 digits); the typed decode skips unknown fields without converting their numbers.
+_MAYBE_HUGE_NUMBER = re.compile(rb"\d{309}|[eE]\+?\d{3}")
+_HEX2 = rb"[0-9a-fA-F]{2}"
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB]" + _HEX2 + rb"(?!\\u[dD][c-fC-F]" + _HEX2 + rb")"
+    rb"|(?<!\\u[dD][89abAB]" + _HEX2 + rb")\\u[dD][c-fC-F]" + _HEX2
+)
 
-    The decoded value is kept in ``request.state.body`` for the handler.
+
+def _invalid_body(message: str) -> OpenAIError:
+    return invalid_request(message, None, "invalid_json")
+
+
+def nesting_exceeds(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON text ``raw`` nests deeper than ``limit``, without recursing (brackets in strings ignored).
+
+    Linear time; the common case (few brackets) is two ``count`` calls.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    brackets = _STRING.sub(b"", raw).translate(_FOLD, _NOT_BRACKETS)
+    if len(brackets) <= limit:
+        return False
+    if b"[" * (limit + 1) in brackets:
+        return True
+    return max(accumulate(array("b", brackets.translate(_STEPS)))) > limit
+
+
+def decode_body(raw: bytes, body_type: Any) -> Any:
+    """Decode a request body strictly into ``body_type``, or raise a 400 ``invalid_request_error`` saying why.
+
+    The whole body must be JSON that every later reader can take: valid UTF-8 (unknown fields included: the typed
+    decode skips those unchecked), no lone UTF-16 surrogate escape (``"\\ud800"``: not Unicode, so no tokenizer,
+    database or upstream could take it; it is refused rather than replaced, which would change the prompt
+    silently), at most :data:`MAX_JSON_DEPTH` levels of nesting, and numbers in range.
+    """
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _invalid_body(
+            f"The request body is not valid UTF-8 (byte 0x{raw[exc.start]:02X} at offset {exc.start}); "
+            "send JSON encoded as UTF-8."
+        ) from None
+    if nesting_exceeds(raw):
+        raise _invalid_body(f"The JSON body is nested too deeply: at most {MAX_JSON_DEPTH} levels are accepted.")
+    try:
+        body = msgspec.json.decode(raw, type=body_type, strict=True)
+    except msgspec.DecodeError as exc:
+        lone = _LONE_SURROGATE.search(raw)
+        if lone is not None:
+            raise _invalid_body(
+                f"The JSON body contains a lone UTF-16 surrogate escape ('{lone.group().decode()}' without its pair), "
+                "which is not valid Unicode."
+            ) from None
+        raise from_msgspec(exc) from None
+    except msgspec.ValidationError as exc:
+        raise from_msgspec(exc) from None
+    if _MAYBE_HUGE_NUMBER.search(raw):
+        try:
+            msgspec.json.decode(raw)
+        except msgspec.ValidationError:
+            raise _invalid_body(
+                "A number in the JSON body is out of range (floats must fit a double, integers 4,300 digits)."
+            ) from None
+    return body
+
+
+async def strict_body(request: Request[Any, Any, Any]) -> None:
+    """``before_request`` hook: decode the body once, strictly (OpenAI rejects ``"stream": 0``; Litestar would not).
+
+    The decoded value is kept in ``request.state.body`` for the handler and handed to Litestar as the request's
+    parsed JSON, so a ``data: JSONBody[...]`` parameter receives it as is and the body is never decoded again
+    (Litestar's own, untyped decode failed with 500s on input this one refuses with 400s).
     """
     body_type = request.route_handler.opt.get(BODY_TYPE)
     if body_type is None:
         return
     raw = await request.body()
-    try:
-        request.state.body = msgspec.json.decode(raw, type=body_type, strict=True)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise from_msgspec(exc) from None
+    if len(raw) > _THREAD_BYTES:
+        body = await anyio.to_thread.run_sync(decode_body, raw, body_type)
+    else:
+        body = decode_body(raw, body_type)
+    request.state.body = body
+    ScopeState.from_scope(request.scope).json = body
 
 
 def read_timeout_middleware(timeout_s: float) -> Any:

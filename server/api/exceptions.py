@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import traceback
 from typing import Any
 
 import msgspec
@@ -17,7 +18,7 @@ from litestar.exceptions.http_exceptions import (
 
 from schemas.openai.errors import ErrorBody, ErrorResponse
 from server.auth.principal import database_unavailable
-from server.database import DatabaseUnavailable, is_data_exception
+from server.database import DatabaseUnavailable, describe_error, is_data_exception
 from server.errors import OpenAIError, invalid_request
 
 log = logging.getLogger("server.api")
@@ -52,7 +53,7 @@ def to_openai_error(exc: Exception) -> OpenAIError:
     if isinstance(exc, OpenAIError):
         return exc
     if is_data_exception(exc):
-        log.warning("the database rejected a value from the request: %s", str(exc).splitlines()[0])
+        log.warning("the database rejected a value from the request: %s", describe_error(exc))
         return invalid_request(
             "A value in the request cannot be stored: it is out of range, too long or contains a character that "
             "is not allowed (such as NUL).",
@@ -63,6 +64,11 @@ def to_openai_error(exc: Exception) -> OpenAIError:
         return database_unavailable()
     if isinstance(exc, msgspec.ValidationError | msgspec.DecodeError):
         return from_msgspec(exc)
+    if isinstance(exc, RecursionError):
+        # Request bodies are bounded in depth when decoded; this catches nesting hidden in a string the request
+        # carries (JSON text in a field, parsed later). Logged with its traceback: it could also be a server bug.
+        log.warning("a request nested too deeply to process", exc_info=exc)
+        return invalid_request("The request is nested too deeply to be processed.", None, "invalid_json")
     if isinstance(exc, RequestEntityTooLarge):
         return OpenAIError(413, "invalid_request_error", "The request body is too large.", code="request_too_large")
     if isinstance(exc, NotFoundException):
@@ -78,8 +84,26 @@ def to_openai_error(exc: Exception) -> OpenAIError:
         return invalid_request(f"Invalid request: {detail}", key)
     if isinstance(exc, HTTPException) and 400 <= exc.status_code < 500:
         return OpenAIError(exc.status_code, "invalid_request_error", exc.detail, headers=exc.headers)
-    log.exception("unhandled error", exc_info=exc)
+    if _from_database(exc):
+        # No traceback text: a database error's message carries the statement and its parameters (request data).
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+        log.error("unhandled database error: %s%s", describe_error(exc), where)
+    else:
+        log.exception("unhandled error", exc_info=exc)
     return OpenAIError(500, "server_error", "The server had an error while processing your request.")
+
+
+def _from_database(exc: BaseException) -> bool:
+    """Whether ``exc`` is a database driver's or SQLAlchemy's error (whose text may quote request data)."""
+    seen: BaseException | None = exc
+    for _ in range(16):  # causes and contexts: a short chain, bounded in case one loops
+        if seen is None:
+            break
+        if type(seen).__module__.split(".")[0] in ("sqlalchemy", "asyncpg", "sqlite3", "aiosqlite"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def error_response(err: OpenAIError) -> Response[bytes]:

@@ -139,8 +139,8 @@ async def gate(
 
     The role may use ``model`` (403), its requests-per-minute window has room (429, nothing consumed; both already
     checked by :func:`screen` when it could read the model), the request
-    stays within the role's max-tokens cap (400) and asks for no more sequences (``prompts`` x ``n``) than a key
-    may ever have in flight (400). Returns the role's max-tokens cap for the serving layer.
+    stays within the role's caps on max tokens and choices (400) and asks for no more sequences (``prompts`` x ``n``)
+    than a key may ever have in flight (400). Returns the role's max-tokens cap for the serving layer.
     """
     principal = principal_of(request)
     gateway = services.gateway
@@ -148,7 +148,9 @@ async def gate(
         gateway.check_model(principal, model)
         await gateway.precheck(principal)
     cap = gateway.max_tokens_cap(principal, requested, param)
-    gateway.check_sequences(n * prompts, "n" if n > 1 else "prompt")
+    choices_param = "n" if n > 1 else "prompt"
+    gateway.check_n(principal, n * prompts, choices_param)
+    gateway.check_sequences(n * prompts, choices_param)
     return cap
 
 

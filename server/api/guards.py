@@ -1,7 +1,8 @@
 """Route guards: a valid key for ``/v1``, a key whose role is ``admin`` for ``/admin``.
 
-Guards run before the body is read, so a request without a key is 401 even when its JSON is malformed. A client
-address with too many failed key checks this minute gets 429 before its key is looked up (``server.auth.throttle``).
+Guards run before the body is read, so a request without a key is 401 even when its JSON is malformed. A key that
+fails from a client address with too many failed key checks this minute gets 429 instead of 401; a valid key is
+never refused for its address (``server.auth.throttle``).
 """
 
 from __future__ import annotations
@@ -31,19 +32,31 @@ async def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRou
             method=str(connection.scope.get("method", "GET")),
         )
     presented = key_from_headers(connection.headers.get("authorization"), connection.headers.get("x-api-key"))
-    throttle = services.throttle
-    address = client_address(connection.scope) if throttle is not None else ""
-    if throttle is not None:
-        await throttle.check(address)
-    try:
-        principal = await services.auth.authenticate(presented)
-    except OpenAIError as exc:
-        if throttle is not None and exc.status == 401 and presented:
-            await throttle.failed(address)
-        raise
+    principal = services.auth.cached(presented) or await _authenticate(services, connection.scope, presented)
     state["principal"] = principal
     if RECORD in state:
         state[RECORD].key_id = principal.key_id
+
+
+async def _authenticate(services: Services, scope: Any, presented: str | None) -> Principal:
+    """Look the key up; count a failure per address, and answer 429 instead of 401 once an address has none left.
+
+    A key that authenticates is never refused here, whatever its address did (``server.auth.throttle``).
+    """
+    throttle = services.throttle
+    if throttle is None or not presented:  # no key at all guesses nothing: 401, never counted
+        return await services.auth.authenticate(presented)
+    address = client_address(scope)
+    wait_s = await throttle.exhausted(address)
+    try:
+        return await services.auth.authenticate(presented, lane=throttle.lane if wait_s is not None else None)
+    except OpenAIError as exc:
+        if exc.status != 401:
+            raise
+        if wait_s is not None:
+            raise throttle.refusal(wait_s) from None
+        await throttle.failed(address)
+        raise
 
 
 async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:

@@ -1,13 +1,16 @@
-"""``/v1/models``."""
+"""``/v1/models``: the served models the caller's role may use (others are neither listed nor found)."""
 
 from __future__ import annotations
 
-from litestar import get
+from typing import Any
+
+from litestar import Request, get
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from schemas.openai.models import Model, ModelList
 from server.api.apidoc import KEYED, ApiOperation, errors
+from server.api.flow import principal_of
 from server.served import ServedModels, model_not_found
 
 
@@ -17,9 +20,10 @@ def _model(models: ServedModels, name: str) -> Model:
 
 
 @get("/v1/models", tags=["openai"], sync_to_thread=False, responses=errors(*KEYED), operation_class=ApiOperation)
-def list_models(models: NamedDependency[ServedModels]) -> ModelList:
-    """The served models, local and remote."""
-    return ModelList(data=[_model(models, name) for name in models.order])
+def list_models(request: Request[Any, Any, Any], models: NamedDependency[ServedModels]) -> ModelList:
+    """The served models, local and remote, that the key's role may use."""
+    role = principal_of(request).role
+    return ModelList(data=[_model(models, name) for name in models.order if role.allows_model(name)])
 
 
 @get(
@@ -29,9 +33,11 @@ def list_models(models: NamedDependency[ServedModels]) -> ModelList:
     responses=errors(*KEYED, 400, 404),
     operation_class=ApiOperation,
 )
-def retrieve_model(model_id: FromPath[str], models: NamedDependency[ServedModels]) -> Model:
-    """One served model."""
+def retrieve_model(
+    request: Request[Any, Any, Any], model_id: FromPath[str], models: NamedDependency[ServedModels]
+) -> Model:
+    """One served model; 404 ``model_not_found`` for a model the key's role may not use, as for an unknown one."""
     name = model_id.lstrip("/")
-    if name not in models.order:
+    if name not in models.order or not principal_of(request).role.allows_model(name):
         raise model_not_found(name)
     return _model(models, name)

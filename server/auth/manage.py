@@ -10,6 +10,7 @@ import msgspec
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from persistence import store
+from persistence.keys import AlreadyRotated
 from persistence.store import KeyRecord, RoleRecord, UsageRecord
 from schemas.admin import KeyOut, RoleIn, RoleOut, UsageOut
 from server.auth.keys import digest, display_parts, generate_key, is_well_formed
@@ -47,6 +48,7 @@ def role_out(role: RoleRecord) -> RoleOut:
         monthly_tokens=role.monthly_tokens,
         monthly_requests=role.monthly_requests,
         max_tokens=role.max_tokens,
+        max_n=role.max_n,
         models=None if role.allowed_models is None else list(role.allowed_models),
         is_admin=role.is_admin,
     )
@@ -109,12 +111,23 @@ async def find_key(session: AsyncSession, pepper: bytes, secret: str) -> KeyReco
 
 
 async def rotate_key(session: AsyncSession, pepper: bytes, key_id: str, grace_hours: float) -> tuple[KeyRecord, str]:
-    """Issue a replacement with the same name and role; the old key works until the grace deadline."""
+    """Issue a replacement with the same name and role; the old key works until the grace deadline.
+
+    A key is rotated at most once, so its grace deadline is set once and never moves (rotate the replacement
+    instead; revoke the old key to end its grace early).
+
+    Raises:
+        LookupError: no such key.
+        AlreadyRotated: the key already has a replacement.
+        ValueError: the key is revoked.
+    """
     old = await store.get_key(session, key_id)
     if old is None:
         raise LookupError(f"unknown key {key_id!r}")
     if old.revoked_at is not None:
         raise ValueError(f"key {key_id} is revoked; create a new key instead")
+    if old.replaced_by_id is not None:
+        raise AlreadyRotated(key_id, old.replaced_by_id)
     remaining_days = None
     if old.expires_at is not None:
         remaining_days = max(1, (old.expires_at - datetime.now(UTC)).days)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import secrets
-from pathlib import Path
 
+from persistence.private import private_dir, warn_if_shared
 from server.settings import Settings, SettingsError
 
 
@@ -25,9 +25,8 @@ def load_pepper(settings: Settings) -> bytes:
             "LLM_SERVER_KEY_PEPPER must be set explicitly with a non-SQLite DATABASE_URL "
             "(every replica must hash keys with the same secret)"
         )
-    path = Path(settings.data_dir) / "key_pepper"
+    path = private_dir(settings.data_dir, "DATA_DIR") / "key_pepper"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:  # another process created it first: use theirs
@@ -35,6 +34,8 @@ def load_pepper(settings: Settings) -> bytes:
         else:
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_hex(32))
+    else:
+        warn_if_shared(path, "the key pepper file")
     pepper = path.read_text(encoding="utf-8").strip()
     if not pepper:
         raise SettingsError(f"the key pepper file {path} is empty; delete it only if no keys exist yet")

@@ -76,8 +76,26 @@ class Authenticator:
         for d in [d for d, (_, k, _) in self._cache.items() if k.id == key_id]:
             del self._cache[d]
 
-    async def authenticate(self, presented: str | None) -> Principal:
-        """Return the principal or raise 401 (bad key) / 503 (database unreachable)."""
+    def cached(self, presented: str | None) -> Principal | None:
+        """The principal of a key this authenticator found valid less than ``ttl_s`` ago, else ``None``.
+
+        No I/O: what a throttle lets through without looking (a valid key must never wait behind it).
+        """
+        if not presented or not is_well_formed(presented):
+            return None
+        hit = self._cache.get(digest(presented, self._pepper))
+        if hit is None or time.monotonic() - hit[0] >= self._ttl or refusal(hit[1], datetime.now(UTC)):
+            return None
+        return Principal(key_id=hit[1].id, key_name=hit[1].name, role=hit[2])
+
+    async def authenticate(self, presented: str | None, *, lane: asyncio.Semaphore | None = None) -> Principal:
+        """Return the principal or raise 401 (bad key) / 503 (database unreachable).
+
+        Args:
+            presented: The key as sent.
+            lane: Held around the database lookup, if one is needed (the throttle's lane for throttled addresses);
+                the wait for it counts into the database timeout.
+        """
         if not presented or not is_well_formed(presented):
             raise invalid_key(presented)
         d = digest(presented, self._pepper)
@@ -87,7 +105,7 @@ class Authenticator:
             key, role = hit[1], hit[2]
         else:
             try:
-                found = await asyncio.wait_for(self._lookup(d), self._timeout)
+                found = await asyncio.wait_for(self._look_up(d, lane), self._timeout)
             except (TimeoutError, OSError, ConnectionError) as exc:
                 raise database_unavailable() from exc
             if found is None:
@@ -102,6 +120,12 @@ class Authenticator:
         if why:
             raise invalid_key(presented, why)
         return Principal(key_id=key.id, key_name=key.name, role=role)
+
+    async def _look_up(self, d: str, lane: asyncio.Semaphore | None) -> tuple[KeyRecord, RoleRecord] | None:
+        if lane is None:
+            return await self._lookup(d)
+        async with lane:
+            return await self._lookup(d)
 
 
 def refusal(key: KeyRecord, now: datetime) -> str | None:

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+import msgspec
+
 from server.engine.base import Constraint
 from server.errors import invalid_request, unsupported_param
 from server.serving.toolparse import (
@@ -297,10 +299,6 @@ class ToolHistory:
         return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-def _reject_constant(value: str) -> Any:
-    raise ValueError(f"{value} is not valid JSON")
-
-
 def _call_arguments(arguments: Any, param: str) -> dict[str, Any]:
     if isinstance(arguments, dict):
         return arguments
@@ -308,9 +306,14 @@ def _call_arguments(arguments: Any, param: str) -> dict[str, Any]:
         return {}  # some clients send "" for a call without arguments
     if isinstance(arguments, str):
         try:
-            decoded = json.loads(arguments, parse_constant=_reject_constant)
-        except ValueError as exc:
-            raise invalid_request(f"The tool call's 'arguments' is not valid JSON: {exc}.", param) from None
+            # msgspec, not json: it refuses lone surrogates and NaN/Infinity, which tokenizers, databases and
+            # upstreams choke on later.
+            decoded = msgspec.json.decode(arguments)
+        except msgspec.DecodeError as exc:
+            detail = "a lone UTF-16 surrogate or a truncated value" if "truncated" in str(exc) else str(exc)
+            raise invalid_request(f"The tool call's 'arguments' is not valid JSON: {detail}.", param) from None
+        except RecursionError:
+            raise invalid_request("The tool call's 'arguments' is nested too deeply.", param) from None
         if isinstance(decoded, dict):
             return decoded
     raise invalid_request("The tool call's 'arguments' must be JSON text of an object.", param)

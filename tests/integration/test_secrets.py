@@ -27,6 +27,7 @@ from server.auth.keys import DISPLAY_PREFIX_LEN, digest, generate_key
 from server.auth.throttle import client_address
 from server.cli import main
 from server.engine.fake import FakeEngine
+from server.errors import OpenAIError
 from server.logs import JSONFormatter
 from server.metrics import Metrics
 from server.services import Services, build_services
@@ -119,11 +120,12 @@ def rate_limited_auth(metrics_text: str) -> float:
 
 
 def test_failed_key_checks_are_limited_per_client_address(settings: Settings, api_key: str) -> None:
-    s, services, lookups = limited_services(settings, 5)
+    s, services, _ = limited_services(settings, 5)
     app = create_app(s, engine=FakeEngine(["ok"]), services=services)
     with live_server(app) as base, from_address(base, "127.0.0.9") as admin:
         revoked = admin.post("/admin/keys", json={"name": "gone", "role": "default"}, headers=bearer(api_key)).json()
         assert admin.post(f"/admin/keys/{revoked['id']}/revoke", headers=bearer(api_key)).status_code == 200
+        plain = admin.post("/admin/keys", json={"name": "plain", "role": "default"}, headers=bearer(api_key)).json()
         with from_address(base, "127.0.0.2") as attacker, from_address(base, "127.0.0.3") as neighbour:
             for _ in range(3):  # no key at all guesses nothing: 401, not counted
                 assert attacker.get("/v1/models").status_code == 401
@@ -137,26 +139,117 @@ def test_failed_key_checks_are_limited_per_client_address(settings: Settings, ap
             for headers in failures:
                 r = attacker.get("/v1/models", headers=headers)
                 assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-            looked_up = len(lookups)
             refused = [
                 attacker.get("/v1/models", headers=bearer(generate_key())),
                 attacker.post("/v1/chat/completions", json=CHAT, headers={"X-API-Key": generate_key()}),
-                attacker.get("/v1/models"),
-                attacker.get("/v1/models", headers=bearer(api_key)),  # the whole address waits, valid keys too
-                attacker.get("/admin/keys", headers=bearer(api_key)),
+                attacker.get("/v1/models", headers={"X-API-Key": revoked["key"]}),
+                attacker.get("/v1/models", headers=bearer("nope")),
+                attacker.get("/admin/keys", headers=bearer(generate_key())),
             ]
-            assert len(lookups) == looked_up  # refused before any database lookup
             for r in refused:
                 assert r.status_code == 429, r.text
                 err = r.json()["error"]
                 assert err["type"] == "requests" and err["code"] == "rate_limit_exceeded"
                 assert 1 <= int(r.headers["retry-after"]) <= 60 and int(r.headers["retry-after-ms"]) > 0
                 assert api_key not in r.text and secret_middle(api_key) not in r.text
+            assert attacker.get("/v1/models").status_code == 401  # still not counted, still no guess
+            # Valid keys are never refused for their address, on /v1 and /admin alike.
+            assert attacker.get("/v1/models", headers=bearer(api_key)).status_code == 200
+            assert attacker.post("/v1/chat/completions", json=CHAT, headers=bearer(plain["key"])).status_code == 200
+            assert attacker.get("/admin/keys", headers=bearer(api_key)).status_code == 200
+            assert attacker.get("/admin/keys", headers=bearer(plain["key"])).status_code == 403  # its role's answer
             # Other addresses are unaffected: valid keys work, their own failures are still plain 401s.
             assert neighbour.get("/v1/models", headers=bearer(api_key)).status_code == 200
             assert neighbour.post("/v1/chat/completions", json=CHAT, headers=bearer(api_key)).status_code == 200
             assert neighbour.get("/v1/models", headers=bearer(generate_key())).status_code == 401
         assert rate_limited_auth(admin.get("/metrics").text) == len(refused)
+
+
+def test_a_shared_address_over_the_limit_never_locks_out_valid_keys(settings: Settings, api_key: str) -> None:
+    """30+ bad keys from one address (a proxy in front of everyone): valid keys still get 200, unknown keys 429."""
+    s, services, lookups = limited_services(settings, 30)
+    assert s.auth_failures_per_minute == Settings().auth_failures_per_minute == 30  # the default
+    plain = asyncio.run(add_role_key(s, "plain"))
+    app = create_app(s, engine=FakeEngine(["ok"]), services=services)
+    with TestClient(app) as http:
+        statuses = [http.get("/v1/models", headers=bearer(generate_key())).status_code for _ in range(35)]
+        assert statuses == [401] * 30 + [429] * 5
+        assert http.get("/admin/keys", headers={"X-API-Key": generate_key()}).status_code == 429
+        for key in (api_key, plain):
+            assert http.get("/v1/models", headers=bearer(key)).status_code == 200
+            assert http.post("/v1/chat/completions", json=CHAT, headers={"X-API-Key": key}).status_code == 200
+        assert http.get("/admin/keys", headers=bearer(api_key)).status_code == 200
+        assert http.post("/admin/roles", json={"name": "more"}, headers=bearer(api_key)).status_code == 201
+        assert http.get("/admin/keys", headers=bearer(plain)).status_code == 403
+        services.auth.forget()  # the cache expired: a valid key is looked up, and still never refused
+        before = len(lookups)
+        assert http.get("/admin/keys", headers=bearer(api_key)).status_code == 200
+        assert len(lookups) == before + 1
+        assert http.get("/v1/models", headers=bearer(generate_key())).status_code == 429
+
+
+def test_a_cached_valid_key_costs_the_throttle_nothing(settings: Settings, api_key: str) -> None:
+    s, services, lookups = limited_services(settings, 2)
+    assert services.throttle is not None
+    asked: list[str] = []
+    real = services.throttle.exhausted
+
+    async def counting(address: str) -> float | None:
+        asked.append(address)
+        return await real(address)
+
+    services.throttle.exhausted = counting  # type: ignore[method-assign]
+    with TestClient(create_app(s, engine=FakeEngine(["ok"]), services=services)) as http:
+        assert [http.get("/v1/models", headers=bearer(generate_key())).status_code for _ in range(3)] == [401, 401, 429]
+        assert len(asked) == 3 and len(lookups) == 3
+        assert http.get("/v1/models", headers=bearer(api_key)).status_code == 200  # first use: looked up
+        asked.clear()
+        lookups.clear()
+        for _ in range(5):
+            assert http.get("/v1/models", headers=bearer(api_key)).status_code == 200
+        assert asked == [] and lookups == []  # no storage round trip, no database
+
+
+@pytest.mark.anyio
+async def test_throttled_lookups_share_a_narrow_lane(settings: Settings, api_key: str) -> None:
+    """However many guesses a throttled address sends at once, at most THROTTLED_LOOKUPS reach the database."""
+    from server.api.guards import _authenticate
+    from server.auth.throttle import THROTTLED_LOOKUPS
+
+    _, services, _ = limited_services(settings, 1)
+    assert services.throttle is not None
+    real = services.auth._lookup
+    running = peak = 0
+    release = asyncio.Event()
+
+    async def slow(d: str) -> Any:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            await release.wait()
+            return await real(d)
+        finally:
+            running -= 1
+
+    services.auth._lookup = slow
+    scope = {"client": ("198.51.100.7", 1)}
+    guard = asyncio.create_task(_authenticate(services, scope, generate_key()))
+    release.set()
+    with pytest.raises(OpenAIError) as first:  # the one failure this address is allowed
+        await guard
+    assert first.value.status == 401
+    release.clear()
+    guesses = [asyncio.create_task(_authenticate(services, scope, generate_key())) for _ in range(20)]
+    valid = asyncio.create_task(_authenticate(services, scope, api_key))
+    for _ in range(100):  # let every task run up to its wait
+        await asyncio.sleep(0)
+    assert peak == THROTTLED_LOOKUPS  # the other 19 guesses and the valid key wait their turn
+    release.set()
+    outcomes = await asyncio.gather(*guesses, return_exceptions=True)
+    assert all(isinstance(e, OpenAIError) and e.status == 429 for e in outcomes)
+    assert (await valid).key_id and peak == THROTTLED_LOOKUPS
+    await services.db.close()
 
 
 def test_auth_failure_limit_unlimited_and_from_the_environment(settings: Settings) -> None:
@@ -177,8 +270,9 @@ def test_malformed_keys_alone_trip_the_limit(settings: Settings, api_key: str) -
     with TestClient(create_app(s, engine=FakeEngine(["ok"]), services=services)) as http:
         statuses = [http.get("/v1/models", headers={"X-API-Key": f"guess-{i}"}).status_code for i in range(5)]
         assert statuses == [401, 401, 401, 429, 429]
-        assert http.get("/v1/models", headers=bearer(api_key)).status_code == 429
-    assert lookups == []  # malformed keys never reach the database
+        assert lookups == []  # malformed keys never reach the database
+        assert http.get("/v1/models", headers=bearer(generate_key())).status_code == 429
+        assert http.get("/v1/models", headers=bearer(api_key)).status_code == 200
 
 
 def test_client_address_groups_ipv6_by_64_and_unwraps_ipv4_mapped() -> None:
@@ -209,8 +303,10 @@ def test_failed_key_checks_are_shared_across_replicas_through_redis(settings: Se
             assert b.get("/v1/models", headers=bearer(valid)).status_code == 200
             statuses = [c.get("/v1/models", headers=bearer(generate_key())).status_code for c in (a, b, a)]
             assert statuses == [401, 401, 401]
-            assert b.get("/v1/models", headers=bearer(valid)).status_code == 429
+            assert b.get("/v1/models", headers=bearer(generate_key())).status_code == 429
             assert a.get("/v1/models", headers=bearer(generate_key())).status_code == 429
+            a.app.state.services.auth.forget()
+            assert a.get("/v1/models", headers=bearer(valid)).status_code == 200  # valid keys never refused
     finally:
         asyncio.run(_cleanup_redis(redis_url, prefix))
 

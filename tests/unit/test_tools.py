@@ -204,6 +204,8 @@ def test_history_converts_calls_and_results() -> None:
         (call("c1", "f", "{city: Paris}"), "messages[4].tool_calls[1].function.arguments"),
         (call("c1", "f", "[1, 2]"), "messages[4].tool_calls[1].function.arguments"),
         (call("c1", "f", '{"x": NaN}'), "messages[4].tool_calls[1].function.arguments"),
+        (call("c1", "f", '{"x": "\\ud800"}'), "messages[4].tool_calls[1].function.arguments"),  # lone surrogate
+        (call("c1", "f", '{"x": ' + "[" * 5000 + "]" * 5000 + "}"), "messages[4].tool_calls[1].function.arguments"),
         ({"type": "function", "function": {"name": "f", "arguments": "{}"}}, "messages[4].tool_calls[1].id"),
         ({"id": "c1", "type": "custom", "custom": {}}, "messages[4].tool_calls[1].type"),
         ({"id": "c1", "type": "function"}, "messages[4].tool_calls[1].function"),
