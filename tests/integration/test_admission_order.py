@@ -208,3 +208,18 @@ async def test_one_key_cannot_fill_the_queue_n_counts_each_sequence(settings: Se
             assert 'llm_server_rate_limited_total{limit="sequences",role="hog"} 1.0' in metrics
     assert tight.sequences_per_key == 48
     assert msgspec.structs.replace(settings, max_queue_size=100).sequences_per_key == 25
+
+
+def test_a_roles_max_n_bounds_choices_per_request(settings: Settings) -> None:
+    key = role_key(settings, "two-choices", max_n=2)
+    engine = FakeEngine(["ok"])
+    with TestClient(create_app(settings, engine=engine)) as http:
+        auth = {"Authorization": f"Bearer {key}"}
+        assert http.post("/v1/chat/completions", json=chat("hi", n=2), headers=auth).status_code == 200
+        error = error_of(http.post("/v1/chat/completions", json=chat("hi", n=3), headers=auth), 400)
+        assert error["param"] == "n" and "limit of 2" in error["message"]
+        prompts = {"model": "fake", "prompt": ["a", "b", "c"]}
+        assert error_of(http.post("/v1/completions", json=prompts, headers=auth), 400)["param"] == "prompt"
+        both = {"model": "fake", "prompt": ["a", "b"], "n": 2}
+        assert error_of(http.post("/v1/completions", json=both, headers=auth), 400)["param"] == "n"
+    assert len(engine.requests) == 2  # only the allowed request reached the engine
