@@ -264,10 +264,8 @@ def test_decode_body_messages() -> None:
     assert ok.messages[0].content == "\U0001f600"
 
 
-def test_nesting_hidden_in_a_json_string_is_400_too(
-    http: TestClient[Litestar], caplog: pytest.LogCaptureFixture
-) -> None:
-    """A tool call's ``arguments`` is JSON text parsed later: its depth is not the body's, so the last line holds."""
+def test_nesting_hidden_in_a_json_string_is_400_too(http: TestClient[Litestar]) -> None:
+    """A tool call's ``arguments`` is JSON text parsed later: its depth is not the body's; a 400 naming the field."""
     arguments = '{"a":' + "[" * 5000 + "]" * 5000 + "}"
     body = {
         "model": "local",
@@ -280,5 +278,4 @@ def test_nesting_hidden_in_a_json_string_is_400_too(
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
     }  # fmt: skip
     err = assert_400(http.post("/v1/chat/completions", json=body), "deep tool arguments")
-    assert "nested too deeply" in err["message"]
-    assert any("nested too deeply" in r.getMessage() for r in caplog.records)  # logged: it may also be a bug
+    assert "nested too deeply" in err["message"] and err["param"] == "messages[1].tool_calls[0].function.arguments"

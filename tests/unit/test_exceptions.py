@@ -50,3 +50,9 @@ def test_other_unhandled_errors_keep_their_traceback(caplog: pytest.LogCaptureFi
         err = to_openai_error(raised)
     assert err.status == 500
     assert caplog.records[-1].exc_info is not None
+
+
+def test_a_recursion_error_left_anywhere_is_a_400_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    err = to_openai_error(RecursionError("maximum recursion depth exceeded"))
+    assert (err.status, err.code) == (400, "invalid_json")
+    assert any("nested too deeply" in r.getMessage() for r in caplog.records)
