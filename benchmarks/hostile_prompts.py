@@ -46,20 +46,25 @@ def send_forever(base: str, key: str, size: int, stop_at: float, counts: dict[in
 
 
 async def probe(base: str, seconds: float, rate: float) -> list[float]:
-    """``/health`` latencies (ms), one request every ``1 / rate`` seconds for ``seconds``."""
+    """``/health`` latencies (ms), one request due every ``1 / rate`` seconds for ``seconds``.
+
+    Each latency runs from when the request was due, not from when it could be sent: a server that stalls for a
+    second delays every request due in that second, and each of them counts (no coordinated omission).
+    """
     latencies: list[float] = []
-    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
         await client.get("/health")
-        next_at = time.perf_counter()
-        end = next_at + seconds
-        while next_at < end:
-            next_at += 1 / rate
-            t = time.perf_counter()
+        due = time.perf_counter()
+        end = due + seconds
+        while due < end:
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
             r = await client.get("/health")
-            latencies.append((time.perf_counter() - t) * 1000)
+            done = time.perf_counter()
             if r.status_code != 200:
                 raise RuntimeError(f"/health answered {r.status_code}")
-            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            while due <= done and due < end:  # every request that fell due while this one was under way
+                latencies.append((done - due) * 1000)
+                due += 1 / rate
     return latencies
 
 
