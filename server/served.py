@@ -46,12 +46,13 @@ class ServedModels:
             self.engines[name] = backend
         self.order.append(name)
 
-    def describe(self, name: str) -> tuple[int, str]:
-        """``(created, owned_by)`` of a served model for ``/v1/models``."""
+    def describe(self, name: str) -> tuple[int, str, int | None]:
+        """``(created, owned_by, max_model_len)`` of a served model for ``/v1/models`` (the window when known)."""
         engine = self.engines.get(name)
         if engine is not None and engine.ready:
-            return engine.info.created, engine.info.owned_by
-        return self.created, "llm-server"
+            return engine.info.created, engine.info.owned_by, engine.info.max_model_len
+        upstream = self.upstreams.get(name)
+        return self.created, "llm-server", upstream.entry.max_model_len if upstream is not None else None
 
     @property
     def default(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from litestar import Request, get
 from litestar.di import NamedDependency
 from litestar.params import FromPath
@@ -15,8 +16,8 @@ from server.served import ServedModels, model_not_found
 
 
 def _model(models: ServedModels, name: str) -> Model:
-    created, owned_by = models.describe(name)
-    return Model(id=name, created=created, owned_by=owned_by)
+    created, owned_by, window = models.describe(name)
+    return Model(id=name, created=created, owned_by=owned_by, max_model_len=msgspec.UNSET if window is None else window)
 
 
 @get("/v1/models", tags=["openai"], sync_to_thread=False, responses=errors(*KEYED), operation_class=ApiOperation)

@@ -61,3 +61,13 @@ def test_an_allowlist_change_applies_to_the_listing_at_once(settings: Settings, 
         assert r.status_code == 200
         assert [m["id"] for m in http.get("/v1/models", headers=bearer(key)).json()["data"]] == ["beta"]
         assert http.get("/v1/models/alpha", headers=bearer(key)).status_code == 404
+
+
+def test_models_carry_their_context_window(settings: Settings, api_key: str) -> None:
+    """vLLM's ``max_model_len`` extension: a gateway forwarding to this server sizes its max tokens from it."""
+    with TestClient(create_app(settings, engine=FakeEngine(max_model_len=1234))) as http:
+        http.headers["Authorization"] = f"Bearer {api_key}"
+        listed = http.get("/v1/models").json()["data"]
+        assert listed == [{"id": "fake", "object": "model", "created": listed[0]["created"], "owned_by": "llm-server",
+                           "max_model_len": 1234}]  # fmt: skip
+        assert http.get("/v1/models/fake").json()["max_model_len"] == 1234
