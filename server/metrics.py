@@ -1,4 +1,4 @@
-"""Every Prometheus metric (SPEC §6 names), defined once per app on its own registry.
+"""Every Prometheus metric (the names are a contract: dashboards use them), defined once per app on its own registry.
 
 Labels are bounded: route templates (``unmatched`` for anything unrouted), HTTP status classes, the served
 model name, role names, limit kinds, finish reasons and OpenAI error types — never a key, user or prompt.

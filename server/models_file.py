@@ -1,6 +1,6 @@
 """The models file (``MODELS_FILE`` / ``serve --models-file``): every served model and the backend behind it.
 
-A TOML file with one ``[[models]]`` table per served model (SPEC §7). ``backend = "hf"`` runs the model in this
+A TOML file with one ``[[models]]`` table per served model. ``backend = "hf"`` runs the model in this
 process; ``backend = "openai"`` forwards requests to an OpenAI-compatible upstream (vLLM, TGI, another
 llm-server). The file is validated completely at start-up; the first problem stops ``serve`` with one line that
 names the file, the entry and the field.

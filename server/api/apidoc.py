@@ -1,7 +1,7 @@
 """OpenAPI metadata the route decorators share (``GET /schema/openapi.json``).
 
 Litestar documents what the handlers' signatures say. This module adds what they cannot: keyed routes take a
-bearer token or an ``X-API-Key`` header; every non-2xx body is OpenAI's error envelope (SPEC §5), never
+bearer token or an ``X-API-Key`` header; every non-2xx body is OpenAI's error envelope, never
 Litestar's ``{"status_code", "detail"}``; streaming routes answer ``text/event-stream`` with one JSON object per
 ``data:`` frame and a final ``data: [DONE]``; every response carries ``x-request-id``. Schemathesis fuzzes the
 app against this document (``tests/integration/test_fuzz.py``), so it has to be exact.

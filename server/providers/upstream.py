@@ -1,7 +1,7 @@
 """One OpenAI-compatible upstream (vLLM, TGI, another llm-server) behind a pooled ``httpx`` client.
 
 The upstream's key goes only into the ``Authorization`` header of its requests: it never appears in a log line,
-an error message or a response. Failures become SPEC §5 errors: an upstream that cannot be reached (after the
+an error message or a response. Failures become OpenAI-shaped errors: an upstream that cannot be reached (after the
 retries) is 502 ``upstream_error``, one that does not answer in time is 504 ``upstream_timeout``, its own client
 errors (400, 413, 422, 429 …) pass through in OpenAI's shape, and a refusal of the gateway's own credentials or
 model name is the operator's problem (502, logged), never blamed on the client.

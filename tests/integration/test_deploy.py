@@ -30,7 +30,7 @@ DEFAULT_SERVICES = {"api", "postgres", "redis", "prometheus", "grafana"}
 SCALEOUT_SERVICES = {"gateway-1", "gateway-2", "proxy", "inference-1", "inference-2"}
 GATEWAYS = ("gateway-1", "gateway-2")
 INFERENCE = {"inference-1": "builtin:tiny-chat", "inference-2": "builtin:echo"}
-# Fields of a [[models]] entry (SPEC section 7 and the remote-provider options).
+# Fields of a [[models]] entry (the models file's documented fields and the remote-provider options).
 MODEL_FIELDS = {"name", "backend", "model", "device", "dtype", "max_model_len", "base_url", "api_key_env",
                 "upstream_model", "timeout_s", "max_concurrency", "retries", "health_interval_s"}  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""Schemathesis fuzzing of every route against the app's own OpenAPI document (SPEC §3 and §5).
+"""Schemathesis fuzzing of every route against the app's own OpenAPI document (routes and error envelope).
 
 For every operation in ``GET /schema/openapi.json`` and each variant (the test's admin key, a well-formed but
 unknown key, no key, on SQLite; the admin key on PostgreSQL when ``LLM_SERVER_TEST_POSTGRES_URL`` is set)
@@ -7,7 +7,7 @@ must:
 
 * never be a 5xx (client mistakes are never server errors);
 * carry ``x-request-id``;
-* when it is not 2xx, have exactly SPEC §5's body ``{"error": {"message", "type", "param", "code"}}``;
+* when it is not 2xx, have exactly the error envelope ``{"error": {"message", "type", "param", "code"}}``;
 * for keyed routes without a valid key, be 401 (or 429 once an address has used up its failed key checks);
 * conform to the document (schemathesis' own checks): status documented, content type, headers, body schema
   (also each ``text/event-stream`` frame), schema-violating data rejected with a 4xx, ``405`` with ``Allow``
@@ -148,7 +148,7 @@ def header(response: schemathesis.Response, name: str) -> str | None:
 
 
 def check_envelope(response: schemathesis.Response, label: str) -> None:
-    """SPEC §5: a non-2xx body is exactly ``{"error": {message: str, type: str, param: str|null, code: str|null}}``."""
+    """A non-2xx body is exactly ``{"error": {message: str, type: str, param: str|null, code: str|null}}``."""
     where = f"{label} -> {response.status_code}: {response.text[:300]!r}"
     assert (header(response, "content-type") or "").startswith("application/json"), where
     body = json.loads(response.content)

@@ -1,4 +1,4 @@
-"""Limits on input: each one a clear 4xx in the OpenAI error shape (SPEC §5), before any model work.
+"""Limits on input: each one a clear 4xx in the OpenAI error shape, before any model work.
 
 Body size, context window, max tokens (context and role cap), message count and stop strings are checked in
 process; request-head size and a stalled body are properties of the HTTP server, so a real ``serve`` does them.

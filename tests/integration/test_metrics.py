@@ -1,4 +1,4 @@
-"""The metrics contract (SPEC §6) after real requests, and the JSON access log."""
+"""The metrics contract (names and labels) after real requests, and the JSON access log."""
 
 from __future__ import annotations
 

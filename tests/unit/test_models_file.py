@@ -1,4 +1,4 @@
-"""The models file (SPEC §7): a valid file with both backends, and every invalid one refused in one clear line."""
+"""The models file: a valid file with both backends, and every invalid one refused in one clear line."""
 
 from __future__ import annotations
 
