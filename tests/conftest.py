@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -130,6 +132,29 @@ def engine_app(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         settings.model, served_model_name="tiny", data_dir=settings.data_dir, device="cpu", dtype="float32"
     )
     return engine, create_app(settings, engine=engine), key
+
+
+@contextmanager
+def ready_client(engine_app: tuple[Any, Litestar, str], *, authed: bool = True) -> Iterator[TestClient[Litestar]]:
+    """A test client of ``engine_app`` once its model has loaded (with the app's key unless ``authed`` is False)."""
+    with TestClient(engine_app[1]) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "tiny model did not load"
+            time.sleep(0.05)
+        if authed:
+            client.headers["Authorization"] = f"Bearer {engine_app[2]}"
+        yield client
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """``LLM_SERVER_DATA_DIR`` and ``LLM_SERVER_KEY_PEPPER`` for CLI commands, run from ``tmp_path`` (no stray .env)."""
+    values = {"LLM_SERVER_DATA_DIR": str(tmp_path / "data"), "LLM_SERVER_KEY_PEPPER": "cli-test-pepper-0123456789"}
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    return values
 
 
 async def add_role_key(settings: Settings, role: str, **limits: Any) -> str:

@@ -17,12 +17,8 @@ from tests.process import run_cli
 
 
 @pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    values = {"LLM_SERVER_DATA_DIR": str(tmp_path / "data"), "LLM_SERVER_KEY_PEPPER": "cli-test-pepper-0123456789"}
-    for k, v in values.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.chdir(tmp_path)  # no stray .env
-    return values
+def env(cli_env: dict[str, str]) -> dict[str, str]:
+    return cli_env
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> str:

@@ -17,7 +17,7 @@ from server.app import create_app
 from server.engine.hf import HFEngine
 from server.engine.scheduler import MAX_FAILED_STEPS
 from server.serving.choices import derived_seed
-from tests.conftest import migrated_settings
+from tests.conftest import migrated_settings, ready_client
 from tests.live import live_server
 
 pytestmark = pytest.mark.slow
@@ -27,12 +27,7 @@ MESSAGES = [{"role": "user", "content": "Tell me about the for statement."}]
 
 @pytest.fixture(scope="module")
 def http(engine_app: tuple[HFEngine, Litestar, str]) -> Iterator[TestClient[Litestar]]:
-    with TestClient(engine_app[1]) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "tiny model did not load"
-            time.sleep(0.05)
-        client.headers["Authorization"] = f"Bearer {engine_app[2]}"
+    with ready_client(engine_app) as client:
         yield client
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +17,7 @@ from litestar import Litestar
 from litestar.testing import TestClient
 
 from server.engine.hf import HFEngine
+from tests.conftest import ready_client
 
 pytestmark = pytest.mark.slow
 
@@ -86,11 +86,7 @@ def valid_person(value: Any) -> bool:
 
 @pytest.fixture(scope="module")
 def http(engine_app: tuple[HFEngine, Litestar, str]) -> Iterator[TestClient[Litestar]]:
-    with TestClient(engine_app[1]) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "tiny model did not load"
-            time.sleep(0.05)
+    with ready_client(engine_app, authed=False) as client:
         yield client
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -90,12 +89,8 @@ def test_admin_routes_create_update_and_bound_max_n(
 
 
 @pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    values = {"LLM_SERVER_DATA_DIR": str(tmp_path / "data"), "LLM_SERVER_KEY_PEPPER": "cli-test-pepper-0123456789"}
-    for k, v in values.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.chdir(tmp_path)
-    return values
+def env(cli_env: dict[str, str]) -> dict[str, str]:
+    return cli_env
 
 
 def test_cli_roles_max_n(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:

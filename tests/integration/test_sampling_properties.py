@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +24,7 @@ from litestar import Litestar
 from litestar.testing import TestClient
 
 from server.engine.hf import HFEngine
+from tests.conftest import ready_client
 
 pytestmark = pytest.mark.slow
 
@@ -129,12 +129,7 @@ def requests(draw: st.DrawFn) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def http(engine_app: tuple[HFEngine, Litestar, str]) -> Iterator[TestClient[Litestar]]:
-    with TestClient(engine_app[1]) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "tiny model did not load"
-            time.sleep(0.05)
-        client.headers["Authorization"] = f"Bearer {engine_app[2]}"
+    with ready_client(engine_app) as client:
         yield client
 
 

@@ -12,7 +12,7 @@ import logging
 import random
 import shutil
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from server.engine.base import EngineOverloaded, EngineRequest, SamplingParams
 from server.engine.hf import HFEngine
 from server.engine.hf_tokenizer import HFTokenizer
 from server.engine.sampling import RowSampler, Sampler
-from server.engine.scheduler import Scheduler
+from tests.unit.conftest import sched
 
 pytestmark = pytest.mark.slow
 
@@ -32,19 +32,8 @@ Result = tuple[list[int], str, str | None]
 
 
 @pytest.fixture
-async def engine(tiny_model_dir: Path, tmp_path: Path) -> AsyncIterator[HFEngine]:
-    # A small prefill chunk, so that the longer prompts here are prefilled over several steps.
-    eng = HFEngine(
-        str(tiny_model_dir), served_model_name="tiny", data_dir=tmp_path, dtype="float32", prefill_chunk_tokens=32
-    )
-    await eng.start()
-    yield eng
-    await eng.stop()
-
-
-def sched(engine: HFEngine) -> Scheduler:
-    assert engine._scheduler is not None
-    return engine._scheduler
+def engine(chunked_engine: HFEngine) -> HFEngine:
+    return chunked_engine
 
 
 def prompt(n: int, seed: int) -> list[int]:

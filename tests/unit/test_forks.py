@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -17,8 +17,8 @@ import pytest
 
 from server.engine.base import EngineOverloaded, EngineRequest, RequestStream, SamplingParams
 from server.engine.hf import HFEngine
-from server.engine.scheduler import Scheduler
 from server.serving.choices import derived_seed
+from tests.unit.conftest import sched
 
 pytestmark = pytest.mark.slow
 
@@ -27,18 +27,8 @@ PROMPT = [random.Random(4).randrange(3, 1500) for _ in range(70)]  # longer than
 
 
 @pytest.fixture
-async def engine(tiny_model_dir: Path, tmp_path: Path) -> AsyncIterator[HFEngine]:
-    eng = HFEngine(
-        str(tiny_model_dir), served_model_name="tiny", data_dir=tmp_path, dtype="float32", prefill_chunk_tokens=32
-    )
-    await eng.start()
-    yield eng
-    await eng.stop()
-
-
-def sched(engine: HFEngine) -> Scheduler:
-    assert engine._scheduler is not None
-    return engine._scheduler
+def engine(chunked_engine: HFEngine) -> HFEngine:
+    return chunked_engine
 
 
 def samples(params: SamplingParams, n: int, prompt: Sequence[int] = PROMPT, rid: str = "r") -> list[EngineRequest]:
