@@ -24,7 +24,8 @@ from server.api.admin import admin_handlers
 from server.api.apidoc import KEY_SECURITY, SECURITY_SCHEMES, StructBoundsPlugin
 from server.api.common import read_timeout_middleware, strict_body
 from server.api.exceptions import handle_exception
-from server.api.flow import RECORD, screen
+from server.api.flow import RECORD
+from server.api.gate import screen
 from server.api.guards import require_key
 from server.api.health import health, metrics, readyz
 from server.api.models import list_models, retrieve_model

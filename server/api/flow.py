@@ -20,14 +20,13 @@ from litestar.response import Stream
 
 from schemas.openai.errors import ErrorResponse
 from server.admission.gateway import Ticket
-from server.api.common import BODY_TYPE, json_response, sse_response
+from server.api.common import json_response, sse_response
 from server.auth.principal import Principal
 from server.cache import cache_key, encode_results
 from server.engine.base import Engine
 from server.errors import OpenAIError
 from server.lifecycle import InFlight, Lifecycle, shutting_down
 from server.requestlog import RequestRecord
-from server.served import ServedModels
 from server.services import Services
 from server.serving.common import Plan, replay, start
 from server.serving.streaming import error_event
@@ -75,104 +74,6 @@ def record_of(request: Request[Any, Any, Any]) -> RequestRecord | None:
 
 def principal_of(request: Request[Any, Any, Any]) -> Principal:
     return request.scope["state"]["principal"]  # type: ignore[no-any-return]
-
-
-INLINE_PREPARE_BYTES = 16_384
-"""Bodies up to this size are validated and tokenized on the event loop (microseconds); larger ones in a thread."""
-PREPARE_THREADS = 4
-"""Worker threads that tokenize and render large prompts (per app; more would only contend for the cores)."""
-
-
-SCREENED = "screened_model"
-"""``scope["state"]`` key: the model :func:`screen` already checked the allowlist and the RPM window for."""
-
-
-class _Target(msgspec.Struct):
-    model: str | None = None
-
-
-async def screen(request: Request[Any, Any, Any]) -> None:
-    """``before_request`` hook: the model allowlist (403) and the RPM window (429) before the body is decoded.
-
-    Only ``model`` is read from the body (one scan, no copy of its strings), so a huge body from a role that may not
-    use the model, or from a key over its requests per minute, is refused before it is decoded in full. Bodies whose
-    model cannot be read this way are left to the strict decode (400) and to :func:`gate`.
-    """
-    body_type = request.route_handler.opt.get(BODY_TYPE)
-    state: dict[str, Any] = request.scope.get("state", {})
-    principal: Principal | None = state.get("principal")
-    if body_type is None or principal is None:
-        return
-    try:
-        target = msgspec.json.decode(await request.body(), type=_Target)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-        return
-    models: ServedModels = request.app.state.models
-    name = target.model if target.model is not None else _default_model(body_type, models)
-    if name is None or not models.serves(name):
-        return
-    gateway = request.app.state.services.gateway
-    gateway.check_model(principal, name)
-    await gateway.precheck(principal)
-    state[SCREENED] = name
-
-
-def _default_model(body_type: type[Any], models: ServedModels) -> str | None:
-    """The model a body without one is for: the default where the schema makes ``model`` optional."""
-    for f in msgspec.structs.fields(body_type):
-        if f.name == "model":
-            return None if f.required else models.default
-    return None
-
-
-async def gate(
-    request: Request[Any, Any, Any],
-    services: Services,
-    model: str,
-    *,
-    requested: int | None,
-    param: str,
-    n: int = 1,
-    prompts: int = 1,
-) -> int | None:
-    """Admission that needs no work on the prompt, cheapest first: a refused request costs microseconds.
-
-    The role may use ``model`` (403), its requests-per-minute window has room (429, nothing consumed; both already
-    checked by :func:`screen` when it could read the model), the request
-    stays within the role's caps on max tokens and choices (400) and asks for no more sequences (``prompts`` x ``n``)
-    than a key may ever have in flight (400). Returns the role's max-tokens cap for the serving layer.
-    """
-    principal = principal_of(request)
-    gateway = services.gateway
-    if request.scope["state"].get(SCREENED) != model:
-        gateway.check_model(principal, model)
-        await gateway.precheck(principal)
-    cap = gateway.max_tokens_cap(principal, requested, param)
-    choices_param = "n" if n > 1 else "prompt"
-    gateway.check_n(principal, n * prompts, choices_param)
-    gateway.check_sequences(n * prompts, choices_param)
-    return cap
-
-
-async def prepared(request: Request[Any, Any, Any], services: Services, work: Callable[[], T]) -> T:
-    """Run ``work`` (validation, template rendering, tokenization) without stalling the event loop.
-
-    A small body is handled inline, where a thread hop would cost more than the work. A large one goes to one of
-    ``PREPARE_THREADS`` worker threads, so other streams keep flowing while its prompt is tokenized (the
-    tokenizers release the GIL); the serving layer refuses prompts that certainly exceed the context from their
-    byte length before tokenizing them at all.
-    """
-    if len(await request.body()) <= INLINE_PREPARE_BYTES:
-        return work()
-    return await anyio.to_thread.run_sync(work, limiter=_prepare_limiter(request))
-
-
-def _prepare_limiter(request: Request[Any, Any, Any]) -> anyio.CapacityLimiter:
-    state = request.app.state
-    limiter: anyio.CapacityLimiter | None = state.get("prepare_limiter")
-    if limiter is None:  # created in the running event loop, on first use
-        limiter = state["prepare_limiter"] = anyio.CapacityLimiter(PREPARE_THREADS)
-    return limiter
 
 
 @dataclass(slots=True, frozen=True)

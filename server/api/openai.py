@@ -12,7 +12,8 @@ from schemas.openai.chat import ChatCompletion, ChatCompletionChunk, ChatComplet
 from schemas.openai.completions import Completion, CompletionRequest
 from server.api.apidoc import WITH_BODY, JsonOrStreamOperation, errors, stream_of
 from server.api.common import BODY_TYPE
-from server.api.flow import gate, prepared, respond
+from server.api.flow import respond
+from server.api.gate import gate, prepared
 from server.api.remote import respond_remote
 from server.providers.upstream import Upstream
 from server.served import ServedModels
