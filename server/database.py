@@ -12,6 +12,7 @@ parameters (prompt text, key digests), and driver messages may quote values.
 from __future__ import annotations
 
 import asyncio
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -96,6 +97,16 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, OSError | TimeoutError) and not isinstance(exc, sa_exc.SQLAlchemyError) and str(exc):
         parts.append(f"({str(exc).splitlines()[0][:200]})")
     return " ".join(parts)
+
+
+def error_location(exc: BaseException) -> str:
+    """Where ``exc`` was raised (`` at file:line in function``): a location without the message, which may quote
+    values; ``""`` when it has no traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f" at {last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name}"
 
 
 def is_data_exception(exc: BaseException) -> bool:

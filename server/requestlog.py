@@ -43,8 +43,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from server.database import Database, DatabaseUnavailable, describe_error
-from server.writes import CacheQueue, Retention, Unit, apply_unit, new_write_id, put_cache, where
+from server.database import Database, DatabaseUnavailable, describe_error, error_location
+from server.writes import CacheQueue, Retention, Unit, apply_unit, new_write_id, put_cache
 
 log = logging.getLogger("server.requestlog")
 T = TypeVar("T")
@@ -226,7 +226,7 @@ class RequestLogWriter:
                 if ok:
                     await self.retention()
             except Exception as exc:  # keep the writer alive whatever one pass hit
-                log.error("request log writer pass failed: %s%s", describe_error(exc), where(exc))
+                log.error("request log writer pass failed: %s%s", describe_error(exc), error_location(exc))
                 ok = False
             delay = self._interval if ok else min(delay * 2, MAX_BACKOFF_S)
 
@@ -315,7 +315,7 @@ class RequestLogWriter:
 
     def _drop(self, unit: Unit, exc: Exception, rejected: dict[str, int]) -> None:
         """A unit of one item the database rejected: drop it, say so without its values (rows: one line for all)."""
-        reason = describe_error(exc) + where(exc)
+        reason = describe_error(exc) + error_location(exc)
         if unit.kind == "rows":
             self._unit_rows -= 1
             self.dropped += 1

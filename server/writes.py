@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -90,15 +89,6 @@ async def apply_unit(session: AsyncSession, unit: Unit) -> bool:
         for write_id, key_id, month, tokens in unit.items:
             await store.undo_reservation(session, write_id, key_id, month, tokens)
     return True
-
-
-def where(exc: BaseException) -> str:
-    """Where ``exc`` was raised (file, line, function): a location without the message, which may quote values."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return ""
-    last = frames[-1]
-    return f" at {last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name}"
 
 
 @dataclass(slots=True)

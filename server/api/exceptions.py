@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import traceback
 from typing import Any
 
 import msgspec
@@ -18,7 +17,7 @@ from litestar.exceptions.http_exceptions import (
 
 from schemas.openai.errors import ErrorBody, ErrorResponse
 from server.auth.principal import database_unavailable
-from server.database import DatabaseUnavailable, describe_error, is_data_exception
+from server.database import DatabaseUnavailable, describe_error, error_location, is_data_exception
 from server.errors import OpenAIError, invalid_request
 
 log = logging.getLogger("server.api")
@@ -86,9 +85,7 @@ def to_openai_error(exc: Exception) -> OpenAIError:
         return OpenAIError(exc.status_code, "invalid_request_error", exc.detail, headers=exc.headers)
     if _from_database(exc):
         # No traceback text: a database error's message carries the statement and its parameters (request data).
-        frames = traceback.extract_tb(exc.__traceback__)
-        where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
-        log.error("unhandled database error: %s%s", describe_error(exc), where)
+        log.error("unhandled database error: %s%s", describe_error(exc), error_location(exc))
     else:
         log.exception("unhandled error", exc_info=exc)
     return OpenAIError(500, "server_error", "The server had an error while processing your request.")
