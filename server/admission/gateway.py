@@ -181,12 +181,14 @@ class Gateway:
         explicit_max: bool,
         tpm_prompt_tokens: int | None = None,
         sequences: int = 1,
+        rpm_tested: bool = False,
     ) -> Ticket:
         """Run the stateful checks in order; raise the first refusal, consuming nothing.
 
         ``prompt_tokens`` is reserved against the monthly quota; TPM counts ``tpm_prompt_tokens`` instead when given
         (a remote model's prompt is reserved at an upper bound but counted at its estimate). ``sequences`` is what
         the request asks the engine to generate (``n`` per prompt), counted against the key's in-flight bound.
+        ``rpm_tested``: :meth:`precheck` tested the requests window a moment ago (it is hit at the end either way).
         """
         role, key_id = principal.role, principal.key_id
         reserved = prompt_tokens + max_new_tokens
@@ -195,8 +197,9 @@ class Gateway:
         ticket = Ticket(principal, current_month(), reserved, tpm_cost, quota_reserved=False, slot=False)
         limiter_ok = True
         try:
-            if role.rpm is not None and not await self.limiter.test("requests", key_id, role.rpm, 1):
-                raise await self._rate_limited(principal, "requests", role.rpm, 1)
+            rpm = None if rpm_tested else role.rpm
+            if rpm is not None and not await self.limiter.test("requests", key_id, rpm, 1):
+                raise await self._rate_limited(principal, "requests", rpm, 1)
             if role.tpm is not None and not await self.limiter.test("tokens", key_id, role.tpm, tpm_cost):
                 raise await self._rate_limited(principal, "tokens", role.tpm, tpm_cost)
         except StorageUnavailable as exc:

@@ -116,6 +116,7 @@ async def admitted(
             explicit_max=admission.explicit_max_tokens,
             tpm_prompt_tokens=admission.tpm_prompt_tokens,
             sequences=admission.sequences,
+            rpm_tested=True,  # by server.api.gate before any work on the prompt
         )
     except BaseException:
         lifecycle.leave(handle)
