@@ -26,7 +26,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from server.admission.ratelimit import RateLimiter, StorageUnavailable, Window, duration
 from server.admission.sequences import SequenceBudget
@@ -358,8 +357,3 @@ class Gateway:
             self._settle(key_id, ticket.month, used_tokens - ticket.reserved_tokens, 0 if count_request else -1)
         elif count_request:
             self._settle(key_id, ticket.month, used_tokens, 1)
-
-
-def usage_tokens(usage: Any) -> int:
-    """Total tokens of a usage object (``None`` -> 0)."""
-    return int(getattr(usage, "total_tokens", 0) or 0)
