@@ -23,23 +23,22 @@ from server.api.access import timing_middleware
 from server.api.admin import admin_handlers
 from server.api.apidoc import KEY_SECURITY, SECURITY_SCHEMES, StructBoundsPlugin
 from server.api.common import read_timeout_middleware, strict_body
+from server.api.context import context_of
 from server.api.exceptions import handle_exception
-from server.api.flow import RECORD
 from server.api.gate import screen
 from server.api.guards import require_key
 from server.api.health import health, metrics, readyz
 from server.api.models import list_models, retrieve_model
 from server.api.native import generate_text, stream_text
 from server.api.openai import create_chat_completion, create_completion
-from server.datadir import prepare_data_dir
+from server.api.requestid import request_id_of
 from server.engine.base import Engine
-from server.lifecycle import CANCEL_MARGIN_S, Lifecycle, shutting_down
+from server.exchange.shutdown import CANCEL_MARGIN_S, Lifecycle, shutting_down
 from server.metrics import Metrics, status_class
-from server.requestid import request_id_of
-from server.requestlog import RequestRecord
-from server.served import ServedModels, build_models
-from server.services import Services, build_services
+from server.models.registry import ServedModels, build_models
 from server.settings import Settings, load_settings
+from server.wiring.datadir import prepare_data_dir
+from server.wiring.services import Services, build_services
 
 log = logging.getLogger("server")
 
@@ -139,12 +138,12 @@ def create_app(
         status = message["status"]
         route = scope.get("path_template") or "unmatched"
         app_metrics.requests_total.labels(route, scope.get("method", ""), status_class(status)).inc()
-        state: dict[str, Any] = scope.get("state", {})
-        principal = state.get("principal")
+        context = context_of(scope)
+        principal = context.principal
         if principal is not None and scope["path"].startswith("/v1/") and "x-ratelimit-limit-requests" not in headers:
             for name, value in (await the_services.gateway.headers(principal)).items():
                 headers[name] = value
-        record: RequestRecord | None = state.get(RECORD)
+        record = context.record
         if record is not None:
             record.status = status
             if not record.streaming or status >= 400:

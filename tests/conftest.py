@@ -33,7 +33,7 @@ def anyio_backend() -> str:
 async def create_test_key(settings: Settings, *, role: str = "admin", name: str = "test") -> str:
     """Insert a key into the settings' database and return its secret."""
     from server.auth import manage
-    from server.database import Database
+    from server.records.database import Database
 
     db = Database(settings.database)
     try:
@@ -160,7 +160,7 @@ def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 async def add_role_key(settings: Settings, role: str, **limits: Any) -> str:
     """Create ``role`` with ``limits`` (unless it exists) and a key of it; return the secret."""
     from persistence import store
-    from server.database import Database
+    from server.records.database import Database
 
     db = Database(settings.database)
     try:

@@ -23,9 +23,9 @@ from litestar.testing import TestClient
 from server.app import create_app
 from server.engine.base import Engine
 from server.engine.fake import FakeEngine
-from server.models_file import RemoteModel
+from server.models.file import RemoteModel
+from server.models.registry import ServedModels
 from server.providers.upstream import Upstream
-from server.served import ServedModels
 from server.settings import Settings
 from tests.conftest import add_role_key
 

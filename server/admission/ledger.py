@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 
 from persistence import store
-from server.requestlog import RequestLogWriter
+from server.records.writer import RequestLogWriter
 
 
 class LocalLedger:

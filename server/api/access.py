@@ -9,12 +9,11 @@ from typing import Any
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.context import context_of
+from server.api.requestid import request_id_of
 from server.metrics import Metrics
-from server.requestid import request_id_of
 
 access_log = logging.getLogger("server.access")
-
-RECORD = "request_record"
 
 
 def timing_middleware(metrics: Metrics) -> Any:
@@ -55,7 +54,6 @@ def log_access(scope: Scope, route: str, status: int, elapsed_s: float) -> None:
     """One access-log record; ``/v1`` requests carry their request-log fields (never the key itself)."""
     if not access_log.isEnabledFor(logging.INFO):
         return
-    state: dict[str, Any] = scope.get("state", {})
     method = scope.get("method", "")
     extra: dict[str, Any] = {
         "request_id": request_id_of(scope),
@@ -64,7 +62,7 @@ def log_access(scope: Scope, route: str, status: int, elapsed_s: float) -> None:
         "status": status,
         "latency_ms": round(elapsed_s * 1000, 2),
     }
-    record = state.get(RECORD)
+    record = context_of(scope).record
     if record is not None:
         extra |= {
             "key_id": record.key_id,

@@ -18,7 +18,7 @@ from server.api.common import BODY_TYPE
 from server.api.guards import require_admin
 from server.auth import manage
 from server.errors import OpenAIError, invalid_request
-from server.services import Services
+from server.wiring.services import Services
 
 
 def not_found(what: str, param: str) -> OpenAIError:

@@ -16,9 +16,10 @@ from litestar.exceptions.http_exceptions import (
 )
 
 from schemas.openai.errors import ErrorBody, ErrorResponse
+from server.api.context import context_of
 from server.auth.principal import database_unavailable
-from server.database import DatabaseUnavailable, describe_error, error_location, is_data_exception
 from server.errors import OpenAIError, invalid_request
+from server.records.database import DatabaseUnavailable, describe_error, error_location, is_data_exception
 
 log = logging.getLogger("server.api")
 _encoder = msgspec.json.Encoder()
@@ -117,7 +118,7 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
     metrics = request.scope["app"].state.get("metrics") if "app" in request.scope else None
     if metrics is not None:
         metrics.errors_total.labels(err.type).inc()
-    record = request.scope.get("state", {}).get("request_record")
+    record = context_of(request.scope).record
     if record is not None:
         record.error_type = err.code or err.type
     return error_response(err)

@@ -21,17 +21,17 @@ from litestar.response import Stream
 from schemas.openai.errors import ErrorResponse
 from server.admission.gateway import Ticket
 from server.api.common import json_response, sse_response
+from server.api.context import context_of
 from server.auth.principal import Principal
-from server.cache import cache_key, encode_results
 from server.engine.base import Engine
 from server.errors import OpenAIError
-from server.lifecycle import InFlight, Lifecycle, shutting_down
-from server.requestlog import RequestRecord
-from server.services import Services
+from server.exchange.cache import cache_key, encode_results
+from server.exchange.shutdown import InFlight, Lifecycle, shutting_down
+from server.records.writer import RequestRecord
 from server.serving.common import Plan, replay, start
 from server.serving.streaming import error_event
+from server.wiring.services import Services
 
-RECORD = "request_record"
 T = TypeVar("T")
 
 
@@ -68,12 +68,11 @@ def observe(services: Services, plan: Plan) -> None:
 
 def record_of(request: Request[Any, Any, Any]) -> RequestRecord | None:
     """The request-log record of a ``/v1`` request (created by the auth guard)."""
-    record: RequestRecord | None = request.scope.get("state", {}).get(RECORD)
-    return record
+    return context_of(request.scope).record
 
 
 def principal_of(request: Request[Any, Any, Any]) -> Principal:
-    return request.scope["state"]["principal"]  # type: ignore[no-any-return]
+    return context_of(request.scope).caller()
 
 
 @dataclass(slots=True, frozen=True)

@@ -16,10 +16,10 @@ import msgspec
 from litestar import Request
 
 from server.api.common import BODY_TYPE
+from server.api.context import context_of
 from server.api.flow import principal_of
-from server.auth.principal import Principal
-from server.served import ServedModels
-from server.services import Services
+from server.models.registry import ServedModels
+from server.wiring.services import Services
 
 T = TypeVar("T")
 
@@ -27,10 +27,6 @@ INLINE_PREPARE_BYTES = 16_384
 """Bodies up to this size are validated and tokenized on the event loop (microseconds); larger ones in a thread."""
 PREPARE_THREADS = 4
 """Worker threads that tokenize and render large prompts (per app; more would only contend for the cores)."""
-
-
-SCREENED = "screened_model"
-"""``scope["state"]`` key: the model :func:`screen` already checked the allowlist and the RPM window for."""
 
 
 class _Target(msgspec.Struct):
@@ -45,8 +41,8 @@ async def screen(request: Request[Any, Any, Any]) -> None:
     model cannot be read this way are left to the strict decode (400) and to :func:`gate`.
     """
     body_type = request.route_handler.opt.get(BODY_TYPE)
-    state: dict[str, Any] = request.scope.get("state", {})
-    principal: Principal | None = state.get("principal")
+    context = context_of(request.scope)
+    principal = context.principal
     if body_type is None or principal is None:
         return
     try:
@@ -60,7 +56,7 @@ async def screen(request: Request[Any, Any, Any]) -> None:
     gateway = request.app.state.services.gateway
     gateway.check_model(principal, name)
     await gateway.precheck(principal)
-    state[SCREENED] = name
+    context.screened_model = name
 
 
 def _default_model(body_type: type[Any], models: ServedModels) -> str | None:
@@ -90,7 +86,7 @@ async def gate(
     """
     principal = principal_of(request)
     gateway = services.gateway
-    if request.scope["state"].get(SCREENED) != model:
+    if context_of(request.scope).screened_model != model:
         gateway.check_model(principal, model)
         await gateway.precheck(principal)
     cap = gateway.max_tokens_cap(principal, requested, param)

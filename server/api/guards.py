@@ -12,30 +12,30 @@ from typing import Any
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from server.api.flow import RECORD
+from server.api.context import context_of
+from server.api.requestid import request_id_of
 from server.auth.principal import Principal, key_from_headers
 from server.auth.throttle import client_address
 from server.errors import OpenAIError
-from server.requestid import request_id_of
-from server.requestlog import RequestRecord
-from server.services import Services
+from server.records.writer import RequestRecord
+from server.wiring.services import Services
 
 
 async def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Authenticate the caller and open its request-log record."""
     services: Services = connection.app.state.services
-    state: dict[str, Any] = connection.scope.setdefault("state", {})
-    if connection.scope["path"].startswith("/v1/") and RECORD not in state:
-        state[RECORD] = RequestRecord(
+    context = context_of(connection.scope)
+    if connection.scope["path"].startswith("/v1/") and context.record is None:
+        context.record = RequestRecord(
             request_id=request_id_of(connection.scope),
             route=connection.scope.get("path_template") or connection.scope["path"],
             method=str(connection.scope.get("method", "GET")),
         )
     presented = key_from_headers(connection.headers.get("authorization"), connection.headers.get("x-api-key"))
     principal = services.auth.cached(presented) or await _authenticate(services, connection.scope, presented)
-    state["principal"] = principal
-    if RECORD in state:
-        state[RECORD].key_id = principal.key_id
+    context.principal = principal
+    if context.record is not None:
+        context.record.key_id = principal.key_id
 
 
 async def _authenticate(services: Services, scope: Any, presented: str | None) -> Principal:
@@ -62,7 +62,7 @@ async def _authenticate(services: Services, scope: Any, presented: str | None) -
 async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     """A key whose role may use ``/admin`` (403 otherwise)."""
     await require_key(connection, handler)
-    principal: Principal = connection.scope["state"]["principal"]
+    principal = context_of(connection.scope).caller()
     if not principal.role.is_admin:
         raise OpenAIError(
             403,

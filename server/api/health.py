@@ -13,8 +13,8 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from server.api.apidoc import ApiOperation
 from server.metrics import Metrics
-from server.served import ServedModels, broken_engine_reason
-from server.services import Services
+from server.models.registry import ServedModels, broken_engine_reason
+from server.wiring.services import Services
 
 
 @get("/health", tags=["ops"], sync_to_thread=False, operation_class=ApiOperation)

@@ -12,7 +12,7 @@ from litestar.params import FromPath
 from schemas.openai.models import Model, ModelList
 from server.api.apidoc import KEYED, ApiOperation, errors
 from server.api.flow import principal_of
-from server.served import ServedModels, model_not_found
+from server.models.registry import ServedModels, model_not_found
 
 
 def _model(models: ServedModels, name: str) -> Model:

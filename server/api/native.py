@@ -15,10 +15,10 @@ from server.api.common import BODY_TYPE
 from server.api.flow import respond
 from server.api.gate import gate, prepared
 from server.api.remote import respond_remote
+from server.models.registry import ServedModels
 from server.providers.upstream import Upstream
-from server.served import ServedModels
-from server.services import Services
 from server.serving import generate, remote
+from server.wiring.services import Services
 
 
 async def _run(request: Request[Any, Any, Any], models: ServedModels, services: Services, stream: bool) -> Any:

@@ -23,10 +23,10 @@ from server.admission.gateway import Ticket
 from server.api.common import json_response
 from server.api.flow import Admission, admitted, cuttable, settled_stream
 from server.providers.upstream import Upstream
-from server.requestlog import RequestRecord
-from server.services import Services
+from server.records.writer import RequestRecord
 from server.serving import reframe
 from server.serving.remote import RemoteCall, cache_key, encode_results, replay
+from server.wiring.services import Services
 
 
 async def respond_remote(

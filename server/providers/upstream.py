@@ -21,7 +21,7 @@ import httpx
 import msgspec
 
 from server.errors import OpenAIError, overloaded
-from server.models_file import RemoteModel
+from server.models.file import RemoteModel
 
 log = logging.getLogger("server.upstream")
 

@@ -26,7 +26,7 @@ from schemas.native.generate import GenerateRequest
 from schemas.openai.chat import ChatCompletionRequest, ToolCall
 from schemas.openai.common import CompletionUsage
 from schemas.openai.completions import CompletionRequest
-from server.models_file import RemoteModel
+from server.models.file import RemoteModel
 from server.serving.chat_checks import check_chat
 from server.serving.checks import Target, check_completion, check_generate, empty_prompt, generate_max_tokens
 from server.serving.common import new_id, now

@@ -26,11 +26,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from persistence import migrate, store
 from server.admission.ledger import LocalLedger
 from server.app import create_app
-from server.database import Database, DatabaseUnavailable, describe_error
 from server.engine.fake import FakeEngine
-from server.requestlog import RequestLogWriter, RequestRecord
+from server.records.database import Database, DatabaseUnavailable, describe_error
+from server.records.units import CACHE_PURGE_INTERVAL_S
+from server.records.writer import RequestLogWriter, RequestRecord
 from server.settings import Settings
-from server.writes import CACHE_PURGE_INTERVAL_S
 from tests.conftest import TEST_PEPPER, add_role_key, create_test_key
 from tests.integration.test_remote_inprocess import MockUpstream, answers, serving
 
@@ -201,7 +201,7 @@ async def test_a_batch_whose_answer_was_lost_is_applied_once(
     [key_id] = (await key_ids(settings)).values()
     db = losing(when)(db_url, timeout_s=0.5)
     writer = RequestLogWriter(db)
-    caplog.set_level(logging.INFO, logger="server.requestlog")
+    caplog.set_level(logging.INFO, logger="server.records.writer")
     try:
         writer.add_usage(key_id, MONTH, 100, 1)
         assert not await writer.flush()  # the usage unit's answer is lost: held as it is
@@ -230,9 +230,9 @@ def test_a_reservation_whose_answer_was_lost_is_given_back(
 ) -> None:
     """PostgreSQL: the quota reservation times out after committing (or before running); the client gets 503 and
     the reservation does not stand: no phantom tokens or request for a request that was refused."""
-    import server.services
+    import server.wiring.services
 
-    monkeypatch.setattr(server.services, "Database", losing(when, reservations_only=True))
+    monkeypatch.setattr(server.wiring.services, "Database", losing(when, reservations_only=True))
     settings = pg_settings(tmp_path, postgres_url, database_timeout_s=0.5, cache_enabled=False)
     asyncio.run(migrate.upgrade(postgres_url))
     key = asyncio.run(add_role_key(settings, "metered", monthly_tokens=100_000))
@@ -477,10 +477,10 @@ def test_a_repeated_deterministic_remote_request_hits_at_once(settings: Settings
 
 def test_queued_cache_entries_are_bounded_and_expire(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tenant cannot grow the queue past its byte bound, and a queued entry is never served past its TTL."""
-    import server.writes
+    import server.records.units
 
-    monkeypatch.setattr(server.writes, "MAX_CACHE_BYTES", 10)
-    queue = server.writes.CacheQueue()
+    monkeypatch.setattr(server.records.units, "MAX_CACHE_BYTES", 10)
+    queue = server.records.units.CacheQueue()
     queue.add("a", "key_x", "fake", b"12345", ttl_s=60)
     queue.add("b", "key_x", "fake", b"123456", ttl_s=60)  # over the bound: skipped
     queue.add("a", "key_x", "fake", b"1234567890", ttl_s=60)  # replacing frees the old entry's bytes first

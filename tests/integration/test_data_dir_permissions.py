@@ -15,9 +15,9 @@ from litestar.testing import TestClient
 from persistence.private import private_dir, private_file, shared_mode
 from server.app import create_app
 from server.cli import main
-from server.datadir import prepare_data_dir
 from server.engine.fake import FakeEngine
 from server.settings import Settings
+from server.wiring.datadir import prepare_data_dir
 from tests.conftest import TEST_PEPPER
 
 
@@ -114,7 +114,7 @@ def test_private_helpers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> No
 def test_the_database_file_is_created_private_on_first_connect_only(tmp_path: Path) -> None:
     import asyncio
 
-    from server.database import Database
+    from server.records.database import Database
 
     path = tmp_path / "fresh" / "llm_server.db"
     db = Database(f"sqlite+aiosqlite:///{path}")

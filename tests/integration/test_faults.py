@@ -35,11 +35,11 @@ from persistence import migrate
 from server.admission.ratelimit import RETRY_AFTER_FAILURE_S, STORAGE_TIMEOUT_S
 from server.app import create_app
 from server.auth.keys import generate_key
-from server.database import Database
 from server.engine.fake import FakeEngine
 from server.engine.hf import HFEngine
 from server.engine.scheduler import MAX_FAILED_STEPS
-from server.requestlog import MAX_BACKOFF_S, RequestLogWriter, RequestRecord
+from server.records.database import Database
+from server.records.writer import MAX_BACKOFF_S, RequestLogWriter, RequestRecord
 from server.settings import Settings
 from tests.conftest import TEST_PEPPER, add_role_key
 from tests.db_fixtures import skip_or_fail
@@ -328,7 +328,7 @@ def test_sqlite_locked_by_another_connection(
     db_file = s.data_dir / "llm_server.db"
     app = create_app(s, engine=FakeEngine(["a", "b"]))
     admin = bearer(api_key)
-    caplog.set_level(logging.WARNING, logger="server.requestlog")
+    caplog.set_level(logging.WARNING, logger="server.records.writer")
     with TestClient(app) as http:
         writer = app.state.services.writer
         assert http.post("/v1/chat/completions", json=CHAT, headers=admin).status_code == 200

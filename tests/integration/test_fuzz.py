@@ -61,8 +61,8 @@ from schemathesis.specs.openapi.checks import (
 from persistence import migrate
 from server.api.exceptions import to_openai_error
 from server.app import create_app
-from server.database import DatabaseUnavailable
 from server.engine.fake import FakeEngine
+from server.records.database import DatabaseUnavailable
 from server.settings import Settings
 from tests.conftest import create_test_key
 

@@ -20,9 +20,9 @@ from server.api.common import BODY_TYPE, MAX_JSON_DEPTH, decode_body, nesting_ex
 from server.app import create_app
 from server.engine.fake import FakeEngine
 from server.errors import OpenAIError
-from server.models_file import RemoteModel
+from server.models.file import RemoteModel
+from server.models.registry import ServedModels
 from server.providers.upstream import Upstream
-from server.served import ServedModels
 from server.settings import Settings
 
 MSGS = [{"role": "user", "content": "hi"}]

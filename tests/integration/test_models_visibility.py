@@ -8,7 +8,7 @@ from litestar.testing import TestClient
 
 from server.app import create_app
 from server.engine.fake import FakeEngine
-from server.served import ServedModels
+from server.models.registry import ServedModels
 from server.settings import Settings
 from tests.conftest import add_role_key
 

@@ -12,8 +12,8 @@ from persistence import migrate
 from server.app import create_app
 from server.engine.fake import FakeEngine
 from server.metrics import Metrics
-from server.services import build_services
 from server.settings import Settings
+from server.wiring.services import build_services
 from tests.conftest import TEST_PEPPER, add_role_key
 from tests.integration.test_gateway import _concurrent_quota
 

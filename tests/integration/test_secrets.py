@@ -30,8 +30,8 @@ from server.engine.fake import FakeEngine
 from server.errors import OpenAIError
 from server.logs import JSONFormatter
 from server.metrics import Metrics
-from server.services import Services, build_services
 from server.settings import Settings, load_settings
+from server.wiring.services import Services, build_services
 from tests.conftest import TEST_PEPPER, add_role_key
 from tests.live import live_server
 

@@ -25,7 +25,7 @@ from litestar import Litestar
 from litestar.testing import TestClient
 
 from server.engine.fake import FakeEngine
-from server.lifecycle import Lifecycle
+from server.exchange.shutdown import Lifecycle
 from tests.live import live_server
 from tests.process import ServeProcess, prepare_data_dir, read_until_closed, serving, start, stop
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.models_file import LocalModel, RemoteModel, api_key, load_models_file
+from server.models.file import LocalModel, RemoteModel, api_key, load_models_file
 from server.settings import SettingsError
 from tests.process import run_cli
 

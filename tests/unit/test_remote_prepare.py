@@ -12,7 +12,7 @@ from schemas.native.generate import GenerateRequest
 from schemas.openai.chat import ChatCompletionRequest
 from schemas.openai.completions import CompletionRequest
 from server.errors import OpenAIError
-from server.models_file import RemoteModel
+from server.models.file import RemoteModel
 from server.serving.common import parse_logit_bias
 from server.serving.remote import (
     CHAT_TEMPLATE_TOKENS,

@@ -16,7 +16,7 @@ from server.admission.gateway import current_month
 from server.auth import manage
 from server.auth.keys import generate_key, is_well_formed
 from server.auth.pepper import load_pepper
-from server.database import Database, DatabaseUnavailable
+from server.records.database import Database, DatabaseUnavailable
 from server.settings import Settings
 
 LIMIT_FLAGS = ("rpm", "tpm", "max_concurrency", "monthly_tokens", "monthly_requests", "max_tokens", "max_n")

@@ -20,12 +20,12 @@ integrity or data error) is split and its items retried one at a time, and only 
 dropped (rows counted in ``dropped``, usage logged with its amounts). On shutdown one last flush runs; if the
 database is unavailable then, what is still queued is lost and logged.
 
-The retention pass (:class:`server.writes.Retention`), after a successful flush: expired completion-cache entries
+The retention pass (:class:`server.records.units.Retention`), after a successful flush: expired completion-cache entries
 every ``CACHE_PURGE_INTERVAL_S``; hourly, request-log rows older than the retention and ``applied_writes`` ids older
 than ``APPLIED_WRITES_KEEP``.
 
 Log lines never carry SQL parameters, prompt or output text: database errors are named by
-:func:`server.database.describe_error` (classes and SQLSTATE) and counts.
+:func:`server.records.database.describe_error` (classes and SQLSTATE) and counts.
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from server.database import Database, DatabaseUnavailable, describe_error, error_location
-from server.writes import CacheQueue, Retention, Unit, apply_unit, new_write_id, put_cache
+from server.records.database import Database, DatabaseUnavailable, describe_error, error_location
+from server.records.units import CacheQueue, Retention, Unit, apply_unit, new_write_id, put_cache
 
-log = logging.getLogger("server.requestlog")
+log = logging.getLogger("server.records.writer")
 T = TypeVar("T")
 
 CHUNK_ROWS = 1000

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help="local state folder (default ./.llm-server)")
     serve.add_argument("--models-file", help="TOML file of served models, local and remote (replaces --model)")
 
-    from server.cli_admin import add_admin_commands
+    from server.cli.admin import add_admin_commands
 
     add_admin_commands(sub)
 
@@ -70,8 +70,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def serve(settings: Settings) -> None:
     """Run uvicorn with one worker: the model lives in this process (see README, "one worker per model")."""
     from server.app import create_app
+    from server.cli.runner import ServeError, run
     from server.logs import configure_logging
-    from server.runner import ServeError, run
 
     configure_logging(settings.log_format, settings.log_level)
     # The HF engine warns about random-weight demo models (builtin:tiny-chat, demo-model folders) when it loads.
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "demo-model":
             cmd_demo_model(args)
         else:
-            from server.cli_admin import CommandError, run_admin
+            from server.cli.admin import CommandError, run_admin
 
             try:
                 run_admin(args, load_settings())

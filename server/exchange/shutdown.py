@@ -1,6 +1,6 @@
 """The process's shutdown state: draining, the grace period, and the in-flight generation requests it may cut.
 
-On SIGTERM the server (``server.runner``) stops accepting connections and calls :meth:`Lifecycle.begin`: new
+On SIGTERM the server (``server.cli.runner``) stops accepting connections and calls :meth:`Lifecycle.begin`: new
 requests that still reach the app get 503 ``overloaded``; in-flight ones run on for the grace period. When it
 runs out, :meth:`Lifecycle.expire` cuts every request still registered: one waiting on the engine is cancelled
 at once (its task gets a ``CancelledError`` that :meth:`InFlight.absorb` turns back into a normal return), one

@@ -18,9 +18,9 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from persistence import store
-from server.database import Database, DatabaseUnavailable, describe_error
+from server.records.database import Database, DatabaseUnavailable, describe_error
 
-log = logging.getLogger("server.requestlog")
+log = logging.getLogger("server.records.writer")
 
 RETENTION_TIMEOUT_S = 60.0
 """Longest one retention step may take (it deletes in small committed chunks)."""

@@ -9,7 +9,7 @@ import msgspec
 
 from server.engine.base import Engine
 from server.errors import OpenAIError
-from server.models_file import RemoteModel, api_key, load_models_file
+from server.models.file import RemoteModel, api_key, load_models_file
 from server.providers.upstream import Upstream
 from server.settings import Settings
 

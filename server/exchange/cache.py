@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 import msgspec
 
 from persistence import store
-from server.database import Database, DatabaseUnavailable, describe_error
+from server.records.database import Database, DatabaseUnavailable, describe_error
 from server.serving.common import Plan
 
-log = logging.getLogger("server.cache")
+log = logging.getLogger("server.exchange.cache")
 
 Results = list[tuple[str, str, int]]
 _VERSION = 2

@@ -13,12 +13,12 @@ from server.admission.sequences import SequenceBudget
 from server.auth.pepper import load_pepper
 from server.auth.principal import Authenticator
 from server.auth.throttle import AuthThrottle
-from server.cache import CompletionCache
-from server.database import Database, DatabaseUnavailable
+from server.exchange.cache import CompletionCache
 from server.metrics import Metrics
-from server.requestlog import RequestLogWriter
+from server.records.database import Database, DatabaseUnavailable
+from server.records.units import new_write_id
+from server.records.writer import RequestLogWriter
 from server.settings import Settings
-from server.writes import new_write_id
 
 
 @dataclass(slots=True)

@@ -3,9 +3,9 @@
 uvicorn already stops accepting connections on SIGTERM/SIGINT, waits for open ones and finally cancels what
 still runs. This adds, around it:
 
-- the app's :class:`~server.lifecycle.Lifecycle` drain: requests still running when ``SHUTDOWN_GRACE_S`` is
+- the app's :class:`~server.exchange.shutdown.Lifecycle` drain: requests still running when ``SHUTDOWN_GRACE_S`` is
   over are cut cleanly (503, or a stream's error frame, usage recorded) before uvicorn's own cancellation,
-  which comes :data:`~server.lifecycle.CANCEL_MARGIN_S` later for whatever ignores the cut;
+  which comes :data:`~server.exchange.shutdown.CANCEL_MARGIN_S` later for whatever ignores the cut;
 - exit status 0 after a drained shutdown (uvicorn re-raises the signal, which ends the process as "killed");
 - a non-zero exit, with one line on stderr, when the model fails to load;
 - request heads (request line + headers) over ``MAX_HEADER_BYTES`` answered 431, and heads that stall for
@@ -31,7 +31,7 @@ from litestar import Litestar
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from schemas.openai.errors import ErrorBody, ErrorResponse
-from server.lifecycle import CANCEL_MARGIN_S, Lifecycle
+from server.exchange.shutdown import CANCEL_MARGIN_S, Lifecycle
 from server.settings import Settings
 
 log = logging.getLogger("server")

@@ -1,0 +1,1 @@
+"""One request's life, local or remote alike: admit, cache, run, settle, observe; drain and cut on shutdown."""
