@@ -17,6 +17,7 @@ from server.engine.chartok import CharTokenizer
 from server.engine.fake import FakeEngine
 from server.errors import OpenAIError
 from server.serving.chat import prepare
+from tests.fakes.engines import without_chat_template
 
 HI = [{"role": "user", "content": "hi"}]
 TURN = "<|im_start|>user\nhi<|im_end|>\n"
@@ -138,14 +139,7 @@ def test_structured_output_needs_a_model_that_constrains(engine: FakeEngine) -> 
 
 
 def test_a_model_without_a_chat_template_is_refused() -> None:
-    class NoTemplate(CharTokenizer):
-        @property
-        def has_chat_template(self) -> bool:
-            return False
-
-    engine = FakeEngine()
-    engine._tokenizer = NoTemplate()
-    assert refusal(engine) == (400, "chat_template_missing", "messages")
+    assert refusal(without_chat_template()) == (400, "chat_template_missing", "messages")
 
 
 def test_a_template_that_rejects_the_messages_is_a_400() -> None:
