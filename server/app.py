@@ -33,6 +33,7 @@ from server.api.native import generate_text, stream_text
 from server.api.openai import create_chat_completion, create_completion
 from server.api.requestid import request_id_of
 from server.engine.base import Engine
+from server.exchange.exchange import Exchange
 from server.exchange.shutdown import CANCEL_MARGIN_S, Lifecycle, shutting_down
 from server.metrics import Metrics, status_class
 from server.models.registry import ServedModels, build_models
@@ -70,6 +71,14 @@ def create_app(
     app_metrics = services.metrics if services is not None else Metrics()
     the_services = services or build_services(settings, app_metrics)
     lifecycle = Lifecycle()
+    exchange = Exchange(
+        the_services.gateway,
+        the_services.cache,
+        the_services.writer,
+        app_metrics,
+        lifecycle,
+        store_prompts=settings.store_prompts,
+    )
     watchers: list[asyncio.Task[None]] = []
 
     async def load_engines(app: Litestar) -> None:
@@ -179,6 +188,7 @@ def create_app(
             "models": Provide(lambda: served, sync_to_thread=False),
             "metrics": Provide(lambda: app_metrics, sync_to_thread=False),
             "services": Provide(lambda: the_services, sync_to_thread=False),
+            "exchange": Provide(lambda: exchange, sync_to_thread=False),
         },
         exception_handlers={Exception: handle_exception},
         before_request=before_request,

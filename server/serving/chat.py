@@ -26,15 +26,14 @@ from server.serving.chat_checks import check_chat
 from server.serving.checks import local_target
 from server.serving.choices import Choice, collect, engine_failure, run_choices
 from server.serving.common import (
-    Plan,
     check_model,
     check_prompt_bytes,
-    make_plan,
     resolve_max_tokens,
     sampling_params,
     utf8_length,
 )
 from server.serving.logprobs import TokenTexts, chat_logprobs
+from server.serving.plan import Plan, make_plan
 from server.serving.streaming import error_event
 from server.serving.toolparse import ContentDelta, ToolCallStart, ToolEvent
 from server.serving.toolparse import ToolCall as ParsedCall
@@ -88,7 +87,9 @@ def prepare(
         model,
         [prompt],
         params,
-        tokenizer=tokenizer,
+        engine=engine,
+        complete=complete,
+        stream_events=stream,
         stops=checks.stops,
         stream=bool(req.stream),
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
