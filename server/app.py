@@ -66,7 +66,7 @@ def create_app(
             models = build_models(settings)
         else:
             models = ServedModels()
-            models.add(settings.served_model_name or engine_name(engine, settings), engine)
+            models.add(settings.served_model_name or engine.name, engine)
     served: ServedModels = models
     app_metrics = services.metrics if services is not None else Metrics()
     the_services = services or build_services(settings, app_metrics)
@@ -225,14 +225,6 @@ def load_failure_reason(model: str, exc: BaseException) -> str:
         return f"no such folder {str(path)!r}"
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
-
-
-def engine_name(engine: Engine, settings: Settings) -> str:
-    """The served name of an engine handed to :func:`create_app`, known before it has loaded."""
-    served_name = getattr(engine, "served_name", None)  # the HF engine's ``info`` exists only once loaded
-    if isinstance(served_name, str):
-        return served_name
-    return engine.info.name
 
 
 def _reader(obj: object, attr: str) -> Callable[[], float]:

@@ -12,7 +12,8 @@ from litestar.params import FromPath
 from schemas.openai.models import Model, ModelList
 from server.api.apidoc import KEYED, ApiOperation, errors
 from server.api.context import context_of
-from server.models.registry import ServedModels, model_not_found
+from server.errors import model_not_found
+from server.models.registry import ServedModels
 
 
 def _model(models: ServedModels, name: str) -> Model:

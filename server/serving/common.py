@@ -33,20 +33,6 @@ def now() -> int:
     return int(time.time())
 
 
-def check_model(engine: Engine, model: str | None) -> str:
-    """Return the served model name, or raise 404 ``model_not_found``."""
-    name = engine.info.name
-    if model is not None and model != name:
-        raise OpenAIError(
-            404,
-            "invalid_request_error",
-            f"The model '{model}' does not exist or you do not have access to it.",
-            param="model",
-            code="model_not_found",
-        )
-    return name
-
-
 def parse_stops(stop: str | list[str] | None) -> list[str]:
     """Validate ``stop`` (a string or up to four strings)."""
     if stop is None:

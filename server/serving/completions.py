@@ -12,7 +12,6 @@ from server.engine.base import Engine, EngineError, TokenLogprob
 from server.serving.checks import check_completion, check_token_ids, local_target
 from server.serving.choices import Choice, LogprobEntry, collect, engine_failure, run_choices
 from server.serving.common import (
-    check_model,
     check_prompt_bytes,
     resolve_max_tokens,
     sampling_params,
@@ -53,7 +52,7 @@ def tokenize_prompts(
 
 def prepare(engine: Engine, req: CompletionRequest, *, max_tokens_cap: int | None = None) -> Plan:
     """Validate, tokenize and check the context window of every prompt (nothing is admitted yet)."""
-    model = check_model(engine, req.model)
+    model = engine.name  # the route resolved the request's model to this engine (404 there otherwise)
     checks = check_completion(req, local_target(engine))
     prompts = tokenize_prompts(engine, checks.prompts, req.max_tokens)
     longest = max(len(p) for p in prompts)

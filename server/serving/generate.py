@@ -10,7 +10,7 @@ from schemas.native.generate import DEFAULT_MAX_NEW_TOKENS, GenerateRequest, Gen
 from server.engine.base import Engine, EngineError
 from server.serving.checks import check_generate
 from server.serving.choices import collect, engine_failure, run_choices
-from server.serving.common import check_model, resolve_max_tokens, sampling_params
+from server.serving.common import resolve_max_tokens, sampling_params
 from server.serving.completions import tokenize_prompts
 from server.serving.plan import Plan, make_plan
 from server.serving.streaming import error_event
@@ -18,7 +18,7 @@ from server.serving.streaming import error_event
 
 def prepare(engine: Engine, req: GenerateRequest, *, stream: bool, max_tokens_cap: int | None = None) -> Plan:
     """Validate, tokenize and check the context window (nothing is admitted yet)."""
-    model = check_model(engine, req.model)
+    model = engine.name  # the route resolved the request's model to this engine (404 there otherwise)
     stops = check_generate(req)
     prompt = tokenize_prompts(engine, [req.prompt])[0]
     if req.max_new_tokens is None:  # the default, within the role's cap and the room the context leaves
