@@ -173,16 +173,16 @@ async def cuttable(handle: InFlight, work: Awaitable[T], disconnected: Disconnec
     upstream request is closed and aborts there) and the request ends as 499 ``client_closed_request`` in the
     log. A shutdown whose grace runs out cancels it with 503 ``overloaded``.
     """
-    handle.waiting = True
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(disconnected())
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            raise client_closed()
+        with handle.cancellable():
+            await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise client_closed()
         return task.result()
     except asyncio.CancelledError:
         task.cancel()
@@ -191,7 +191,6 @@ async def cuttable(handle: InFlight, work: Awaitable[T], disconnected: Disconnec
         raise shutting_down(cut=True) from None
     finally:
         watcher.cancel()
-        handle.waiting = False
 
 
 def client_closed() -> OpenAIError:

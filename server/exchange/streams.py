@@ -58,13 +58,11 @@ async def settled_events(
     failed = False
     try:
         while not handle.cut:
-            handle.waiting = True
             try:
-                event = await anext(events)
+                with handle.cancellable():
+                    event = await anext(events)
             except StopAsyncIteration:
                 break
-            finally:
-                handle.waiting = False
             if isinstance(event, ErrorResponse):
                 failed = True
                 metrics.errors_total.labels(event.error.type).inc()
