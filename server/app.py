@@ -33,6 +33,7 @@ from server.api.native import generate_text, stream_text
 from server.api.openai import create_chat_completion, create_completion
 from server.api.requestid import request_id_of
 from server.engine.base import Engine
+from server.exchange.exchange import Exchange
 from server.exchange.shutdown import CANCEL_MARGIN_S, Lifecycle, shutting_down
 from server.metrics import Metrics, status_class
 from server.models.registry import ServedModels, build_models
@@ -65,11 +66,19 @@ def create_app(
             models = build_models(settings)
         else:
             models = ServedModels()
-            models.add(settings.served_model_name or engine_name(engine, settings), engine)
+            models.add(settings.served_model_name or engine.name, engine)
     served: ServedModels = models
     app_metrics = services.metrics if services is not None else Metrics()
     the_services = services or build_services(settings, app_metrics)
     lifecycle = Lifecycle()
+    exchange = Exchange(
+        the_services.gateway,
+        the_services.cache,
+        the_services.writer,
+        app_metrics,
+        lifecycle,
+        store_prompts=settings.store_prompts,
+    )
     watchers: list[asyncio.Task[None]] = []
 
     async def load_engines(app: Litestar) -> None:
@@ -179,6 +188,7 @@ def create_app(
             "models": Provide(lambda: served, sync_to_thread=False),
             "metrics": Provide(lambda: app_metrics, sync_to_thread=False),
             "services": Provide(lambda: the_services, sync_to_thread=False),
+            "exchange": Provide(lambda: exchange, sync_to_thread=False),
         },
         exception_handlers={Exception: handle_exception},
         before_request=before_request,
@@ -215,14 +225,6 @@ def load_failure_reason(model: str, exc: BaseException) -> str:
         return f"no such folder {str(path)!r}"
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
-
-
-def engine_name(engine: Engine, settings: Settings) -> str:
-    """The served name of an engine handed to :func:`create_app`, known before it has loaded."""
-    served_name = getattr(engine, "served_name", None)  # the HF engine's ``info`` exists only once loaded
-    if isinstance(served_name, str):
-        return served_name
-    return engine.info.name
 
 
 def _reader(obj: object, attr: str) -> Callable[[], float]:

@@ -17,7 +17,6 @@ from litestar import Request
 
 from server.api.common import BODY_TYPE
 from server.api.context import context_of
-from server.api.flow import principal_of
 from server.models.registry import ServedModels
 from server.wiring.services import Services
 
@@ -84,7 +83,7 @@ async def gate(
     stays within the role's caps on max tokens and choices (400) and asks for no more sequences (``prompts`` x ``n``)
     than a key may ever have in flight (400). Returns the role's max-tokens cap for the serving layer.
     """
-    principal = principal_of(request)
+    principal = context_of(request.scope).caller()
     gateway = services.gateway
     if context_of(request.scope).screened_model != model:
         gateway.check_model(principal, model)

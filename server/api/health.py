@@ -13,7 +13,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from server.api.apidoc import ApiOperation
 from server.metrics import Metrics
-from server.models.registry import ServedModels, broken_engine_reason
+from server.models.registry import ServedModels
 from server.wiring.services import Services
 
 
@@ -48,7 +48,7 @@ async def readyz(state: State) -> Response[dict[str, Any]]:
         failure = models.failures.get(name)
         if failure:
             return Response({"status": "failed", "reason": f"{which} failed to load: {failure}"}, status_code=503)
-        broken = broken_engine_reason(engine)
+        broken = engine.failure
         if broken:
             engine_name = f"the engine of {name!r}" if len(models.engines) > 1 else "the engine"
             return Response({"status": "failed", "reason": f"{engine_name} failed: {broken}"}, status_code=503)
