@@ -195,6 +195,14 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     add_generation_prompt: bool = True
     ignore_eos: bool = False
 
+    @property
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        """The max tokens the client asked for and the field it came from: ``max_completion_tokens`` (the current
+        name) wins over the deprecated ``max_tokens``."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
 
 # ---- response ------------------------------------------------------------------------------------------
 

@@ -40,8 +40,7 @@ async def create_chat_completion(
     exchange: NamedDependency[Exchange],
 ) -> Response[ChatCompletion]:
     body = data
-    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    requested, param = body.requested_max_tokens
     name, backend = models.resolve(body.model)
     cap = await gate(request, services, name, requested=requested, param=param, n=body.n or 1)
     max_messages = services.settings.max_messages

@@ -94,15 +94,15 @@ def check_chat(req: ChatCompletionRequest, target: Target, *, max_messages: int 
             )
         constraint = checked(target, tools.constraint, "tools")
     logit_bias = parse_logit_bias(req.logit_bias, target.vocab_size)
-    explicit = req.max_completion_tokens is not None
+    max_tokens, max_tokens_param = req.requested_max_tokens
     return ChatChecks(
         stops=stops,
         messages=messages,
         tools=tools,
         constraint=constraint,
         logit_bias=logit_bias,
-        max_tokens=req.max_completion_tokens if explicit else req.max_tokens,
-        max_tokens_param="max_completion_tokens" if explicit else "max_tokens",
+        max_tokens=max_tokens,
+        max_tokens_param=max_tokens_param,
     )
 
 
