@@ -22,9 +22,9 @@ import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
 
+from server.admission.throttle import client_address
 from server.app import create_app
 from server.auth.keys import DISPLAY_PREFIX_LEN, digest, generate_key
-from server.auth.throttle import client_address
 from server.cli import main
 from server.engine.fake import FakeEngine
 from server.errors import OpenAIError
@@ -213,8 +213,8 @@ def test_a_cached_valid_key_costs_the_throttle_nothing(settings: Settings, api_k
 @pytest.mark.anyio
 async def test_throttled_lookups_share_a_narrow_lane(settings: Settings, api_key: str) -> None:
     """However many guesses a throttled address sends at once, at most THROTTLED_LOOKUPS reach the database."""
+    from server.admission.throttle import THROTTLED_LOOKUPS
     from server.api.guards import _authenticate
-    from server.auth.throttle import THROTTLED_LOOKUPS
 
     _, services, _ = limited_services(settings, 1)
     assert services.throttle is not None
