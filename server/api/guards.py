@@ -14,23 +14,16 @@ from litestar.handlers.base import BaseRouteHandler
 
 from server.admission.throttle import client_address
 from server.api.context import context_of
-from server.api.requestid import request_id_of
 from server.auth.principal import Principal, key_from_headers
 from server.errors import OpenAIError
-from server.records.writer import RequestRecord
 from server.wiring.services import Services
+from server.wiring.state import app_state
 
 
 async def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Authenticate the caller and open its request-log record."""
-    services: Services = connection.app.state.services
+    """Authenticate the caller; its key id goes on the request-log record (``server.api.access`` opened it)."""
+    services = app_state(connection.app).services
     context = context_of(connection.scope)
-    if connection.scope["path"].startswith("/v1/") and context.record is None:
-        context.record = RequestRecord(
-            request_id=request_id_of(connection.scope),
-            route=connection.scope.get("path_template") or connection.scope["path"],
-            method=str(connection.scope.get("method", "GET")),
-        )
     presented = key_from_headers(connection.headers.get("authorization"), connection.headers.get("x-api-key"))
     principal = services.auth.cached(presented) or await _authenticate(services, connection.scope, presented)
     context.principal = principal

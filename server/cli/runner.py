@@ -33,6 +33,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from schemas.openai.errors import ErrorBody, ErrorResponse
 from server.exchange.shutdown import CANCEL_MARGIN_S, Lifecycle
 from server.settings import Settings
+from server.wiring.state import app_state
 
 log = logging.getLogger("server")
 
@@ -51,7 +52,7 @@ def run(app: Litestar, settings: Settings) -> None:
     Raises:
         ServeError: the server did not start, or the model failed to load.
     """
-    lifecycle: Lifecycle = app.state.lifecycle
+    lifecycle = app_state(app).lifecycle
     config = uvicorn.Config(
         app,
         host=settings.host,

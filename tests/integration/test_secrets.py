@@ -32,6 +32,7 @@ from server.logs import JSONFormatter
 from server.metrics import Metrics
 from server.settings import Settings, load_settings
 from server.wiring.services import Services, build_services
+from server.wiring.state import app_state
 from tests.conftest import TEST_PEPPER, add_role_key
 from tests.live import live_server
 
@@ -305,7 +306,7 @@ def test_failed_key_checks_are_shared_across_replicas_through_redis(settings: Se
             assert statuses == [401, 401, 401]
             assert b.get("/v1/models", headers=bearer(generate_key())).status_code == 429
             assert a.get("/v1/models", headers=bearer(generate_key())).status_code == 429
-            a.app.state.services.auth.forget()
+            app_state(a.app).services.auth.forget()
             assert a.get("/v1/models", headers=bearer(valid)).status_code == 200  # valid keys never refused
     finally:
         asyncio.run(_cleanup_redis(redis_url, prefix))
