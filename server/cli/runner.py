@@ -10,6 +10,9 @@ still runs. This adds, around it:
 - a non-zero exit, with one line on stderr, when the model fails to load;
 - request heads (request line + headers) over ``MAX_HEADER_BYTES`` answered 431, and heads that stall for
   ``REQUEST_READ_TIMEOUT_S`` 408, in the OpenAI error shape (bodies that stall are the app's: 408 too).
+
+uvicorn offers no public hooks for these: the subclasses below override its server's and its h11 protocol's
+internals, so pyproject bounds uvicorn to the minor series tested.
 """
 
 from __future__ import annotations
