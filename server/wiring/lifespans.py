@@ -13,8 +13,9 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
+
+from litestar import Litestar
 
 from persistence import migrate
 from server.exchange.shutdown import CANCEL_MARGIN_S
@@ -24,11 +25,11 @@ from server.wiring.state import AppState, app_state
 
 log = logging.getLogger("server")
 
-Lifespan = Callable[[Any], AbstractAsyncContextManager[None]]
+Lifespan = Callable[[Litestar], AbstractAsyncContextManager[None]]
 
 
 @asynccontextmanager
-async def ratelimit_storage(app: Any) -> AsyncIterator[None]:
+async def ratelimit_storage(app: Litestar) -> AsyncIterator[None]:
     """Nothing to open (the storage connects on first use); drop its connections (Redis) last of all."""
     state = app_state(app)
     try:
@@ -38,7 +39,7 @@ async def ratelimit_storage(app: Any) -> AsyncIterator[None]:
 
 
 @asynccontextmanager
-async def database(app: Any) -> AsyncIterator[None]:
+async def database(app: Litestar) -> AsyncIterator[None]:
     """Create the data folder and migrate the database (``AUTO_MIGRATE``); close its pool at the end."""
     state = app_state(app)
     settings = state.settings
@@ -57,7 +58,7 @@ async def database(app: Any) -> AsyncIterator[None]:
 
 
 @asynccontextmanager
-async def writer(app: Any) -> AsyncIterator[None]:
+async def writer(app: Litestar) -> AsyncIterator[None]:
     """Run the request-log writer; at the end it writes what is still queued."""
     state = app_state(app)
     state.services.writer.start()
@@ -68,7 +69,7 @@ async def writer(app: Any) -> AsyncIterator[None]:
 
 
 @asynccontextmanager
-async def upstreams(app: Any) -> AsyncIterator[None]:
+async def upstreams(app: Litestar) -> AsyncIterator[None]:
     """Watch every remote model's health in the background (and its load, as gauges); close their clients."""
     state = app_state(app)
     watchers: list[asyncio.Task[None]] = []
@@ -85,7 +86,7 @@ async def upstreams(app: Any) -> AsyncIterator[None]:
 
 
 @asynccontextmanager
-async def engines(app: Any) -> AsyncIterator[None]:
+async def engines(app: Litestar) -> AsyncIterator[None]:
     """Load the local models in the background (readiness says when they are ready); stop them at the end."""
     state = app_state(app)
     if state.settings.models_file is not None:
@@ -100,7 +101,7 @@ async def engines(app: Any) -> AsyncIterator[None]:
 
 
 @asynccontextmanager
-async def drain(app: Any) -> AsyncIterator[None]:
+async def drain(app: Litestar) -> AsyncIterator[None]:
     """At shutdown, wait (a bounded time) for the requests still registered to end and settle their accounting."""
     lifecycle = app_state(app).lifecycle
     try:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+from litestar import Litestar
 
 from server.exchange.exchange import Exchange
 from server.exchange.shutdown import Lifecycle
@@ -47,7 +48,7 @@ class AppState:
         return {_KEY: self}
 
 
-def app_state(app: Any) -> AppState:
+def app_state(app: Litestar) -> AppState:
     """The state of ``app`` (a Litestar app built by ``create_app``)."""
     state = find_app_state(app)
     if state is None:
@@ -55,7 +56,7 @@ def app_state(app: Any) -> AppState:
     return state
 
 
-def find_app_state(app: Any) -> AppState | None:
+def find_app_state(app: Litestar) -> AppState | None:
     """The state of ``app``, or ``None`` for an app ``create_app`` did not build."""
     state = app.state.get(_KEY)
     return state if isinstance(state, AppState) else None
