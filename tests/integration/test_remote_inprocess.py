@@ -25,6 +25,7 @@ from server.models.registry import ServedModels
 from server.providers import upstream as upstream_module
 from server.providers.upstream import Upstream
 from server.settings import Settings
+from server.wiring.state import app_state
 from tests.integration.test_gateway import _log_rows
 from tests.live import live_server
 from tests.upstream import (
@@ -970,9 +971,9 @@ def test_a_stream_whose_client_left_before_the_upstream_answered_releases_everyt
             sock.sendall(head + body)
             time.sleep(0.2)  # admitted and waiting upstream; then the client goes away
         deadline = time.monotonic() + 5
-        while (up.running or app.state.lifecycle.in_flight) and time.monotonic() < deadline:
+        while (up.running or app_state(app).lifecycle.in_flight) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert up.running == 0 and app.state.lifecycle.in_flight == 0  # the slot and the request were settled
+        assert up.running == 0 and app_state(app).lifecycle.in_flight == 0  # the slot and the request were settled
         # the single slot is free again: the next request is served
         r = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {api_key}"},
                        json={"model": "remote", "messages": MSGS}, timeout=10)  # fmt: skip
