@@ -1,10 +1,9 @@
 """Alembic environment for llm-server.
 
-Three ways in:
+Two ways in:
 
 * ``persistence.migrate`` (the ``llm-server db`` commands and ``serve`` with ``AUTO_MIGRATE``) runs Alembic inside
   ``AsyncConnection.run_sync`` and hands the sync connection over in ``config.attributes["connection"]``;
-* advanced-alchemy's ``litestar database ...`` commands pass their engine as ``config.engine``;
 * plain ``alembic`` with ``sqlalchemy.url`` set.
 
 Every online run holds a lock for the whole migration so that two processes upgrading at once serialize: a
@@ -21,7 +20,6 @@ from typing import Any
 from alembic import context
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
 
 from persistence.config import VERSION_TABLE, create_engine
@@ -36,16 +34,13 @@ MIGRATION_LOCK_KEY = 0x6C6C6D2D6D696772
 def _options() -> dict[str, Any]:
     return {
         "target_metadata": Base.metadata,
-        "version_table": getattr(config, "version_table_name", None) or VERSION_TABLE,
+        "version_table": VERSION_TABLE,
         "render_as_batch": True,  # SQLite cannot ALTER most things; batch mode copies the table instead.
         "compare_type": True,
     }
 
 
 def _url() -> str:
-    engine = getattr(config, "engine", None)
-    if engine is not None:
-        return str(engine.url.render_as_string(hide_password=False))
     url = config.get_main_option("sqlalchemy.url")
     if not url:
         raise RuntimeError("no database: set sqlalchemy.url or run through persistence.migrate")
@@ -70,15 +65,12 @@ def do_run_migrations(connection: Connection) -> None:
 
 
 async def run_async_migrations() -> None:
-    """Connect with the advanced-alchemy engine or ``sqlalchemy.url`` and run the migrations."""
-    engine: AsyncEngine | None = getattr(config, "engine", None)
-    if engine is None:
-        engine = create_engine(_url(), poolclass=NullPool, busy_timeout_ms=60_000)
+    """Connect to ``sqlalchemy.url`` and run the migrations."""
+    engine = create_engine(_url(), poolclass=NullPool, busy_timeout_ms=60_000)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(do_run_migrations)
     finally:
-        # Its connections belong to this short-lived event loop: close them here (the engine stays usable).
         await engine.dispose()
 
 

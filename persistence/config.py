@@ -1,4 +1,4 @@
-"""The advanced-alchemy async config: one engine per URL with SQLite and PostgreSQL tuned for a server.
+"""The database engine and session config: one engine per URL with SQLite and PostgreSQL tuned for a server.
 
 SQLite gets WAL (readers never block the writer), a busy timeout (writers queue instead of failing with
 "database is locked") and foreign keys, and a new database file is created 0600 before SQLite opens it
@@ -8,17 +8,15 @@ fails a request in seconds instead of hanging it.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
-from advanced_alchemy.config import AlembicAsyncConfig, AsyncSessionConfig
-from advanced_alchemy.extensions.litestar import SQLAlchemyAsyncConfig
+from advanced_alchemy.config import AsyncSessionConfig, SQLAlchemyAsyncConfig
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-import migrations
-from persistence.models import Base
 from persistence.private import private_dir, private_sqlite_file
 
 __all__ = (
@@ -28,10 +26,19 @@ __all__ = (
     "make_engine_config",
 )
 
-MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
+
+def _migrations_dir() -> Path:
+    # Located, not imported: the scripts (``migrations/env.py``) import this package, never the other way round.
+    spec = importlib.util.find_spec("migrations")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the 'migrations' package is not installed")
+    return Path(spec.origin).resolve().parent
+
+
+MIGRATIONS_DIR = _migrations_dir()
 """The Alembic script location, found from the installed ``migrations`` package (never the CWD)."""
 VERSION_TABLE = "alembic_versions"
-"""Alembic's version table (advanced-alchemy's default name)."""
+"""Alembic's version table."""
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_BUSY_TIMEOUT_MS = 5000
@@ -121,12 +128,11 @@ def make_engine_config(
     command_timeout_s: float | None = None,
     **engine_kwargs: Any,
 ) -> SQLAlchemyAsyncConfig:
-    """Build the config for Litestar's ``SQLAlchemyPlugin``, also usable standalone.
+    """An engine (:func:`create_engine`) and its session factory: ``get_session()``, ``get_engine()``.
 
-    Standalone use: ``async with config.get_session() as session: ...`` (commit it yourself) and
-    ``await config.get_engine().dispose()`` when done. In an app the request session is committed when the
-    response starts (``before_send_handler="autocommit"``). Sessions do not expire objects on commit, so
-    loaded attributes stay readable without another round trip.
+    ``async with config.get_session() as session: ...`` (commit it yourself); ``await config.get_engine().dispose()``
+    when done. Sessions do not expire objects on commit, so loaded attributes stay readable without another round
+    trip. Migrations run through :mod:`persistence.migrate`, not through this config.
 
     Args:
         database_url: SQLAlchemy async URL.
@@ -142,14 +148,4 @@ def make_engine_config(
         command_timeout_s=command_timeout_s,
         **engine_kwargs,
     )
-    return SQLAlchemyAsyncConfig(
-        engine_instance=engine,
-        session_config=AsyncSessionConfig(expire_on_commit=False),
-        metadata=Base.metadata,
-        before_send_handler="autocommit",
-        alembic_config=AlembicAsyncConfig(
-            script_location=str(MIGRATIONS_DIR),
-            version_table_name=VERSION_TABLE,
-            render_as_batch=True,
-        ),
-    )
+    return SQLAlchemyAsyncConfig(engine_instance=engine, session_config=AsyncSessionConfig(expire_on_commit=False))

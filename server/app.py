@@ -1,15 +1,15 @@
-"""The application factory: ``create_app(settings, engine=...)`` wires everything explicitly (no globals)."""
+"""The application factory: ``create_app(settings, engine=...)`` wires everything explicitly (no globals).
+
+The app is composed of named parts: its state (:class:`~server.wiring.state.AppState`, one typed object), its
+lifespan (:data:`server.wiring.lifespans.PARTS`: database, writer, upstreams, engines, drain), the routes, one
+middleware that observes each request (``server.api.access``) and a ``before_send`` hook that only sets headers.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+import anyio
 from litestar import Litestar, Request, Response, Router
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import MutableScopeHeaders, State
@@ -18,14 +18,13 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components
 from litestar.types import Message, Scope
 
-from persistence import migrate
-from server.api.access import timing_middleware
+from server.api.access import count_response, timing_middleware
 from server.api.admin import admin_handlers
 from server.api.apidoc import KEY_SECURITY, SECURITY_SCHEMES, StructBoundsPlugin
 from server.api.common import read_timeout_middleware, strict_body
 from server.api.context import context_of
 from server.api.exceptions import handle_exception
-from server.api.gate import screen
+from server.api.gate import PREPARE_THREADS, screen
 from server.api.guards import require_key
 from server.api.health import health, metrics, readyz
 from server.api.models import list_models, retrieve_model
@@ -33,14 +32,14 @@ from server.api.native import generate_text, stream_text
 from server.api.openai import create_chat_completion, create_completion
 from server.api.requestid import request_id_of
 from server.engine.base import Engine
-from server.exchange.shutdown import CANCEL_MARGIN_S, Lifecycle, shutting_down
-from server.metrics import Metrics, status_class
+from server.exchange.exchange import Exchange
+from server.exchange.shutdown import Lifecycle, shutting_down
+from server.metrics import Metrics
 from server.models.registry import ServedModels, build_models
 from server.settings import Settings, load_settings
-from server.wiring.datadir import prepare_data_dir
+from server.wiring.lifespans import PARTS
 from server.wiring.services import Services, build_services
-
-log = logging.getLogger("server")
+from server.wiring.state import AppState, app_state
 
 
 def create_app(
@@ -65,99 +64,25 @@ def create_app(
             models = build_models(settings)
         else:
             models = ServedModels()
-            models.add(settings.served_model_name or engine_name(engine, settings), engine)
-    served: ServedModels = models
-    app_metrics = services.metrics if services is not None else Metrics()
-    the_services = services or build_services(settings, app_metrics)
+            models.add(settings.served_model_name or engine.name, engine)
+    the_services = services or build_services(settings, Metrics())
     lifecycle = Lifecycle()
-    watchers: list[asyncio.Task[None]] = []
-
-    async def load_engines(app: Litestar) -> None:
-        for name, eng in served.engines.items():
-            source = settings.model if settings.models_file is None else name
-            try:
-                await eng.start()
-                app_metrics.watch_engine(name, _reader(eng, "num_running"), _reader(eng, "num_waiting"))
-            except Exception as exc:  # readiness reports it; `llm-server serve` then exits non-zero
-                reason = load_failure_reason(source, exc)
-                log.error("model %r failed to load: %s", source, reason)
-                log.debug("model load failure", exc_info=exc)
-                served.failures[name] = reason
-                lifecycle.fail(f"model {source!r} failed to load: {reason}")
-                return
-
-    def describe(name: str) -> str:
-        up = served.upstreams.get(name)
-        if up is None:
-            return f"{name!r} (local)"
-        url = urlsplit(up.entry.base_url)  # no query string: some providers take keys there
-        return f"{name!r} -> {url.scheme}://{url.netloc}{url.path} ({up.entry.target_model})"
-
-    def watch_upstreams() -> None:
-        for name, up in served.upstreams.items():
-            app_metrics.watch_engine(name, _reader(up, "running"), _reader(up, "waiting"))
-            watchers.append(asyncio.create_task(up.watch(), name=f"upstream-health-{name}"))
-
-    @asynccontextmanager
-    async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        prepare_data_dir(settings)  # 0700, before a built-in model is built in it
-        if settings.auto_migrate:
-            default_role = {
-                "rpm": settings.default_role_rpm,
-                "tpm": settings.default_role_tpm,
-                "max_concurrency": settings.default_role_max_concurrency,
-            }
-            await migrate.upgrade(settings.database, default_role=default_role)
-        the_services.writer.start()
-        if settings.models_file is not None:
-            log.info("serving %s", ", ".join(describe(name) for name in served.order))
-        loader = asyncio.create_task(load_engines(app))
-        watch_upstreams()
-        try:
-            yield
-        finally:
-            loader.cancel()
-            for task in watchers:
-                task.cancel()
-            # Requests cut by a shutdown settle (usage, request log) before the engine and the writer stop.
-            if not await lifecycle.wait_idle(CANCEL_MARGIN_S):
-                log.warning("shutdown: %d request(s) still running; stopping the engine anyway", lifecycle.in_flight)
-            for eng in served.engines.values():
-                await eng.stop()
-            for up in served.upstreams.values():
-                await up.aclose()
-            await the_services.writer.stop()
-            await the_services.db.close()
-            the_services.limiter.close()
-
-    async def before_send(message: Message, scope: Scope) -> None:
-        if message["type"] != "http.response.start":
-            return
-        headers = MutableScopeHeaders.from_message(message)
-        headers["x-request-id"] = request_id_of(scope)
-        status = message["status"]
-        route = scope.get("path_template") or "unmatched"
-        app_metrics.requests_total.labels(route, scope.get("method", ""), status_class(status)).inc()
-        context = context_of(scope)
-        principal = context.principal
-        if principal is not None and scope["path"].startswith("/v1/") and "x-ratelimit-limit-requests" not in headers:
-            for name, value in (await the_services.gateway.headers(principal)).items():
-                headers[name] = value
-        record = context.record
-        if record is not None:
-            record.status = status
-            if not record.streaming or status >= 400:
-                the_services.writer.add_row(record)
-
-    async def before_request(request: Request[Any, Any, Any]) -> Response[Any] | None:
-        path = request.scope["path"]
-        if lifecycle.draining and path not in ("/health", "/metrics"):
-            if path == "/readyz":  # takes this replica out of a load balancer's rotation
-                return Response({"status": "draining", "reason": "the server is shutting down"}, status_code=503)
-            raise shutting_down()
-        await screen(request)
-        await strict_body(request)
-        return None
+    exchange = Exchange(
+        the_services.gateway,
+        the_services.cache,
+        the_services.writer,
+        the_services.metrics,
+        lifecycle,
+        store_prompts=settings.store_prompts,
+    )
+    state = AppState(
+        settings=settings,
+        services=the_services,
+        models=models,
+        lifecycle=lifecycle,
+        exchange=exchange,
+        prepare_limiter=anyio.CapacityLimiter(PREPARE_THREADS),
+    )
 
     v1 = Router(
         path="/",
@@ -176,15 +101,19 @@ def create_app(
     return Litestar(
         route_handlers=[health, readyz, metrics, v1, *admin_handlers()],
         dependencies={
-            "models": Provide(lambda: served, sync_to_thread=False),
-            "metrics": Provide(lambda: app_metrics, sync_to_thread=False),
-            "services": Provide(lambda: the_services, sync_to_thread=False),
+            "models": Provide(lambda: state.models, sync_to_thread=False),
+            "metrics": Provide(lambda: state.metrics, sync_to_thread=False),
+            "services": Provide(lambda: state.services, sync_to_thread=False),
+            "exchange": Provide(lambda: state.exchange, sync_to_thread=False),
         },
         exception_handlers={Exception: handle_exception},
         before_request=before_request,
-        middleware=[timing_middleware(app_metrics), read_timeout_middleware(settings.request_read_timeout_s)],
-        before_send=[before_send],
-        lifespan=[lifespan],
+        middleware=[
+            timing_middleware(state.metrics, state.services.writer),
+            read_timeout_middleware(settings.request_read_timeout_s),
+        ],
+        before_send=[response_headers, count_response(state.metrics)],
+        lifespan=PARTS,
         request_max_body_size=settings.request_max_body_size,
         logging_config=None,
         cors_config=cors,
@@ -195,35 +124,29 @@ def create_app(
             path="/schema",
             components=Components(security_schemes=SECURITY_SCHEMES),
         ),
-        state=State(
-            {
-                "settings": settings,
-                "models": served,
-                "engine_ref": next(iter(served.engines.values()), None),
-                "metrics": app_metrics,
-                "services": the_services,
-                "lifecycle": lifecycle,
-            }
-        ),
+        state=State(state.as_state()),
     )
 
 
-def load_failure_reason(model: str, exc: BaseException) -> str:
-    """One line saying why ``model`` did not load (the hub's own wording for a missing folder is misleading)."""
-    path = Path(model).expanduser()
-    if model.startswith(("/", "./", "../", "~")) and not path.exists():
-        return f"no such folder {str(path)!r}"
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+async def before_request(request: Request[Any, Any, Any]) -> Response[Any] | None:
+    """Refuse new work while draining; screen the caller and the model, then decode the body once, strictly."""
+    path = request.scope["path"]
+    if app_state(request.app).lifecycle.draining and path not in ("/health", "/metrics"):
+        if path == "/readyz":  # takes this replica out of a load balancer's rotation
+            return Response({"status": "draining", "reason": "the server is shutting down"}, status_code=503)
+        raise shutting_down()
+    await screen(request)
+    await strict_body(request)
+    return None
 
 
-def engine_name(engine: Engine, settings: Settings) -> str:
-    """The served name of an engine handed to :func:`create_app`, known before it has loaded."""
-    served_name = getattr(engine, "served_name", None)  # the HF engine's ``info`` exists only once loaded
-    if isinstance(served_name, str):
-        return served_name
-    return engine.info.name
-
-
-def _reader(obj: object, attr: str) -> Callable[[], float]:
-    return lambda: float(getattr(obj, attr))
+async def response_headers(message: Message, scope: Scope) -> None:
+    """``before_send`` hook: the request id on every response, the rate-limit headers on the caller's ``/v1`` ones."""
+    if message["type"] != "http.response.start":
+        return
+    headers = MutableScopeHeaders.from_message(message)
+    headers["x-request-id"] = request_id_of(scope)
+    principal = context_of(scope).principal
+    if principal is not None and scope["path"].startswith("/v1/") and "x-ratelimit-limit-requests" not in headers:
+        for name, value in (await app_state(scope["app"]).services.gateway.headers(principal)).items():
+            headers[name] = value

@@ -58,3 +58,14 @@ def unsupported_param(param: str, what: str | None = None) -> OpenAIError:
 def overloaded(message: str = "The server is overloaded; retry shortly.", retry_after_s: int = 1) -> OpenAIError:
     """A 503 ``overloaded`` with ``retry-after``."""
     return OpenAIError(503, "server_error", message, code="overloaded", headers={"retry-after": str(retry_after_s)})
+
+
+def model_not_found(model: str) -> OpenAIError:
+    """404 ``model_not_found`` with OpenAI's wording (also for a model the caller's role may not see)."""
+    return OpenAIError(
+        404,
+        "invalid_request_error",
+        f"The model '{model}' does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )

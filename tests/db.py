@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from advanced_alchemy.extensions.litestar import SQLAlchemyAsyncConfig
+from advanced_alchemy.config import SQLAlchemyAsyncConfig
 from sqlalchemy.engine import URL, make_url
 
 from persistence.config import make_engine_config

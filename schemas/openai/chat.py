@@ -22,6 +22,7 @@ from schemas.openai.common import (
     TopK,
     TopP,
 )
+from schemas.openai.tools import MAX_TOOLS, ChatTool, FunctionName, MessageToolCall, ToolChoice
 
 # ---- content parts (tagged by "type") ------------------------------------------------------------------
 
@@ -89,7 +90,7 @@ class AssistantMessage(msgspec.Struct, tag_field="role", tag="assistant", kw_onl
     content: str | list[AssistantPart] | None = None
     refusal: str | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[MessageToolCall] | None = None
     function_call: dict[str, Any] | None = None
 
 
@@ -110,11 +111,37 @@ class FunctionMessage(msgspec.Struct, tag_field="role", tag="function", kw_only=
 ChatMessage = SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage | FunctionMessage
 
 
-class ResponseFormat(msgspec.Struct, kw_only=True):
-    """``response_format``: ``text``, ``json_object`` or ``json_schema``."""
+# ---- response_format (tagged by "type") ----------------------------------------------------------------
 
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+
+class ResponseFormatText(msgspec.Struct, tag_field="type", tag="text", kw_only=True):
+    """``{"type": "text"}``: plain text (the default)."""
+
+
+class ResponseFormatJSONObject(msgspec.Struct, tag_field="type", tag="json_object", kw_only=True):
+    """``{"type": "json_object"}``: any JSON object."""
+
+
+class JSONSchema(msgspec.Struct, kw_only=True):
+    """The schema of ``{"type": "json_schema", ...}`` output; ``schema`` left out means any JSON object."""
+
+    name: FunctionName
+    description: str | None = None
+    schema: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+    strict: bool | None = None
+
+
+class ResponseFormatJSONSchema(msgspec.Struct, tag_field="type", tag="json_schema", kw_only=True):
+    """``{"type": "json_schema", "json_schema": {...}}``: JSON following a schema.
+
+    ``json_schema`` is optional in the type only so that its absence is refused naming ``response_format`` when
+    the output constraint is built.
+    """
+
+    json_schema: JSONSchema | None = None
+
+
+ResponseFormat = ResponseFormatText | ResponseFormatJSONObject | ResponseFormatJSONSchema
 
 
 # ---- request -------------------------------------------------------------------------------------------
@@ -153,8 +180,8 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     temperature: Temperature | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tool_choice: ToolChoice | None = None
+    tools: Annotated[list[ChatTool], Meta(max_length=MAX_TOOLS)] | None = None
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     top_p: TopP | None = None
     user: str | None = None
@@ -167,6 +194,14 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     continue_final_message: bool = False
     add_generation_prompt: bool = True
     ignore_eos: bool = False
+
+    @property
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        """The max tokens the client asked for and the field it came from: ``max_completion_tokens`` (the current
+        name) wins over the deprecated ``max_tokens``."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
 
 
 # ---- response ------------------------------------------------------------------------------------------

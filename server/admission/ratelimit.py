@@ -46,6 +46,8 @@ class SweepingMemoryStorage(MemoryStorage):
     SWEEP_INTERVAL_S = 1.0
     _last_sweep = 0.0
 
+    # Overrides a private method of limits' memory storage (pyproject bounds limits to the minor series tested).
+
     async def _MemoryStorage__schedule_expiry(self) -> None:
         now = time.monotonic()
         if now - self._last_sweep < self.SWEEP_INTERVAL_S:
@@ -192,7 +194,11 @@ class RateLimiter:
         return int(await self._call(self.storage.get(f"{NAMESPACE}/concurrency/{key_id}")))
 
     def close(self) -> None:
-        """Drop the storage's connections (Redis); the memory storage has none."""
+        """Drop the storage's connections (Redis); the memory storage has none.
+
+        limits has no public close: the pool is reached through the storage's ``bridge`` (pyproject bounds limits
+        to the minor series tested); an attribute missing there makes this a no-op, never an error.
+        """
         client = getattr(getattr(self.storage, "bridge", None), "storage", None)
         pool = getattr(client, "connection_pool", None)
         if pool is not None:

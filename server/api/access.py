@@ -1,4 +1,9 @@
-"""Per-request timing, the request-duration histogram and the access log (one line per request)."""
+"""Where a request is observed: its request-log record, timing, the request metrics and the access log.
+
+:func:`timing_middleware` runs around every routed request: it opens the ``/v1`` request-log record, queues it when
+the response starts, observes the duration and writes the access log. :func:`count_response` counts every
+response, routed or not.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +16,19 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.context import context_of
 from server.api.requestid import request_id_of
-from server.metrics import Metrics
+from server.metrics import Metrics, status_class
+from server.records.writer import RequestLogWriter, RequestRecord
 
 access_log = logging.getLogger("server.access")
 
 
-def timing_middleware(metrics: Metrics) -> Any:
-    """Litestar middleware factory: observe the duration to the last body byte and write the access log.
+def timing_middleware(metrics: Metrics, writer: RequestLogWriter) -> Any:
+    """Litestar middleware factory: the request-log record, the duration to the last body byte, the access log.
 
-    Runs around every routed request (after routing, so the route template is known). A stream that ends by a
-    client disconnect never sends its last body message; ``finally`` still observes and logs it.
+    Runs around every routed request (after routing, so the route template is known). A ``/v1`` request gets its
+    request-log record here, before its guard and handler run; the record is queued when the response starts,
+    unless it is a stream that has started well (the stream's settlement queues it once it has ended). A stream
+    that ends by a client disconnect never sends its last body message; ``finally`` still observes and logs it.
     """
 
     def factory(app: ASGIApp) -> ASGIApp:
@@ -30,11 +38,16 @@ def timing_middleware(metrics: Metrics) -> Any:
                 return
             started = time.perf_counter()
             status = 0
+            record = open_record(scope)
 
             async def wrapped(message: Message) -> None:
                 nonlocal status
                 if message["type"] == "http.response.start":
                     status = message["status"]
+                    if record is not None:
+                        record.status = status
+                        if not record.streaming or status >= 400:
+                            writer.add_row(record)
                 await send(message)
 
             try:
@@ -48,6 +61,35 @@ def timing_middleware(metrics: Metrics) -> Any:
         return middleware
 
     return factory
+
+
+def open_record(scope: Scope) -> RequestRecord | None:
+    """The request-log record of a ``/v1`` request (``None`` for other routes), kept in its context."""
+    if not scope["path"].startswith("/v1/"):
+        return None
+    context = context_of(scope)
+    if context.record is None:
+        context.record = RequestRecord(
+            request_id=request_id_of(scope),
+            route=scope.get("path_template") or scope["path"],
+            method=str(scope.get("method", "GET")),
+        )
+    return context.record
+
+
+def count_response(metrics: Metrics) -> Any:
+    """``before_send`` hook: count each response in ``llm_server_requests_total`` by route, method and status class.
+
+    A hook rather than part of :func:`timing_middleware` because Litestar runs middleware only for routed requests:
+    an unknown path (404, counted as route ``unmatched``) or method (405) reaches only the app-level hooks.
+    """
+
+    async def hook(message: Message, scope: Scope) -> None:
+        if message["type"] == "http.response.start":
+            route = scope.get("path_template") or "unmatched"
+            metrics.requests_total.labels(route, scope.get("method", ""), status_class(message["status"])).inc()
+
+    return hook
 
 
 def log_access(scope: Scope, route: str, status: int, elapsed_s: float) -> None:

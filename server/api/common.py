@@ -149,6 +149,7 @@ async def strict_body(request: Request[Any, Any, Any]) -> None:
     else:
         body = decode_body(raw, body_type)
     request.state.body = body
+    # Litestar has no public way to hand it a decoded body; ScopeState is internal (pyproject bounds the minor).
     ScopeState.from_scope(request.scope).json = body
 
 

@@ -20,6 +20,7 @@ from server.api.context import context_of
 from server.auth.principal import database_unavailable
 from server.errors import OpenAIError, invalid_request
 from server.records.database import DatabaseUnavailable, describe_error, error_location, is_data_exception
+from server.wiring.state import find_app_state
 
 log = logging.getLogger("server.api")
 _encoder = msgspec.json.Encoder()
@@ -115,9 +116,9 @@ def error_response(err: OpenAIError) -> Response[bytes]:
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     """Litestar exception handler for ``Exception`` (a plain def: an async one renders an empty 500)."""
     err = to_openai_error(exc)
-    metrics = request.scope["app"].state.get("metrics") if "app" in request.scope else None
-    if metrics is not None:
-        metrics.errors_total.labels(err.type).inc()
+    state = find_app_state(request.app) if "app" in request.scope else None
+    if state is not None:
+        state.metrics.errors_total.labels(err.type).inc()
     record = context_of(request.scope).record
     if record is not None:
         record.error_type = err.code or err.type

@@ -17,9 +17,9 @@ from litestar import Request
 
 from server.api.common import BODY_TYPE
 from server.api.context import context_of
-from server.api.flow import principal_of
 from server.models.registry import ServedModels
 from server.wiring.services import Services
+from server.wiring.state import app_state
 
 T = TypeVar("T")
 
@@ -49,11 +49,12 @@ async def screen(request: Request[Any, Any, Any]) -> None:
         target = msgspec.json.decode(await request.body(), type=_Target)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return
-    models: ServedModels = request.app.state.models
+    state = app_state(request.app)
+    models: ServedModels = state.models
     name = target.model if target.model is not None else _default_model(body_type, models)
     if name is None or not models.serves(name):
         return
-    gateway = request.app.state.services.gateway
+    gateway = state.services.gateway
     gateway.check_model(principal, name)
     await gateway.precheck(principal)
     context.screened_model = name
@@ -84,7 +85,7 @@ async def gate(
     stays within the role's caps on max tokens and choices (400) and asks for no more sequences (``prompts`` x ``n``)
     than a key may ever have in flight (400). Returns the role's max-tokens cap for the serving layer.
     """
-    principal = principal_of(request)
+    principal = context_of(request.scope).caller()
     gateway = services.gateway
     if context_of(request.scope).screened_model != model:
         gateway.check_model(principal, model)
@@ -106,12 +107,4 @@ async def prepared(request: Request[Any, Any, Any], services: Services, work: Ca
     """
     if len(await request.body()) <= INLINE_PREPARE_BYTES:
         return work()
-    return await anyio.to_thread.run_sync(work, limiter=_prepare_limiter(request))
-
-
-def _prepare_limiter(request: Request[Any, Any, Any]) -> anyio.CapacityLimiter:
-    state = request.app.state
-    limiter: anyio.CapacityLimiter | None = state.get("prepare_limiter")
-    if limiter is None:  # created in the running event loop, on first use
-        limiter = state["prepare_limiter"] = anyio.CapacityLimiter(PREPARE_THREADS)
-    return limiter
+    return await anyio.to_thread.run_sync(work, limiter=app_state(request.app).prepare_limiter)

@@ -2,7 +2,7 @@
 
 Guards run before the body is read, so a request without a key is 401 even when its JSON is malformed. A key that
 fails from a client address with too many failed key checks this minute gets 429 instead of 401; a valid key is
-never refused for its address (``server.auth.throttle``).
+never refused for its address (``server.admission.throttle``).
 """
 
 from __future__ import annotations
@@ -12,25 +12,18 @@ from typing import Any
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
+from server.admission.throttle import client_address
 from server.api.context import context_of
-from server.api.requestid import request_id_of
 from server.auth.principal import Principal, key_from_headers
-from server.auth.throttle import client_address
 from server.errors import OpenAIError
-from server.records.writer import RequestRecord
 from server.wiring.services import Services
+from server.wiring.state import app_state
 
 
 async def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Authenticate the caller and open its request-log record."""
-    services: Services = connection.app.state.services
+    """Authenticate the caller; its key id goes on the request-log record (``server.api.access`` opened it)."""
+    services = app_state(connection.app).services
     context = context_of(connection.scope)
-    if connection.scope["path"].startswith("/v1/") and context.record is None:
-        context.record = RequestRecord(
-            request_id=request_id_of(connection.scope),
-            route=connection.scope.get("path_template") or connection.scope["path"],
-            method=str(connection.scope.get("method", "GET")),
-        )
     presented = key_from_headers(connection.headers.get("authorization"), connection.headers.get("x-api-key"))
     principal = services.auth.cached(presented) or await _authenticate(services, connection.scope, presented)
     context.principal = principal
@@ -41,7 +34,7 @@ async def require_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRou
 async def _authenticate(services: Services, scope: Any, presented: str | None) -> Principal:
     """Look the key up; count a failure per address, and answer 429 instead of 401 once an address has none left.
 
-    A key that authenticates is never refused here, whatever its address did (``server.auth.throttle``).
+    A key that authenticates is never refused here, whatever its address did (``server.admission.throttle``).
     """
     throttle = services.throttle
     if throttle is None or not presented:  # no key at all guesses nothing: 401, never counted

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Response, get
-from litestar.datastructures import State
+from litestar import Request, Response, get
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from prometheus_client import generate_latest
@@ -13,8 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from server.api.apidoc import ApiOperation
 from server.metrics import Metrics
-from server.models.registry import ServedModels, broken_engine_reason
-from server.wiring.services import Services
+from server.wiring.state import app_state
 
 
 @get("/health", tags=["ops"], sync_to_thread=False, operation_class=ApiOperation)
@@ -36,26 +34,26 @@ def health() -> dict[str, str]:
     },
     operation_class=ApiOperation,
 )
-async def readyz(state: State) -> Response[dict[str, Any]]:
+async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     """200 once every local model is loaded and the database answers; 503 with the reason otherwise.
 
     Remote models never make this 503: their upstreams' health (checked in the background) is in the body, so
     one dead upstream does not take the gateway out of a load balancer.
     """
-    models: ServedModels = state.models
+    state = app_state(request.app)
+    models = state.models
     for name, engine in models.engines.items():
         which = f"model {name!r}" if len(models.engines) > 1 else "model"
         failure = models.failures.get(name)
         if failure:
             return Response({"status": "failed", "reason": f"{which} failed to load: {failure}"}, status_code=503)
-        broken = broken_engine_reason(engine)
+        broken = engine.failure
         if broken:
             engine_name = f"the engine of {name!r}" if len(models.engines) > 1 else "the engine"
             return Response({"status": "failed", "reason": f"{engine_name} failed: {broken}"}, status_code=503)
         if not engine.ready:
             return Response({"status": "loading", "reason": f"the {which} is still loading"}, status_code=503)
-    services: Services = state.services
-    if not await services.db.ping():
+    if not await state.services.db.ping():
         return Response({"status": "unavailable", "reason": "the database does not answer"}, status_code=503)
     body: dict[str, Any] = {"status": "ready", "model": models.default}
     if len(models.order) > 1 or models.upstreams:

@@ -11,8 +11,9 @@ from litestar.params import FromPath
 
 from schemas.openai.models import Model, ModelList
 from server.api.apidoc import KEYED, ApiOperation, errors
-from server.api.flow import principal_of
-from server.models.registry import ServedModels, model_not_found
+from server.api.context import context_of
+from server.errors import model_not_found
+from server.models.registry import ServedModels
 
 
 def _model(models: ServedModels, name: str) -> Model:
@@ -23,7 +24,7 @@ def _model(models: ServedModels, name: str) -> Model:
 @get("/v1/models", tags=["openai"], sync_to_thread=False, responses=errors(*KEYED), operation_class=ApiOperation)
 def list_models(request: Request[Any, Any, Any], models: NamedDependency[ServedModels]) -> ModelList:
     """The served models, local and remote, that the key's role may use."""
-    role = principal_of(request).role
+    role = context_of(request.scope).caller().role
     return ModelList(data=[_model(models, name) for name in models.order if role.allows_model(name)])
 
 
@@ -39,6 +40,6 @@ def retrieve_model(
 ) -> Model:
     """One served model; 404 ``model_not_found`` for a model the key's role may not use, as for an unknown one."""
     name = model_id.lstrip("/")
-    if name not in models.order or not principal_of(request).role.allows_model(name):
+    if name not in models.order or not context_of(request.scope).caller().role.allows_model(name):
         raise model_not_found(name)
     return _model(models, name)

@@ -12,27 +12,34 @@ from litestar.response import Stream
 from schemas.native.generate import GenerateRequest, GenerateResponse, StreamEvent
 from server.api.apidoc import WITH_BODY, ApiOperation, StreamOperation, errors, stream_of
 from server.api.common import BODY_TYPE
-from server.api.flow import respond
 from server.api.gate import gate, prepared
-from server.api.remote import respond_remote
+from server.api.generation import respond
+from server.exchange.exchange import Exchange
+from server.exchange.remote import RemoteWork
 from server.models.registry import ServedModels
 from server.providers.upstream import Upstream
 from server.serving import generate, remote
 from server.wiring.services import Services
 
 
-async def _run(request: Request[Any, Any, Any], models: ServedModels, services: Services, stream: bool) -> Any:
-    body: GenerateRequest = request.state.body
+async def _run(
+    request: Request[Any, Any, Any],
+    body: GenerateRequest,
+    models: ServedModels,
+    services: Services,
+    exchange: Exchange,
+    stream: bool,
+) -> Any:
     name, backend = models.resolve(body.model)
     cap = await gate(request, services, name, requested=body.max_new_tokens, param="max_new_tokens")
     if isinstance(backend, Upstream):
         call = await prepared(
             request, services, lambda: remote.prepare_generate(body, backend.entry, stream=stream, max_tokens_cap=cap)
         )
-        return await respond_remote(request, backend, services, call)
+        return await respond(request, exchange, RemoteWork(call, backend))
     engine = models.ready_engine(backend)
     plan = await prepared(request, services, lambda: generate.prepare(engine, body, stream=stream, max_tokens_cap=cap))
-    return await respond(request, engine, services, plan, generate.complete, generate.stream)
+    return await respond(request, exchange, plan)
 
 
 @post(
@@ -48,9 +55,10 @@ async def generate_text(
     data: JSONBody[GenerateRequest],
     models: NamedDependency[ServedModels],
     services: NamedDependency[Services],
+    exchange: NamedDependency[Exchange],
 ) -> Response[GenerateResponse]:
     """Generate text for one prompt."""
-    return await _run(request, models, services, stream=False)  # type: ignore[no-any-return]
+    return await _run(request, data, models, services, exchange, stream=False)  # type: ignore[no-any-return]
 
 
 @post(
@@ -66,6 +74,7 @@ async def stream_text(
     data: JSONBody[GenerateRequest],
     models: NamedDependency[ServedModels],
     services: NamedDependency[Services],
+    exchange: NamedDependency[Exchange],
 ) -> Stream:
     """Stream the text for one prompt as Server-Sent Events; the last event has ``finish_reason`` and ``usage``."""
-    return await _run(request, models, services, stream=True)  # type: ignore[no-any-return]
+    return await _run(request, data, models, services, exchange, stream=True)  # type: ignore[no-any-return]

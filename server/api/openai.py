@@ -12,9 +12,10 @@ from schemas.openai.chat import ChatCompletion, ChatCompletionChunk, ChatComplet
 from schemas.openai.completions import Completion, CompletionRequest
 from server.api.apidoc import WITH_BODY, JsonOrStreamOperation, errors, stream_of
 from server.api.common import BODY_TYPE
-from server.api.flow import respond
 from server.api.gate import gate, prepared
-from server.api.remote import respond_remote
+from server.api.generation import respond
+from server.exchange.exchange import Exchange
+from server.exchange.remote import RemoteWork
 from server.models.registry import ServedModels
 from server.providers.upstream import Upstream
 from server.serving import chat, completions, remote
@@ -36,10 +37,10 @@ async def create_chat_completion(
     data: JSONBody[ChatCompletionRequest],
     models: NamedDependency[ServedModels],
     services: NamedDependency[Services],
+    exchange: NamedDependency[Exchange],
 ) -> Response[ChatCompletion]:
-    body: ChatCompletionRequest = request.state.body
-    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    body = data
+    requested, param = body.requested_max_tokens
     name, backend = models.resolve(body.model)
     cap = await gate(request, services, name, requested=requested, param=param, n=body.n or 1)
     max_messages = services.settings.max_messages
@@ -48,12 +49,12 @@ async def create_chat_completion(
         call = await prepared(
             request, services, lambda: remote.prepare_chat(body, entry, max_tokens_cap=cap, max_messages=max_messages)
         )
-        return await respond_remote(request, backend, services, call)  # type: ignore[return-value]
+        return await respond(request, exchange, RemoteWork(call, backend))  # type: ignore[return-value]
     engine = models.ready_engine(backend)
     plan = await prepared(
         request, services, lambda: chat.prepare(engine, body, max_tokens_cap=cap, max_messages=max_messages)
     )
-    return await respond(request, engine, services, plan, chat.complete, chat.stream)  # type: ignore[return-value]
+    return await respond(request, exchange, plan)  # type: ignore[return-value]
 
 
 @post(
@@ -71,8 +72,9 @@ async def create_completion(
     data: JSONBody[CompletionRequest],
     models: NamedDependency[ServedModels],
     services: NamedDependency[Services],
+    exchange: NamedDependency[Exchange],
 ) -> Response[Completion]:
-    body: CompletionRequest = request.state.body
+    body = data
     name, backend = models.resolve(body.model)
     prompts = completions.prompt_count(body.prompt)
     cap = await gate(
@@ -81,7 +83,7 @@ async def create_completion(
     if isinstance(backend, Upstream):
         entry = backend.entry
         call = await prepared(request, services, lambda: remote.prepare_completion(body, entry, max_tokens_cap=cap))
-        return await respond_remote(request, backend, services, call)  # type: ignore[return-value]
+        return await respond(request, exchange, RemoteWork(call, backend))  # type: ignore[return-value]
     engine = models.ready_engine(backend)
     plan = await prepared(request, services, lambda: completions.prepare(engine, body, max_tokens_cap=cap))
-    return await respond(request, engine, services, plan, completions.complete, completions.stream)  # type: ignore[return-value]
+    return await respond(request, exchange, plan)  # type: ignore[return-value]

@@ -10,6 +10,9 @@ still runs. This adds, around it:
 - a non-zero exit, with one line on stderr, when the model fails to load;
 - request heads (request line + headers) over ``MAX_HEADER_BYTES`` answered 431, and heads that stall for
   ``REQUEST_READ_TIMEOUT_S`` 408, in the OpenAI error shape (bodies that stall are the app's: 408 too).
+
+uvicorn offers no public hooks for these: the subclasses below override its server's and its h11 protocol's
+internals, so pyproject bounds uvicorn to the minor series tested.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from schemas.openai.errors import ErrorBody, ErrorResponse
 from server.exchange.shutdown import CANCEL_MARGIN_S, Lifecycle
 from server.settings import Settings
+from server.wiring.state import app_state
 
 log = logging.getLogger("server")
 
@@ -51,7 +55,7 @@ def run(app: Litestar, settings: Settings) -> None:
     Raises:
         ServeError: the server did not start, or the model failed to load.
     """
-    lifecycle: Lifecycle = app.state.lifecycle
+    lifecycle = app_state(app).lifecycle
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -228,7 +228,14 @@ class Engine(Protocol):
     """A model runtime. One instance serves one model."""
 
     @property
-    def info(self) -> ModelInfo: ...
+    def name(self) -> str:
+        """The name clients use for the model, known before it has loaded."""
+        ...
+
+    @property
+    def info(self) -> ModelInfo:
+        """What the loaded model is (only once it has loaded)."""
+        ...
 
     @property
     def tokenizer(self) -> Tokenizer: ...
@@ -236,6 +243,11 @@ class Engine(Protocol):
     @property
     def ready(self) -> bool:
         """True once the model is loaded and requests can be served."""
+        ...
+
+    @property
+    def failure(self) -> str | None:
+        """Why a started engine stopped serving for good (it is then not ``ready``), else ``None``."""
         ...
 
     @property

@@ -123,8 +123,17 @@ class EchoEngine:
         self._stopping = False
 
     @property
+    def name(self) -> str:
+        return self._info.name
+
+    @property
     def info(self) -> ModelInfo:
         return self._info
+
+    @property
+    def failure(self) -> str | None:
+        """A scripted engine never fails for good."""
+        return None
 
     @property
     def tokenizer(self) -> CharTokenizer:

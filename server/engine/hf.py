@@ -84,7 +84,7 @@ class HFEngine:
         self._stopping = False
 
     @property
-    def served_name(self) -> str:
+    def name(self) -> str:
         """The name clients use, known before the model has loaded (``info`` exists only after)."""
         return self._served_name
 
@@ -111,10 +111,7 @@ class HFEngine:
 
     @property
     def failure(self) -> str | None:
-        """Why the engine stopped serving for good (repeated step failures, or its worker thread ended), else ``None``.
-
-        Not part of the :class:`~server.engine.base.Engine` protocol: readiness reads it when an engine has it.
-        """
+        """Why the engine stopped serving for good (repeated step failures, its worker thread ended), else ``None``."""
         if self._scheduler is not None and self._scheduler.failure is not None:
             return self._scheduler.failure
         if self._thread is not None and not self._thread.is_alive() and not self._stopping:

@@ -1,10 +1,13 @@
 """Completion cache for deterministic requests (temperature 0 or an explicit seed), scoped per key.
 
-The key hashes the caller's key id, the model, the endpoint family, the prompt token ids and every parameter
-that shapes the output, so one tenant never receives another's output and a different parameter never hits.
-Hits still pass admission (rate limits) and are logged; the cache fails open (a database error is a miss).
-Entries are written by the request-log writer's batches; until then they are served from the writer's queue, so a
-request repeated at once hits. Expired entries are deleted by the writer's retention pass.
+One implementation for every model, local or remote. The key hashes the caller's key id, the model and what the
+request says determines its output (:meth:`Work.cache_material`: a local plan's prompt token ids and every
+sampling parameter; a remote call's whole forwarded body), so one tenant never receives another's output and a
+different parameter never hits. An entry keeps the prompt tokens and each choice's text, finish reason and
+completion tokens. Hits still pass admission (rate limits) and are logged; the cache fails open (a database error
+is a miss, and so is an entry that does not decode). Entries are written by the writer's batches; until then
+they are served from the writer's queue, so a request repeated at once hits. Expired entries are deleted by the
+writer's retention pass.
 """
 
 from __future__ import annotations
@@ -18,37 +21,38 @@ import msgspec
 
 from persistence import store
 from server.records.database import Database, DatabaseUnavailable, describe_error
-from server.serving.common import Plan
+from server.serving.plan import CacheEntry
 
-log = logging.getLogger("server.exchange.cache")
+log = logging.getLogger("server.cache")
 
-Results = list[tuple[str, str, int]]
-_VERSION = 2
-
-
-def cache_key(key_id: str, plan: Plan) -> str:
-    """sha256 over everything that determines the output."""
-    material = msgspec.msgpack.encode(
-        [
-            _VERSION,
-            key_id,
-            plan.model,
-            plan.kind,
-            plan.prompts,
-            plan.params,  # every sampling field, penalties, bias and output constraint included
-            plan.n,
-            plan.stops,
-        ]
-    )
-    return hashlib.sha256(material).hexdigest()
+_VERSION = 3
 
 
-def encode_results(plan: Plan) -> bytes:
-    return msgspec.msgpack.encode([[c.text, c.finish_reason or "stop", c.completion_tokens] for c in plan.choices])
+def cache_key(key_id: str, model: str, material: object) -> str:
+    """sha256 over the caller's key, the served model and everything that determines the output."""
+    blob = msgspec.msgpack.encode([_VERSION, key_id, model, material], order="sorted")
+    return hashlib.sha256(blob).hexdigest()
+
+
+_Stored = tuple[int, list[tuple[str, str, int]]]
+"""``[prompt_tokens, [[text, finish_reason, completion_tokens], ...]]``"""
+
+
+def encode_entry(entry: CacheEntry) -> bytes:
+    return msgspec.msgpack.encode((entry.prompt_tokens, entry.results))
+
+
+def decode_entry(blob: bytes) -> CacheEntry | None:
+    """The entry ``blob`` holds, or ``None`` when it is not one of ours."""
+    try:
+        prompt_tokens, results = msgspec.msgpack.decode(blob, type=_Stored)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return CacheEntry(prompt_tokens, results)
 
 
 class CompletionCache:
-    """Reads the cache on the request path; writes go through the request-log writer's batches.
+    """Reads the cache on the request path; writes go through the writer's batches.
 
     Args:
         db: Where entries are read.
@@ -70,22 +74,17 @@ class CompletionCache:
         self._timeout = timeout_s
         self._queued = queued
 
-    async def get(self, key: str) -> Results | None:
-        raw = await self.get_raw(key)
-        if raw is None:
-            return None
-        return [(str(t), str(f), int(n)) for t, f, n in msgspec.msgpack.decode(raw)]
-
-    async def get_raw(self, key: str) -> bytes | None:
-        """The stored entry as written (``None`` for a miss, an expired entry or an unavailable database)."""
+    async def get(self, key: str) -> CacheEntry | None:
+        """The entry stored under ``key`` (``None``: a miss, an expired or foreign entry, an unavailable database)."""
         if self._queued is not None and (queued := self._queued(key)) is not None:
-            return queued
+            return decode_entry(queued)
 
         async def read(session: object) -> bytes | None:
             return await store.cache_get(session, key, datetime.now(UTC))  # type: ignore[arg-type]
 
         try:
-            return await self._db.run(read, timeout_s=self._timeout)
+            blob = await self._db.run(read, timeout_s=self._timeout)
         except DatabaseUnavailable as exc:
             log.warning("completion cache unavailable, treating as a miss: %s", describe_error(exc))
             return None
+        return None if blob is None else decode_entry(blob)

@@ -13,8 +13,10 @@ A fatal start-up failure (the model does not load) is reported here too, so the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +43,15 @@ class InFlight:
     waiting: bool = False
     cut: bool = False
     cancelled: bool = False
+
+    @contextlib.contextmanager
+    def cancellable(self) -> Iterator[None]:
+        """Around an await on the model or the upstream: there a shutdown whose grace ran out may cancel the task."""
+        self.waiting = True
+        try:
+            yield
+        finally:
+            self.waiting = False
 
     def absorb(self) -> bool:
         """After a ``CancelledError``: True (and the cancellation withdrawn) when the drain caused it."""

@@ -8,21 +8,10 @@ from dataclasses import dataclass, field
 import msgspec
 
 from server.engine.base import Engine
-from server.errors import OpenAIError
+from server.errors import OpenAIError, model_not_found
 from server.models.file import RemoteModel, api_key, load_models_file
 from server.providers.upstream import Upstream
 from server.settings import Settings
-
-
-def model_not_found(model: str) -> OpenAIError:
-    """404 ``model_not_found`` with OpenAI's wording."""
-    return OpenAIError(
-        404,
-        "invalid_request_error",
-        f"The model '{model}' does not exist or you do not have access to it.",
-        param="model",
-        code="model_not_found",
-    )
 
 
 @dataclass(slots=True)
@@ -80,7 +69,7 @@ class ServedModels:
         if engine.ready:
             return engine
         name = next((n for n, e in self.engines.items() if e is engine), "")
-        broken = self.failures.get(name) or broken_engine_reason(engine)
+        broken = self.failures.get(name) or engine.failure
         raise OpenAIError(
             503,
             "server_error",
@@ -90,12 +79,6 @@ class ServedModels:
             code="model_failed" if broken else "model_not_ready",
             headers={"retry-after": "5"},
         )
-
-
-def broken_engine_reason(engine: Engine) -> str | None:
-    """Why a started engine stopped serving for good, for engines that report it (an optional ``failure``)."""
-    failure = getattr(engine, "failure", None)
-    return str(failure) if failure else None
 
 
 def build_models(settings: Settings) -> ServedModels:

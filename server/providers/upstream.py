@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -110,11 +111,11 @@ class Upstream:
         self.running -= 1
         self._slots.release()
 
-    async def open(self, path: str, payload: dict[str, Any]) -> httpx.Response:
-        """POST ``payload`` and return the response with its headers read and its body not yet read.
+    async def open(self, path: str, payload: dict[str, Any]) -> Answer:
+        """POST ``payload`` and return the answer with its headers read and its body not yet read.
 
         Retries (with jittered exponential backoff) only what failed before any response byte: connection
-        errors and 502/503/504 answers. The caller must ``aclose()`` the response.
+        errors and 502/503/504 answers. The caller must ``aclose()`` the answer.
 
         Raises:
             OpenAIError: 502/503/504 after the retries, 504 on a timeout, the upstream's 4xx in OpenAI shape.
@@ -142,7 +143,7 @@ class Upstream:
                 raise unreachable(self.name) from None
             else:
                 if response.status_code < 400:
-                    return response
+                    return Answer(self.name, response)
                 retryable = response.status_code in RETRY_STATUSES and not last
                 detail = await read_limited(response)
                 await response.aclose()
@@ -246,6 +247,48 @@ class Upstream:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+class Answer:
+    """An upstream's answer whose headers have arrived; its body is read here, failures already in OpenAI's shape.
+
+    Reading raises 504 ``upstream_timeout`` when the upstream stalls and 502 ``upstream_error`` when the connection
+    breaks. ``aclose()`` closes the connection, which aborts an unfinished request upstream.
+    """
+
+    def __init__(self, name: str, response: httpx.Response) -> None:
+        self._name = name
+        self._response = response
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        try:
+            return await self._response.aread()
+        except httpx.TimeoutException:
+            raise timed_out(self._name) from None
+        except httpx.HTTPError:
+            raise unreachable(self._name) from None
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """The ``data`` payloads of an SSE body (multi-line data joined, comments and other fields skipped)."""
+        data: list[str] = []
+        try:
+            async for line in self._response.aiter_lines():
+                if line == "":
+                    if data:
+                        yield "\n".join(data).encode()
+                        data = []
+                elif line.startswith("data:"):
+                    data.append(line[5:].removeprefix(" "))
+        except httpx.TimeoutException:
+            raise timed_out(self._name) from None
+        except httpx.HTTPError:
+            raise unreachable(self._name) from None
+        if data:
+            yield "\n".join(data).encode()
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
 
 
 PASSED_HEADERS = frozenset({"retry-after", "retry-after-ms", "x-should-retry"})

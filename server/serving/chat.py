@@ -26,15 +26,13 @@ from server.serving.chat_checks import check_chat
 from server.serving.checks import local_target
 from server.serving.choices import Choice, collect, engine_failure, run_choices
 from server.serving.common import (
-    Plan,
-    check_model,
     check_prompt_bytes,
-    make_plan,
     resolve_max_tokens,
     sampling_params,
     utf8_length,
 )
 from server.serving.logprobs import TokenTexts, chat_logprobs
+from server.serving.plan import Plan, make_plan
 from server.serving.streaming import error_event
 from server.serving.toolparse import ContentDelta, ToolCallStart, ToolEvent
 from server.serving.toolparse import ToolCall as ParsedCall
@@ -48,7 +46,7 @@ def prepare(
     The checks every model shares (:func:`~server.serving.chat_checks.check_chat`) run first, so a remote model
     answers the same body with the same 400; ``max_messages`` bounds ``messages`` (``None``: no bound).
     """
-    model = check_model(engine, req.model)
+    model = engine.name  # the route resolved the request's model to this engine (404 there otherwise)
     checks = check_chat(req, local_target(engine), max_messages=max_messages)
     text_bytes = sum(utf8_length(m["content"]) for m in checks.messages if isinstance(m.get("content"), str))
     check_prompt_bytes(engine, text_bytes, checks.max_tokens, "messages")
@@ -88,7 +86,9 @@ def prepare(
         model,
         [prompt],
         params,
-        tokenizer=tokenizer,
+        engine=engine,
+        complete=complete,
+        stream_events=stream,
         stops=checks.stops,
         stream=bool(req.stream),
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),

@@ -8,7 +8,6 @@ forwarded only once :func:`check_chat` passed.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,8 @@ from schemas.openai.chat import (
     FunctionMessage,
     RefusalPart,
     ResponseFormat,
+    ResponseFormatJSONObject,
+    ResponseFormatText,
     SystemMessage,
     TextPart,
     ToolMessage,
@@ -93,15 +94,15 @@ def check_chat(req: ChatCompletionRequest, target: Target, *, max_messages: int 
             )
         constraint = checked(target, tools.constraint, "tools")
     logit_bias = parse_logit_bias(req.logit_bias, target.vocab_size)
-    explicit = req.max_completion_tokens is not None
+    max_tokens, max_tokens_param = req.requested_max_tokens
     return ChatChecks(
         stops=stops,
         messages=messages,
         tools=tools,
         constraint=constraint,
         logit_bias=logit_bias,
-        max_tokens=req.max_completion_tokens if explicit else req.max_tokens,
-        max_tokens_param="max_completion_tokens" if explicit else "max_tokens",
+        max_tokens=max_tokens,
+        max_tokens_param=max_tokens_param,
     )
 
 
@@ -171,35 +172,21 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-_JSON_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-
-
 def output_constraint(target: Target, fmt: ResponseFormat | None) -> Constraint | None:
-    """The grammar ``response_format`` asks for (``None`` for plain text), checked before admission."""
-    if fmt is None or fmt.type == "text":
+    """The grammar ``response_format`` asks for (``None`` for plain text), checked before admission.
+
+    The decoder has checked its shape (the type, the schema's name, ``schema`` an object, ``strict`` a boolean);
+    this requires ``json_schema`` for that type and compiles the grammar.
+    """
+    if fmt is None or isinstance(fmt, ResponseFormatText):
         return None
-    if fmt.type == "json_object":
+    if isinstance(fmt, ResponseFormatJSONObject):
         return checked(target, Constraint(json_schema='{"type":"object"}'), "response_format")
     spec = fmt.json_schema
-    if not isinstance(spec, dict):
+    if spec is None:
         raise invalid_request("'response_format.json_schema' is required for type 'json_schema'.", "response_format")
-    name = spec.get("name")
-    if not isinstance(name, str) or not _JSON_NAME.match(name):
-        raise invalid_request(
-            "'response_format.json_schema.name' must be 1-64 letters, digits, underscores or dashes.",
-            "response_format.json_schema.name",
-        )
-    schema = spec.get("schema", {})
-    strict = spec.get("strict")
-    if not isinstance(schema, dict):
-        raise invalid_request(
-            "'response_format.json_schema.schema' must be an object.", "response_format.json_schema.schema"
-        )
-    if strict is not None and not isinstance(strict, bool):
-        raise invalid_request(
-            "'response_format.json_schema.strict' must be a boolean.", "response_format.json_schema.strict"
-        )
-    constraint = Constraint(json_schema=msgspec.json.encode(schema).decode(), lenient=not strict)
+    schema = {} if isinstance(spec.schema, msgspec.UnsetType) else spec.schema
+    constraint = Constraint(json_schema=msgspec.json.encode(schema).decode(), lenient=not spec.strict)
     return checked(target, constraint, "response_format.json_schema.schema")
 
 

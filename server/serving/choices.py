@@ -72,6 +72,15 @@ class Choice:
     def text(self) -> str:
         return "".join(self.text_parts)
 
+    @property
+    def started_at(self) -> float | None:
+        """When the engine began prefilling it (the end of its queue time), if it has."""
+        return self.stream.started_at if self.stream is not None else None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
     def release(self, text: str, final: bool) -> list[LogprobEntry]:
         """Entries whose text is now fully released with ``text``; at the end, the rest cut to the text's end."""
         self.released_chars += len(text)

@@ -5,22 +5,18 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
-from schemas.openai.common import CompletionUsage
 from server.engine.base import (
     Constraint,
     Engine,
     SamplingParams,
-    Tokenizer,
 )
 from server.errors import OpenAIError, invalid_request
-from server.serving.choices import Choice, admit
 
 if TYPE_CHECKING:
-    from server.serving.tools import ToolPlan
+    pass
 
 log = logging.getLogger("server.serving")
 
@@ -35,20 +31,6 @@ def new_id(prefix: str) -> str:
 def now() -> int:
     """``created`` timestamp (integer seconds)."""
     return int(time.time())
-
-
-def check_model(engine: Engine, model: str | None) -> str:
-    """Return the served model name, or raise 404 ``model_not_found``."""
-    name = engine.info.name
-    if model is not None and model != name:
-        raise OpenAIError(
-            404,
-            "invalid_request_error",
-            f"The model '{model}' does not exist or you do not have access to it.",
-            param="model",
-            code="model_not_found",
-        )
-    return name
 
 
 def parse_stops(stop: str | list[str] | None) -> list[str]:
@@ -207,117 +189,3 @@ def sampling_params(
         prompt_logprobs=prompt_logprobs,
         constraint=constraint,
     )
-
-
-def make_plan(
-    kind: str,
-    id_prefix: str,
-    model: str,
-    prompts: list[list[int]],
-    params: SamplingParams,
-    *,
-    tokenizer: Tokenizer,
-    stops: list[str],
-    stream: bool,
-    include_usage: bool,
-    explicit_max_tokens: bool,
-    n: int = 1,
-    echo: bool = False,
-    tools: ToolPlan | None = None,
-) -> Plan:
-    """A :class:`Plan` with a fresh id and timestamp."""
-    return Plan(
-        kind=kind,
-        id=new_id(id_prefix),
-        created=now(),
-        model=model,
-        prompts=prompts,
-        params=params,
-        stops=stops,
-        stream=stream,
-        include_usage=include_usage,
-        explicit_max_tokens=explicit_max_tokens,
-        tokenizer=tokenizer,
-        n=n,
-        echo=echo,
-        tools=tools,
-    )
-
-
-@dataclass(slots=True)
-class Plan:
-    """A validated request, ready for admission: everything the gateway, the cache and the engine need.
-
-    ``choices`` is empty until :func:`start` (or a cache hit) fills it.
-    """
-
-    kind: str
-    id: str
-    created: int
-    model: str
-    prompts: list[list[int]]
-    params: SamplingParams
-    stops: list[str]
-    stream: bool
-    include_usage: bool
-    explicit_max_tokens: bool
-    tokenizer: Tokenizer | None = None
-    n: int = 1
-    echo: bool = False
-    tools: ToolPlan | None = None
-    choices: list[Choice] = field(default_factory=list)
-    cached: bool = False
-
-    @property
-    def prompt_tokens(self) -> int:
-        """Prompt tokens billed: each prompt once, however many samples ``n`` draws from it (as OpenAI counts)."""
-        return sum(len(p) for p in self.prompts)
-
-    @property
-    def max_new_tokens(self) -> int:
-        """Most tokens all choices together may generate (what the gateway reserves)."""
-        return len(self.prompts) * self.n * self.params.max_tokens
-
-    @property
-    def deterministic(self) -> bool:
-        """Greedy or explicitly seeded: the same request gives the same output."""
-        return self.params.greedy or self.params.seed is not None
-
-    @property
-    def cacheable(self) -> bool:
-        """Deterministic, and its response is rebuilt from texts alone (the cache keeps no logprobs)."""
-        return self.deterministic and self.params.logprobs is None and self.params.prompt_logprobs is None
-
-    @property
-    def usage(self) -> CompletionUsage:
-        completion = sum(c.completion_tokens for c in self.choices)
-        prompt = self.prompt_tokens
-        return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-    @property
-    def choices_finished(self) -> bool:
-        """Every choice ran to a finish reason (not aborted, not failed)."""
-        return bool(self.choices) and all(c.finish_reason is not None for c in self.choices)
-
-
-def start(engine: Engine, plan: Plan) -> None:
-    """Admit every prompt of ``plan`` ``n`` times to the engine (503 ``overloaded`` when its queue is full)."""
-    plan.choices = admit(engine, plan.id, plan.prompts, plan.params, plan.stops, n=plan.n)
-
-
-def replay(plan: Plan, results: Sequence[tuple[str, str, int]]) -> None:
-    """Fill ``plan`` with cached ``(text, finish_reason, completion_tokens)`` results instead of running it."""
-    plan.cached = True
-    prompts = [p for p in plan.prompts for _ in range(plan.n)]
-    plan.choices = [
-        Choice(
-            index=i,
-            prompt_tokens=len(prompt),
-            stream=None,
-            stops=plan.stops,
-            completion_tokens=tokens,
-            finish_reason=finish,
-            text_parts=[text],
-        )
-        for i, (prompt, (text, finish, tokens)) in enumerate(zip(prompts, results, strict=True))
-    ]

@@ -12,15 +12,13 @@ from server.engine.base import Engine, EngineError, TokenLogprob
 from server.serving.checks import check_completion, check_token_ids, local_target
 from server.serving.choices import Choice, LogprobEntry, collect, engine_failure, run_choices
 from server.serving.common import (
-    Plan,
-    check_model,
     check_prompt_bytes,
-    make_plan,
     resolve_max_tokens,
     sampling_params,
     utf8_length,
 )
 from server.serving.logprobs import TokenTexts, completion_logprobs, echo_entries
+from server.serving.plan import Plan, make_plan
 from server.serving.streaming import error_event
 
 
@@ -54,9 +52,8 @@ def tokenize_prompts(
 
 def prepare(engine: Engine, req: CompletionRequest, *, max_tokens_cap: int | None = None) -> Plan:
     """Validate, tokenize and check the context window of every prompt (nothing is admitted yet)."""
-    model = check_model(engine, req.model)
+    model = engine.name  # the route resolved the request's model to this engine (404 there otherwise)
     checks = check_completion(req, local_target(engine))
-    tokenizer = engine.tokenizer
     prompts = tokenize_prompts(engine, checks.prompts, req.max_tokens)
     longest = max(len(p) for p in prompts)
     max_tokens = resolve_max_tokens(engine, longest, req.max_tokens, "max_tokens", max_tokens_cap)
@@ -75,7 +72,9 @@ def prepare(engine: Engine, req: CompletionRequest, *, max_tokens_cap: int | Non
         model,
         prompts,
         params,
-        tokenizer=tokenizer,
+        engine=engine,
+        complete=complete,
+        stream_events=stream,
         stops=checks.stops,
         stream=bool(req.stream),
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),

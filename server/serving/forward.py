@@ -15,7 +15,9 @@ import msgspec
 
 from schemas.openai.chat import AssistantMessage, ChatCompletionRequest, ChatMessage, DeveloperMessage, ResponseFormat
 from schemas.openai.completions import CompletionRequest
+from schemas.openai.tools import MessageToolCall, NamedToolChoice, ToolChoice
 from server.serving.chat_checks import ChatChecks
+from server.serving.tools import wire_tool
 
 # Fields rebuilt below, or never forwarded: unsupported ones that passed at a no-op value (``functions: []``,
 # ``function_call: "none"``, ``modalities: ["text"]``), ``best_of`` (equal to ``n`` here) and the max tokens.
@@ -58,7 +60,7 @@ def chat_body(req: ChatCompletionRequest, checks: ChatChecks, model: str) -> dic
     body: dict[str, Any] = {"model": model, "messages": [_message(m) for m in req.messages]}
     body.update(set_fields(req, _CHAT_REBUILT))
     if checks.tools.tools:
-        body["tools"] = [t.wire_dict() for t in checks.tools.tools]
+        body["tools"] = [wire_tool(t) for t in checks.tools.tools]
         if req.tool_choice is not None:
             body["tool_choice"] = _tool_choice(req.tool_choice)
     if req.response_format is not None:
@@ -91,28 +93,26 @@ def _message(message: ChatMessage) -> dict[str, Any]:
     return out
 
 
-def _tool_call(call: dict[str, Any]) -> dict[str, Any]:
-    function = call["function"]
-    arguments = function.get("arguments")
+def _tool_call(call: MessageToolCall) -> dict[str, Any]:
+    arguments = call.function.arguments
     if not (isinstance(arguments, str) and arguments.strip()):
         arguments = msgspec.json.encode(arguments or {}).decode()  # a mapping, or nothing (checked before)
-    return {"id": call["id"], "type": "function", "function": {"name": function["name"], "arguments": arguments}}
+    return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
 
 
-def _tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+def _tool_choice(choice: ToolChoice) -> str | dict[str, Any]:
     if isinstance(choice, str):
         return choice
-    return {"type": "function", "function": {"name": choice["function"]["name"]}}
+    # The checks refused the other kinds, and a named choice without its function.
+    assert isinstance(choice, NamedToolChoice)
+    assert choice.function is not None
+    return {"type": "function", "function": {"name": choice.function.name}}
 
 
 def _response_format(fmt: ResponseFormat) -> dict[str, Any]:
-    if fmt.type != "json_schema" or fmt.json_schema is None:
-        return {"type": fmt.type}
-    spec = fmt.json_schema
-    schema: dict[str, Any] = {"name": spec["name"]}
-    if isinstance(spec.get("description"), str):
-        schema["description"] = spec["description"]
-    for key in ("schema", "strict"):
-        if spec.get(key) is not None:
-            schema[key] = spec[key]
-    return {"type": "json_schema", "json_schema": schema}
+    """The format as validated: its type, and for ``json_schema`` the schema's fields that were given non-null."""
+    out: dict[str, Any] = msgspec.to_builtins(fmt)
+    spec = out.pop("json_schema", None)
+    if spec is not None:
+        out["json_schema"] = {k: v for k, v in spec.items() if v is not None}
+    return out

@@ -10,14 +10,15 @@ from schemas.native.generate import DEFAULT_MAX_NEW_TOKENS, GenerateRequest, Gen
 from server.engine.base import Engine, EngineError
 from server.serving.checks import check_generate
 from server.serving.choices import collect, engine_failure, run_choices
-from server.serving.common import Plan, check_model, make_plan, resolve_max_tokens, sampling_params
+from server.serving.common import resolve_max_tokens, sampling_params
 from server.serving.completions import tokenize_prompts
+from server.serving.plan import Plan, make_plan
 from server.serving.streaming import error_event
 
 
 def prepare(engine: Engine, req: GenerateRequest, *, stream: bool, max_tokens_cap: int | None = None) -> Plan:
     """Validate, tokenize and check the context window (nothing is admitted yet)."""
-    model = check_model(engine, req.model)
+    model = engine.name  # the route resolved the request's model to this engine (404 there otherwise)
     stops = check_generate(req)
     prompt = tokenize_prompts(engine, [req.prompt])[0]
     if req.max_new_tokens is None:  # the default, within the role's cap and the room the context leaves
@@ -31,7 +32,9 @@ def prepare(engine: Engine, req: GenerateRequest, *, stream: bool, max_tokens_ca
         model,
         [prompt],
         sampling_params(req, max_tokens=max_tokens),
-        tokenizer=engine.tokenizer,
+        engine=engine,
+        complete=complete,
+        stream_events=stream_events,
         stops=stops,
         stream=stream,
         include_usage=True,
@@ -55,7 +58,7 @@ async def complete(plan: Plan) -> GenerateResponse:
     )
 
 
-async def stream(plan: Plan) -> AsyncIterator[msgspec.Struct]:
+async def stream_events(plan: Plan) -> AsyncIterator[msgspec.Struct]:
     """Events with new text; the last has ``finish_reason`` and ``usage``."""
     try:
         async for ev in run_choices(plan.choices):

@@ -12,7 +12,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import httpx
 import msgspec
 
 from schemas.native.generate import GenerateResponse, StreamEvent
@@ -30,7 +29,6 @@ from schemas.openai.chat import (
 from schemas.openai.common import CompletionUsage
 from schemas.openai.completions import Completion, CompletionChoice, CompletionLogprobs
 from server.errors import OpenAIError
-from server.providers.upstream import timed_out, unreachable
 from server.serving.remote import RemoteCall
 from server.serving.streaming import error_event
 
@@ -101,14 +99,8 @@ def _convert(value: Any, kind: type[Any]) -> Any:
 
 
 # -- non-streaming ---------------------------------------------------------------------------------------------
-async def complete(call: RemoteCall, response: httpx.Response) -> msgspec.Struct:
-    """Read the whole upstream answer and build ours."""
-    try:
-        raw = await response.aread()
-    except httpx.TimeoutException:
-        raise timed_out(call.model) from None
-    except httpx.HTTPError:
-        raise unreachable(call.model) from None
+def complete(call: RemoteCall, raw: bytes) -> msgspec.Struct:
+    """Our response from the upstream's whole answer ``raw``."""
     try:
         body = _decoder.decode(raw)
     except msgspec.DecodeError:
@@ -167,27 +159,14 @@ def render(call: RemoteCall) -> msgspec.Struct:
 
 
 # -- streaming -------------------------------------------------------------------------------------------------
-async def sse_data(response: httpx.Response) -> AsyncIterator[bytes]:
-    """The ``data`` payloads of an SSE body (multi-line data joined, comments and other fields skipped)."""
-    data: list[str] = []
-    async for line in response.aiter_lines():
-        if line == "":
-            if data:
-                yield "\n".join(data).encode()
-                data = []
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-    if data:
-        yield "\n".join(data).encode()
-
-
 async def stream(
-    call: RemoteCall, response: httpx.Response, scrub: Callable[[str], str] = str
+    call: RemoteCall, payloads: AsyncIterator[bytes], scrub: Callable[[str], str] = str
 ) -> AsyncIterator[msgspec.Struct]:
-    """Our stream of the upstream's: re-framed chunks, then usage when asked; an error frame if it breaks."""
+    """Our stream of the upstream's SSE ``payloads``: re-framed chunks, then usage when asked; an error frame if it
+    breaks (``payloads`` raising an :class:`OpenAIError` when the upstream stalls or the connection breaks)."""
     out = _Framer(call)
     try:
-        async for data in sse_data(response):
+        async for data in payloads:
             if data.strip() == b"[DONE]":
                 break
             try:
@@ -205,11 +184,8 @@ async def stream(
                 return
             for event in events:
                 yield event
-    except httpx.TimeoutException:
-        yield error_event(timed_out(call.model))
-        return
-    except httpx.HTTPError:
-        yield error_event(unreachable(call.model))
+    except OpenAIError as exc:
+        yield error_event(exc)
         return
     if not call.finished:
         yield error_event(malformed(call.model, "stream (it ended before every choice finished)"))

@@ -15,7 +15,6 @@ counted from the stream (one token per content piece) or estimated from the text
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,6 +30,7 @@ from server.serving.chat_checks import check_chat
 from server.serving.checks import Target, check_completion, check_generate, empty_prompt, generate_max_tokens
 from server.serving.common import new_id, now
 from server.serving.forward import chat_body, completion_body
+from server.serving.plan import CacheEntry, Demand
 
 DEFAULT_RESERVE_TOKENS = 4096
 """Max tokens per choice of a request without one when neither the role's cap nor the entry's ``max_model_len``
@@ -41,7 +41,6 @@ CHAT_TEMPLATE_TOKENS = 256
 system prompt, a tool-calling preamble, the special tokens of each turn)."""
 PROMPT_EXTRA_TOKENS = 2
 """Room in a raw prompt's upper bound for the special tokens an upstream may add (BOS, EOS)."""
-_CACHE_VERSION = 1
 
 Family = Literal["chat", "completions", "generate"]
 
@@ -116,6 +115,17 @@ class RemoteCall:
     @property
     def finished(self) -> bool:
         return bool(self.results) and all(r.finish_reason is not None for r in self.results.values())
+
+    def demand(self) -> Demand:
+        """The prompt's upper bound against the quota, its estimate against TPM (the upstream's tokenizer is not
+        here), and the max tokens sent upstream."""
+        return Demand(
+            self.prompt_bound,
+            self.max_new_tokens,
+            self.explicit_max_tokens,
+            tpm_prompt_tokens=self.prompt_estimate,
+            sequences=self.sequences,
+        )
 
 
 def estimate_tokens(text: str) -> int:
@@ -276,36 +286,35 @@ def prepare_generate(
 
 
 # -- completion cache ----------------------------------------------------------------------------------------
-def cache_key(key_id: str, call: RemoteCall) -> str:
-    """sha256 over the caller's key, the model, the family and the whole forwarded body (stream fields aside)."""
+def cache_material(call: RemoteCall) -> object | None:
+    """What determines the output: the family and the whole forwarded body (stream fields and ``user`` aside),
+    or ``None`` when the call is not cacheable."""
+    if not call.cacheable:
+        return None
     body = {k: v for k, v in call.payload.items() if k not in ("stream", "stream_options", "user")}
-    material = msgspec.msgpack.encode([_CACHE_VERSION, "remote", key_id, call.model, call.family, body], order="sorted")
-    return hashlib.sha256(material).hexdigest()
+    return ["remote", call.family, body]
 
 
-def encode_results(call: RemoteCall) -> bytes:
-    """``[prompt_tokens, [[text, finish_reason, completion_tokens], …]]`` of a finished call."""
+def cache_entry(call: RemoteCall) -> CacheEntry:
+    """The prompt tokens and each choice's ``(text, finish_reason, completion_tokens)`` of a finished call."""
     usage = call.usage
     per_choice = [
-        [r.text, r.finish_reason or "stop", max(r.pieces, estimate_tokens(r.text))]
+        (r.text, r.finish_reason or "stop", max(r.pieces, estimate_tokens(r.text)))
         for _, r in sorted(call.results.items())
     ]
     if len(per_choice) == 1:
-        per_choice[0][2] = usage.completion_tokens
-    return msgspec.msgpack.encode([usage.prompt_tokens, per_choice])
+        text, finish, _ = per_choice[0]
+        per_choice[0] = (text, finish, usage.completion_tokens)
+    return CacheEntry(usage.prompt_tokens, per_choice)
 
 
-def replay(call: RemoteCall, blob: bytes) -> bool:
-    """Fill ``call`` from a cached entry; ``False`` when the entry is not one of ours."""
-    try:
-        prompt_tokens, per_choice = msgspec.msgpack.decode(blob)
-        results = {i: ChoiceResult([str(t)], str(f), pieces=int(c)) for i, (t, f, c) in enumerate(per_choice)}
-    except (msgspec.DecodeError, TypeError, ValueError):
-        return False
+def replay(call: RemoteCall, entry: CacheEntry) -> bool:
+    """Fill ``call`` from a cached entry."""
+    results = {i: ChoiceResult([text], finish, pieces=tokens) for i, (text, finish, tokens) in enumerate(entry.results)}
     completion = sum(r.pieces for r in results.values())
     call.results = results
     call.upstream_usage = CompletionUsage(
-        prompt_tokens=int(prompt_tokens), completion_tokens=completion, total_tokens=int(prompt_tokens) + completion
+        prompt_tokens=entry.prompt_tokens, completion_tokens=completion, total_tokens=entry.prompt_tokens + completion
     )
     call.cached = True
     return True

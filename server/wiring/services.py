@@ -10,9 +10,9 @@ from server.admission.gateway import Gateway
 from server.admission.ledger import LocalLedger
 from server.admission.ratelimit import RateLimiter
 from server.admission.sequences import SequenceBudget
+from server.admission.throttle import AuthThrottle
 from server.auth.pepper import load_pepper
 from server.auth.principal import Authenticator
-from server.auth.throttle import AuthThrottle
 from server.exchange.cache import CompletionCache
 from server.metrics import Metrics
 from server.records.database import Database, DatabaseUnavailable

@@ -31,6 +31,7 @@ from server.records.database import Database, DatabaseUnavailable, describe_erro
 from server.records.units import CACHE_PURGE_INTERVAL_S
 from server.records.writer import RequestLogWriter, RequestRecord
 from server.settings import Settings
+from server.wiring.state import app_state
 from tests.conftest import TEST_PEPPER, add_role_key, bearer, create_test_key
 from tests.fakes.replies import answers
 from tests.fakes.upstream import MockUpstream, serving
@@ -147,7 +148,7 @@ def test_nul_in_a_prompt_loses_no_other_tenants_usage_and_leaks_nothing(
     app = create_app(settings, engine=FakeEngine())  # echoes the prompt back: output text holds it too
     spent: dict[str, list[int]] = {name: [0, 0] for name in tenants}
     with TestClient(app) as http:
-        writer = app.state.services.writer
+        writer = app_state(app).services.writer
         http.blocking_portal.call(writer.stop)  # flush by hand: everything below lands in one batch
         for round_ in range(3):
             for name, key in tenants.items():
@@ -363,7 +364,7 @@ def test_a_reservation_whose_reply_is_lost_in_the_network_is_given_back(
     key_id = asyncio.run(key_ids(settings))["metered"]
     app = create_app(settings, engine=FakeEngine(["a", "b"]))
     with TestClient(app) as http:
-        writer = app.state.services.writer
+        writer = app_state(app).services.writer
         first = http.post("/v1/chat/completions", json=chat("hi", max_tokens=50), headers=bearer(key))
         assert first.status_code == 200  # the key is cached now: the next request's only statement is its reservation
         http.blocking_portal.call(writer.stop)  # flushes; from here the writer writes only when asked

@@ -25,6 +25,7 @@ from server.engine.fake import FakeEngine
 from server.records.database import Database
 from server.records.writer import MAX_BACKOFF_S, RequestLogWriter, RequestRecord
 from server.settings import Settings
+from server.wiring.state import app_state
 from tests.conftest import bearer
 from tests.fakes.faults import CHAT, MARGIN_S, report
 
@@ -41,7 +42,7 @@ def test_sqlite_locked_by_another_connection(
     admin = bearer(api_key)
     caplog.set_level(logging.WARNING, logger="server.records.writer")
     with TestClient(app) as http:
-        writer = app.state.services.writer
+        writer = app_state(app).services.writer
         assert http.post("/v1/chat/completions", json=CHAT, headers=admin).status_code == 200
         assert http.get("/admin/usage", headers=admin).status_code == 200  # flushes the writer
         before = _sqlite_rows(db_file)

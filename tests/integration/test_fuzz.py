@@ -64,6 +64,7 @@ from server.app import create_app
 from server.engine.fake import FakeEngine
 from server.records.database import DatabaseUnavailable
 from server.settings import Settings
+from server.wiring.state import app_state
 from tests.conftest import create_test_key
 
 BOUNDED_EXAMPLES = 15
@@ -187,10 +188,10 @@ def test_fuzz(fuzz_app: tuple[Litestar, str], method: str, path: str, variant: s
     schema = schemathesis.openapi.from_asgi("/schema/openapi.json", app)  # starts the app's lifespan
     operation = schema[path][method]
     for _ in range(200):  # the engine loads in a task started by the lifespan
-        if app.state.engine_ref.ready:
+        if next(iter(app_state(app).models.engines.values())).ready:
             break
         time.sleep(0.01)
-    assert app.state.engine_ref.ready, "the fake engine did not start"
+    assert next(iter(app_state(app).models.engines.values())).ready, "the fake engine did not start"
     label = f"{method} {path} [{variant}]"
     statuses: Counter[str] = Counter()
     modes: Counter[str] = Counter()

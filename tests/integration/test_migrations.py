@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from advanced_alchemy.alembic.commands import AlembicCommands
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
@@ -134,13 +133,3 @@ def test_migrations_found_from_the_package_not_the_cwd(
     monkeypatch.chdir(tmp_path)
     asyncio.run(migrate.upgrade(sqlite_url))
     assert asyncio.run(migrate.current(sqlite_url)) == migrate.head()
-
-
-def test_advanced_alchemy_commands_use_the_same_scripts(sqlite_url: str) -> None:
-    """``litestar database upgrade`` goes through advanced-alchemy's AlembicCommands and our env.py."""
-    config = make_engine_config(sqlite_url)
-    AlembicCommands(sqlalchemy_config=config).upgrade("head")
-    assert asyncio.run(migrate.current(sqlite_url)) == migrate.head()
-    assert sorted(asyncio.run(_roles(sqlite_url))) == ["admin", "default"]
-    AlembicCommands(sqlalchemy_config=config).downgrade("base")
-    assert asyncio.run(migrate.current(sqlite_url)) is None

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from server.settings import Settings
+from server.wiring.state import app_state
 from tests.checks import assert_error, log_rows
 from tests.fakes.replies import (
     slow_answer,
@@ -82,9 +83,9 @@ def test_a_stream_whose_client_left_before_the_upstream_answered_releases_everyt
             sock.sendall(head + body)
             time.sleep(0.2)  # admitted and waiting upstream; then the client goes away
         deadline = time.monotonic() + 5
-        while (up.running or app.state.lifecycle.in_flight) and time.monotonic() < deadline:
+        while (up.running or app_state(app).lifecycle.in_flight) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert up.running == 0 and app.state.lifecycle.in_flight == 0  # the slot and the request were settled
+        assert up.running == 0 and app_state(app).lifecycle.in_flight == 0  # the slot and the request were settled
         # the single slot is free again: the next request is served
         r = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {api_key}"},
                        json={"model": "remote", "messages": MSGS}, timeout=10)  # fmt: skip

@@ -22,9 +22,9 @@ import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
 
+from server.admission.throttle import client_address
 from server.app import create_app
 from server.auth.keys import DISPLAY_PREFIX_LEN, digest, generate_key
-from server.auth.throttle import client_address
 from server.cli import main
 from server.engine.fake import FakeEngine
 from server.errors import OpenAIError
@@ -32,6 +32,7 @@ from server.logs import JSONFormatter
 from server.metrics import Metrics
 from server.settings import Settings, load_settings
 from server.wiring.services import Services, build_services
+from server.wiring.state import app_state
 from tests.conftest import TEST_PEPPER, add_role_key, bearer
 from tests.live import live_server
 
@@ -209,8 +210,8 @@ def test_a_cached_valid_key_costs_the_throttle_nothing(settings: Settings, api_k
 @pytest.mark.anyio
 async def test_throttled_lookups_share_a_narrow_lane(settings: Settings, api_key: str) -> None:
     """However many guesses a throttled address sends at once, at most THROTTLED_LOOKUPS reach the database."""
+    from server.admission.throttle import THROTTLED_LOOKUPS
     from server.api.guards import _authenticate
-    from server.auth.throttle import THROTTLED_LOOKUPS
 
     _, services, _ = limited_services(settings, 1)
     assert services.throttle is not None
@@ -301,7 +302,7 @@ def test_failed_key_checks_are_shared_across_replicas_through_redis(settings: Se
             assert statuses == [401, 401, 401]
             assert b.get("/v1/models", headers=bearer(generate_key())).status_code == 429
             assert a.get("/v1/models", headers=bearer(generate_key())).status_code == 429
-            a.app.state.services.auth.forget()
+            app_state(a.app).services.auth.forget()
             assert a.get("/v1/models", headers=bearer(valid)).status_code == 200  # valid keys never refused
     finally:
         asyncio.run(_cleanup_redis(redis_url, prefix))

@@ -26,6 +26,7 @@ from litestar.testing import TestClient
 
 from server.engine.fake import FakeEngine
 from server.exchange.shutdown import Lifecycle
+from server.wiring.state import app_state
 from tests.live import live_server
 from tests.process import ServeProcess, prepare_data_dir, read_until_closed, serving, start, stop
 
@@ -40,7 +41,7 @@ def test_requests_reaching_a_draining_app_get_503(
 ) -> None:
     app = make_app()
     with authed(TestClient(app)) as client:
-        app.state.lifecycle.draining = True
+        app_state(app).lifecycle.draining = True
         r = client.post("/v1/chat/completions", json={"model": "fake", "messages": MSGS})
         assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.headers["x-request-id"]
         assert r.json()["error"]["code"] == "overloaded" and "shutting down" in r.json()["error"]["message"]
@@ -78,7 +79,7 @@ def test_grace_over_cuts_a_stream_with_an_error_frame(make_app: Callable[..., Li
     spy = LoopSpy(500)
     engine = FakeEngine(spy, delay_s=0.01)
     app = make_app(engine)
-    lifecycle: Lifecycle = app.state.lifecycle
+    lifecycle: Lifecycle = app_state(app).lifecycle
     body = {"model": "fake", "messages": MSGS, "stream": True, "stream_options": {"include_usage": True}}
     with live_server(app) as base, httpx.Client(base_url=base, timeout=10) as http:
         auth = {"Authorization": f"Bearer {api_key}"}
@@ -103,7 +104,7 @@ def test_grace_over_cuts_a_non_stream_request_with_503(make_app: Callable[..., L
     spy = LoopSpy(500)
     engine = FakeEngine(spy, delay_s=0.01)
     app = make_app(engine)
-    lifecycle: Lifecycle = app.state.lifecycle
+    lifecycle: Lifecycle = app_state(app).lifecycle
     body = {"model": "fake", "messages": MSGS}
     with live_server(app) as base, httpx.Client(base_url=base, timeout=10) as http:
         http.headers["Authorization"] = f"Bearer {api_key}"

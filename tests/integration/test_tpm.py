@@ -13,6 +13,7 @@ from server.admission.ratelimit import StorageUnavailable
 from server.app import create_app
 from server.engine.fake import FakeEngine
 from server.settings import Settings
+from server.wiring.state import app_state
 from tests.conftest import add_role_key
 
 
@@ -51,7 +52,7 @@ def test_a_request_admitted_without_the_storage_counts_all_its_tokens(
     auth = {"Authorization": f"Bearer {key}"}
     app = create_app(s, engine=FakeEngine(["x"] * 4000, max_model_len=8192))
     with TestClient(app) as http:
-        limiter = app.state.services.limiter
+        limiter = app_state(app).services.limiter
 
         async def unreachable(*_: object, **__: object) -> bool:
             raise StorageUnavailable("injected")

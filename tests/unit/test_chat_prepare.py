@@ -1,7 +1,7 @@
 """``server.serving.chat.prepare`` on the FakeEngine (one token per character, a ChatML template): no HTTP.
 
 What a validated chat request becomes before admission: the rendered prompt, the max-tokens value (explicit under
-either name, the room the context leaves, the role's cap), stops, ``n``, logprobs, and the 400/404 envelopes
+either name, the room the context leaves, the role's cap), stops, ``n``, logprobs, and the 400 envelopes
 (status, code, param) of what it refuses.
 """
 
@@ -113,10 +113,6 @@ def test_logprobs(engine: FakeEngine) -> None:
     assert top.params.logprobs == 3 and not top.cacheable
     assert refusal(engine, top_logprobs=2) == (400, "invalid_value", "top_logprobs")
     assert refusal(engine, logprobs=False, top_logprobs=2) == (400, "invalid_value", "top_logprobs")
-
-
-def test_the_model_must_be_the_engines(engine: FakeEngine) -> None:
-    assert refusal(engine, model="other") == (404, "model_not_found", "model")
 
 
 def test_messages_are_bounded_and_checked(engine: FakeEngine) -> None:

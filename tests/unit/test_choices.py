@@ -25,7 +25,6 @@ from server.serving.choices import (
     run_choice,
     run_choices,
 )
-from server.serving.common import start
 from server.serving.completions import prepare
 
 PARAMS = SamplingParams(max_tokens=50)
@@ -198,9 +197,9 @@ async def test_usage_counts_each_prompt_once_and_every_choice() -> None:
     engine = FakeEngine(["Hel", "lo"])
     body: dict[str, Any] = {"model": "fake", "prompt": ["ab", "cde"], "n": 2, "max_tokens": 10}
     plan = prepare(engine, msgspec.convert(body, CompletionRequest))
-    start(engine, plan)
-    assert len(plan.choices) == 4 and not plan.choices_finished
+    plan.open()
+    assert len(plan.choices) == 4 and not plan.finished
     await collect(plan.choices)
-    assert plan.choices_finished
+    assert plan.finished
     usage = plan.usage
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (5, 4 * 3, 5 + 12)

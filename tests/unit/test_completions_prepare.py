@@ -1,7 +1,7 @@
 """``server.serving.completions.prepare`` on the FakeEngine (one token per character): no HTTP, no Litestar.
 
 What a validated ``/v1/completions`` request becomes before admission: its prompts as token ids, the max-tokens
-value (explicit, the room the context leaves, the role's cap), stops, ``n``, echo and logprobs, and the 400/404
+value (explicit, the room the context leaves, the role's cap), stops, ``n``, echo and logprobs, and the 400
 envelopes (status, code, param) of what it refuses.
 """
 
@@ -116,10 +116,6 @@ def test_include_usage_only_when_streaming(engine: FakeEngine) -> None:
     assert prepare(engine, request(stream=True, stream_options={"include_usage": True})).include_usage
     assert not prepare(engine, request(stream=True)).include_usage
     assert refusal(engine, stream_options={"include_usage": True}) == (400, "invalid_value", "stream_options")
-
-
-def test_the_model_must_be_the_engines(engine: FakeEngine) -> None:
-    assert refusal(engine, model="other") == (404, "model_not_found", "model")
 
 
 def test_prompt_shapes_that_are_refused(engine: FakeEngine) -> None:

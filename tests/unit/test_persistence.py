@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
-from advanced_alchemy.extensions.litestar import SQLAlchemyAsyncConfig
+from advanced_alchemy.config import SQLAlchemyAsyncConfig
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
@@ -424,7 +424,6 @@ async def test_sqlite_engine_pragmas_and_folder(sqlite_url: str) -> None:
     finally:
         await config.get_engine().dispose()
     assert pragmas == ["wal", 1, 5000]
-    assert config.alembic_config.version_table_name == "alembic_versions"
 
 
 @pytest.fixture

@@ -8,8 +8,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
+from schemas.openai.chat import AssistantMessage, ChatCompletionRequest
+from schemas.openai.tools import MessageToolCall
+from server.api.exceptions import from_msgspec
 from server.engine.chartok import CharTokenizer
 from server.errors import OpenAIError
 from server.serving.jsonlex import compact_json_object
@@ -19,6 +23,7 @@ from server.serving.tools import (
     ToolCallStart,
     ToolEvent,
     ToolHistory,
+    ToolPlan,
     ToolStreamParser,
     join_events,
     parse_tool_calls,
@@ -46,6 +51,27 @@ def fn(name: str, **extra: Any) -> dict[str, Any]:
     return {"type": "function", "function": {"name": name, **extra}}
 
 
+def decode(**fields: Any) -> ChatCompletionRequest:
+    """A chat request with ``fields`` (``None`` ones left out) decoded as the app decodes a body; a type error is
+    the 400 the app answers with."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    body |= {k: v for k, v in fields.items() if v is not None}
+    try:
+        return msgspec.json.decode(msgspec.json.encode(body), type=ChatCompletionRequest, strict=True)
+    except msgspec.ValidationError as exc:
+        raise from_msgspec(exc) from None
+
+
+def planned(tools: list[Any] | None, tool_choice: Any = None, parallel_tool_calls: bool | None = None) -> ToolPlan:
+    """Decode ``tools``, ``tool_choice`` and ``parallel_tool_calls`` in a request, then plan them."""
+    req = decode(tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls)
+    return plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+
+
+def decoded_calls(*tool_calls: dict[str, Any]) -> list[MessageToolCall]:
+    return msgspec.convert(list(tool_calls), list[MessageToolCall])
+
+
 # -- validation ---------------------------------------------------------------------------------------------
 
 
@@ -70,18 +96,18 @@ def fn(name: str, **extra: Any) -> dict[str, Any]:
 )
 def test_invalid_tools_name_the_param(tools: list[Any], param: str) -> None:
     with pytest.raises(OpenAIError) as excinfo:
-        plan_tools(tools, None, None)
+        planned(tools, None, None)
     assert error(excinfo)[:2] == (400, param)
 
 
 def test_custom_tools_are_unsupported_not_ignored() -> None:
     with pytest.raises(OpenAIError) as excinfo:
-        plan_tools([{"type": "custom", "custom": {"name": "x"}}], None, None)
+        planned([{"type": "custom", "custom": {"name": "x"}}], None, None)
     assert error(excinfo) == (400, "tools[0].type", "unsupported_parameter")
 
 
 def test_128_tools_with_long_names_are_fine() -> None:
-    plan = plan_tools([fn(f"{i:03d}" + "x" * 61) for i in range(128)], None, None)
+    plan = planned([fn(f"{i:03d}" + "x" * 61) for i in range(128)], None, None)
     assert len(plan.tools) == 128
 
 
@@ -100,13 +126,13 @@ def test_128_tools_with_long_names_are_fine() -> None:
 )
 def test_invalid_tool_choice(tools: list[Any] | None, choice: Any, parallel: bool | None, param: str) -> None:
     with pytest.raises(OpenAIError) as excinfo:
-        plan_tools(tools, choice, parallel)
+        planned(tools, choice, parallel)
     assert error(excinfo)[:2] == (400, param)
 
 
 def test_allowed_tools_choice_is_unsupported() -> None:
     with pytest.raises(OpenAIError) as excinfo:
-        plan_tools([WEATHER], {"type": "allowed_tools", "allowed_tools": {}}, None)
+        planned([WEATHER], {"type": "allowed_tools", "allowed_tools": {}}, None)
     assert error(excinfo) == (400, "tool_choice", "unsupported_parameter")
 
 
@@ -114,13 +140,13 @@ def test_allowed_tools_choice_is_unsupported() -> None:
 
 
 def test_no_tools_and_choice_none_plan_nothing() -> None:
-    for plan in (plan_tools(None, None, None), plan_tools(None, "none", None), plan_tools([WEATHER], "none", True)):
+    for plan in (planned(None, None, None), planned(None, "none", None), planned([WEATHER], "none", True)):
         assert plan.mode == "none"
         assert plan.template_tools is None and plan.constraint is None and not plan.parses_calls
 
 
 def test_auto_is_the_default_and_unconstrained() -> None:
-    plan = plan_tools([WEATHER, TIME], None, None)
+    plan = planned([WEATHER, TIME], None, None)
     assert plan.mode == "auto" and plan.parses_calls
     assert plan.constraint is None
     assert plan.call_names == NAMES and plan.max_calls is None
@@ -128,11 +154,11 @@ def test_auto_is_the_default_and_unconstrained() -> None:
         WEATHER,
         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
     ]
-    assert plan_tools([WEATHER, TIME], "auto", False).max_calls == 1
+    assert planned([WEATHER, TIME], "auto", False).max_calls == 1
 
 
 def test_required_constrains_to_any_tool() -> None:
-    plan = plan_tools([WEATHER, TIME], "required", None)
+    plan = planned([WEATHER, TIME], "required", None)
     c = plan.constraint
     assert plan.mode == "required" and c is not None
     assert (c.prefix, c.suffix, c.separator, c.min_items, c.max_items) == (
@@ -152,13 +178,13 @@ def test_required_constrains_to_any_tool() -> None:
     assert schema["anyOf"][1]["properties"]["arguments"] == {"type": "object", "properties": {}}
     assert plan.call_names == NAMES and plan.max_calls is None
 
-    single = plan_tools([WEATHER, TIME], "required", False)
+    single = planned([WEATHER, TIME], "required", False)
     assert single.constraint is not None and single.constraint.max_items == 1 and single.max_calls == 1
 
 
 def test_named_choice_constrains_to_one_call_of_it() -> None:
     strict_time = fn("get_time", strict=True, parameters={"properties": {"tz": {"type": "string"}}})
-    plan = plan_tools([WEATHER, strict_time], {"type": "function", "function": {"name": "get_time"}}, True)
+    plan = planned([WEATHER, strict_time], {"type": "function", "function": {"name": "get_time"}}, True)
     c = plan.constraint
     assert plan.mode == "function" and c is not None
     assert (c.min_items, c.max_items, c.lenient) == (1, 1, False)
@@ -180,7 +206,9 @@ def call(call_id: str, name: str, arguments: Any) -> dict[str, Any]:
 def test_history_converts_calls_and_results() -> None:
     history = ToolHistory()
     assert history.assistant(0, "Hi", None) == {"role": "assistant", "content": "Hi"}
-    message = history.assistant(1, None, [call("c1", "get_weather", '{"city": "Paris"}'), call("c2", "get_time", "")])
+    message = history.assistant(
+        1, None, decoded_calls(call("c1", "get_weather", '{"city": "Paris"}'), call("c2", "get_time", ""))
+    )
     assert message == {
         "role": "assistant",
         "content": None,
@@ -196,6 +224,14 @@ def test_history_converts_calls_and_results() -> None:
         "content": "20C",
     }
     assert history.tool(3, "noon", "c2")["name"] == "get_time"
+
+
+def fifth_message_history(tool_calls: list[Any]) -> dict[str, Any]:
+    """``tool_calls`` decoded as an assistant message at ``messages[4]``, then converted for the template."""
+    assistant = {"role": "assistant", "content": "", "tool_calls": tool_calls}
+    message = decode(messages=[{"role": "user", "content": "x"}] * 4 + [assistant]).messages[4]
+    assert isinstance(message, AssistantMessage)
+    return ToolHistory().assistant(4, "", message.tool_calls)
 
 
 @pytest.mark.parametrize(
@@ -215,7 +251,7 @@ def test_history_converts_calls_and_results() -> None:
 )
 def test_invalid_history_calls_name_the_param(tool_call: Any, param: str) -> None:
     with pytest.raises(OpenAIError) as excinfo:
-        ToolHistory().assistant(4, "", [call("c0", "f", "{}"), tool_call])
+        fifth_message_history([call("c0", "f", "{}"), tool_call])
     assert error(excinfo)[:2] == (400, param)
 
 
@@ -224,7 +260,7 @@ def test_tool_results_must_answer_an_earlier_call() -> None:
     with pytest.raises(OpenAIError) as excinfo:
         history.tool(1, "20C", "c1")
     assert error(excinfo)[:2] == (400, "messages[1].tool_call_id")
-    history.assistant(2, None, [call("c1", "get_weather", "{}")])
+    history.assistant(2, None, decoded_calls(call("c1", "get_weather", "{}")))
     with pytest.raises(OpenAIError) as excinfo:
         history.tool(3, "20C", "c9")
     assert error(excinfo)[:2] == (400, "messages[3].tool_call_id")
@@ -426,7 +462,7 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 
 def tool_conversation() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    plan = plan_tools([WEATHER, TIME], "auto", None)
+    plan = planned([WEATHER, TIME], "auto", None)
     history = ToolHistory()
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": "Be brief."},
@@ -434,7 +470,9 @@ def tool_conversation() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         history.assistant(
             2,
             "Checking.",
-            [call("c1", "get_weather", '{"city": "Paris"}'), call("c2", "get_time", '{"tz": "Europe/Paris"}')],
+            decoded_calls(
+                call("c1", "get_weather", '{"city": "Paris"}'), call("c2", "get_time", '{"tz": "Europe/Paris"}')
+            ),
         ),
         history.tool(3, "20°C", "c1"),
         history.tool(4, "12:00", "c2"),
