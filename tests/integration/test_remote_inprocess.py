@@ -21,10 +21,10 @@ import pytest
 from litestar.testing import TestClient
 
 from server.app import create_app
-from server.models.registry import ServedModels
 from server.providers import upstream as upstream_module
 from server.providers.upstream import Upstream
 from server.settings import Settings
+from server.wiring.models import ServedModels
 from server.wiring.state import app_state
 from tests.integration.test_gateway import _log_rows
 from tests.live import live_server
