@@ -22,7 +22,7 @@ from server.api.access import count_response, timing_middleware
 from server.api.admin import admin_handlers
 from server.api.apidoc import KEY_SECURITY, SECURITY_SCHEMES, StructBoundsPlugin
 from server.api.common import read_timeout_middleware, strict_body
-from server.api.context import context_of
+from server.api.context import context_of, request_id_of
 from server.api.exceptions import handle_exception
 from server.api.gate import PREPARE_THREADS, screen
 from server.api.guards import require_key
@@ -30,14 +30,13 @@ from server.api.health import health, metrics, readyz
 from server.api.models import list_models, retrieve_model
 from server.api.native import generate_text, stream_text
 from server.api.openai import create_chat_completion, create_completion
-from server.api.requestid import request_id_of
 from server.engine.base import Engine
 from server.exchange.exchange import Exchange
 from server.exchange.shutdown import Lifecycle, shutting_down
 from server.metrics import Metrics
-from server.models.registry import ServedModels, build_models
 from server.settings import Settings, load_settings
 from server.wiring.lifespans import PARTS
+from server.wiring.models import ServedModels, build_models
 from server.wiring.services import Services, build_services
 from server.wiring.state import AppState, app_state
 

@@ -14,8 +14,7 @@ from typing import Any
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.context import context_of
-from server.api.requestid import request_id_of
+from server.api.context import context_of, request_id_of
 from server.metrics import Metrics, status_class
 from server.records.writer import RequestLogWriter, RequestRecord
 

@@ -136,9 +136,10 @@ def decode_body(raw: bytes, body_type: Any) -> Any:
 async def strict_body(request: Request[Any, Any, Any]) -> None:
     """``before_request`` hook: decode the body once, strictly (OpenAI rejects ``"stream": 0``; Litestar would not).
 
-    The decoded value is kept in ``request.state.body`` for the handler and handed to Litestar as the request's
-    parsed JSON, so a ``data: JSONBody[...]`` parameter receives it as is and the body is never decoded again
-    (Litestar's own, untyped decode failed with 500s on input this one refuses with 400s).
+    The decoded value is handed to Litestar as the request's parsed JSON, so the handler's ``data: JSONBody[...]``
+    parameter receives it as is and the body is never decoded again (Litestar's own, untyped decode failed with 500s
+    on input this one refuses with 400s). The raw bytes stay cached on the request; nothing forwards them: a
+    remote model's body is rebuilt from the validated request (``server.serving.forward``).
     """
     body_type = request.route_handler.opt.get(BODY_TYPE)
     if body_type is None:
@@ -148,7 +149,6 @@ async def strict_body(request: Request[Any, Any, Any]) -> None:
         body = await anyio.to_thread.run_sync(decode_body, raw, body_type)
     else:
         body = decode_body(raw, body_type)
-    request.state.body = body
     # Litestar has no public way to hand it a decoded body; ScopeState is internal (pyproject bounds the minor).
     ScopeState.from_scope(request.scope).json = body
 

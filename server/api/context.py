@@ -6,6 +6,8 @@ typed :class:`RequestContext` under one key, reached only through :func:`context
 
 from __future__ import annotations
 
+import re
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +15,7 @@ from server.auth.principal import Principal
 from server.records.writer import RequestRecord
 
 _KEY = "llm_server"
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 @dataclass(slots=True)
@@ -20,12 +23,14 @@ class RequestContext:
     """One request's shared state.
 
     Attributes:
+        request_id: Its id (:func:`request_id_of`), decided once.
         record: Its request-log row (``/v1`` requests only), queued when the response (or the stream) ends.
         principal: The authenticated caller, once a guard has checked its key.
         screened_model: The model whose allowlist and requests-per-minute window were already checked before the
             body was decoded (``server.api.gate.screen``).
     """
 
+    request_id: str | None = None
     record: RequestRecord | None = None
     principal: Principal | None = None
     screened_model: str | None = None
@@ -44,3 +49,12 @@ def context_of(scope: Any) -> RequestContext:
     if context is None:
         context = state[_KEY] = RequestContext()
     return context
+
+
+def request_id_of(scope: Any) -> str:
+    """The request's id: the client's ``x-request-id`` when it is a sane token, else a new one; decided once."""
+    context = context_of(scope)
+    if context.request_id is None:
+        supplied = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), b"").decode("latin-1")
+        context.request_id = supplied if _SANE_REQUEST_ID.match(supplied) else f"req_{secrets.token_hex(12)}"
+    return context.request_id

@@ -17,7 +17,7 @@ from litestar import Request
 
 from server.api.common import BODY_TYPE
 from server.api.context import context_of
-from server.models.registry import ServedModels
+from server.wiring.models import ServedModels
 from server.wiring.services import Services
 from server.wiring.state import app_state
 

@@ -13,7 +13,7 @@ from schemas.openai.models import Model, ModelList
 from server.api.apidoc import KEYED, ApiOperation, errors
 from server.api.context import context_of
 from server.errors import model_not_found
-from server.models.registry import ServedModels
+from server.wiring.models import ServedModels
 
 
 def _model(models: ServedModels, name: str) -> Model:

@@ -16,9 +16,9 @@ from server.api.gate import gate, prepared
 from server.api.generation import respond
 from server.exchange.exchange import Exchange
 from server.exchange.remote import RemoteWork
-from server.models.registry import ServedModels
 from server.providers.upstream import Upstream
 from server.serving import chat, completions, remote
+from server.wiring.models import ServedModels
 from server.wiring.services import Services
 
 

@@ -1,1 +1,1 @@
-"""The served models: the name -> backend registry and the models file it is read from."""
+"""The models file: which models a server serves, local engines and remote upstreams."""

@@ -19,8 +19,8 @@ from litestar import Litestar
 
 from persistence import migrate
 from server.exchange.shutdown import CANCEL_MARGIN_S
-from server.models.registry import ServedModels
 from server.wiring.datadir import prepare_data_dir
+from server.wiring.models import ServedModels
 from server.wiring.state import AppState, app_state
 
 log = logging.getLogger("server")

@@ -11,8 +11,8 @@ from litestar import Litestar
 from server.exchange.exchange import Exchange
 from server.exchange.shutdown import Lifecycle
 from server.metrics import Metrics
-from server.models.registry import ServedModels
 from server.settings import Settings
+from server.wiring.models import ServedModels
 from server.wiring.services import Services
 
 _KEY = "llm_server"

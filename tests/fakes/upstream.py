@@ -23,9 +23,9 @@ from server.app import create_app
 from server.engine.base import Engine
 from server.engine.fake import FakeEngine
 from server.models.file import RemoteModel
-from server.models.registry import ServedModels
 from server.providers.upstream import Upstream
 from server.settings import Settings
+from server.wiring.models import ServedModels
 
 UPSTREAM_KEY = "sk-upstream-SECRET-7f3a9c1e5b2d4680"
 TARGET = "org/big-model"

@@ -21,9 +21,9 @@ from server.app import create_app
 from server.engine.fake import FakeEngine
 from server.errors import OpenAIError
 from server.models.file import RemoteModel
-from server.models.registry import ServedModels
 from server.providers.upstream import Upstream
 from server.settings import Settings
+from server.wiring.models import ServedModels
 
 MSGS = [{"role": "user", "content": "hi"}]
 # A valid body per route that reads one; {key_id} and {name} need not exist: bodies are decoded before the handler.

@@ -8,8 +8,8 @@ from litestar.testing import TestClient
 
 from server.app import create_app
 from server.engine.fake import FakeEngine
-from server.models.registry import ServedModels
 from server.settings import Settings
+from server.wiring.models import ServedModels
 from tests.conftest import add_role_key, bearer
 
 

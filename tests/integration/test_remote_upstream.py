@@ -17,9 +17,9 @@ import pytest
 from litestar.testing import TestClient
 
 from server.app import create_app
-from server.models.registry import ServedModels
 from server.providers.upstream import Upstream
 from server.settings import Settings
+from server.wiring.models import ServedModels
 from tests.checks import assert_error
 from tests.conftest import sdk
 from tests.fakes.replies import (
