@@ -10,12 +10,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import openai
 import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
 
 from server.app import create_app
 from server.engine.fake import FakeEngine
+from server.providers import upstream as upstream_module
 from server.settings import Settings
 
 pytest_plugins = ["tests.db_fixtures"]
@@ -173,3 +175,23 @@ async def add_role_key(settings: Settings, role: str, **limits: Any) -> str:
     finally:
         await db.close()
     return await create_test_key(settings, role=role, name=f"{role}-key")
+
+
+def role_key(settings: Settings, role: str, **limits: Any) -> str:
+    """``add_role_key`` from synchronous code."""
+    return asyncio.run(add_role_key(settings, role, **limits))
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def sdk(http: Any, key: str, retries: int = 0) -> openai.OpenAI:
+    """The official sync client over a test client (``http``), with ``key``."""
+    return openai.OpenAI(base_url="http://testserver.local/v1", api_key=key, http_client=http, max_retries=retries)
+
+
+@pytest.fixture
+def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries of remote models back off for a millisecond, not the production base delay."""
+    monkeypatch.setattr(upstream_module, "BACKOFF_BASE_S", 0.001)

@@ -32,15 +32,12 @@ from server.records.units import CACHE_PURGE_INTERVAL_S
 from server.records.writer import RequestLogWriter, RequestRecord
 from server.settings import Settings
 from server.wiring.state import app_state
-from tests.conftest import TEST_PEPPER, add_role_key, create_test_key
-from tests.integration.test_remote_inprocess import MockUpstream, answers, serving
+from tests.conftest import TEST_PEPPER, add_role_key, bearer, create_test_key
+from tests.fakes.replies import answers
+from tests.fakes.upstream import MockUpstream, serving
 
 T = TypeVar("T")
 MONTH = datetime.now(UTC).strftime("%Y-%m")
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 def chat(text: str, **extra: Any) -> dict[str, Any]:

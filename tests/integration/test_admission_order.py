@@ -21,7 +21,7 @@ from server.app import create_app
 from server.engine.chartok import CharTokenizer
 from server.engine.fake import FakeEngine
 from server.settings import Settings
-from tests.conftest import add_role_key
+from tests.conftest import add_role_key, role_key
 from tests.live import live_server
 
 BIG = "x" * 9_000_000  # a 9 MB prompt
@@ -46,10 +46,6 @@ def counting_engine(**kwargs: Any) -> tuple[FakeEngine, CountingTokenizer]:
     tokenizer = CountingTokenizer()
     engine._tokenizer = tokenizer
     return engine, tokenizer
-
-
-def role_key(settings: Settings, role: str, **limits: Any) -> str:
-    return asyncio.run(add_role_key(settings, role, **limits))
 
 
 def chat(content: str, **extra: Any) -> dict[str, Any]:

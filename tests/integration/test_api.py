@@ -12,6 +12,7 @@ from litestar import Litestar
 from litestar.testing import TestClient
 
 from server.engine.fake import FakeEngine
+from tests.fakes.engines import without_chat_template
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -345,16 +346,7 @@ def test_metrics_and_openapi(client: TestClient[Litestar]) -> None:
 def test_model_without_chat_template_is_a_clear_400(
     make_app: Callable[..., Litestar], authed: Callable[[Any], Any]
 ) -> None:
-    from server.engine.chartok import CharTokenizer
-
-    class NoTemplate(CharTokenizer):
-        @property
-        def has_chat_template(self) -> bool:
-            return False
-
-    engine = FakeEngine()
-    engine._tokenizer = NoTemplate()
-    with authed(TestClient(make_app(engine))) as client:
+    with authed(TestClient(make_app(without_chat_template()))) as client:
         r = chat(client)
         assert r.status_code == 400
         assert r.json()["error"]["code"] == "chat_template_missing"

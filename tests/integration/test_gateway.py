@@ -18,23 +18,16 @@ from litestar.testing import TestClient
 from server.app import create_app
 from server.engine.fake import FakeEngine
 from server.settings import Settings
-from tests.conftest import add_role_key
+from tests.checks import log_rows
+from tests.conftest import role_key, sdk
 from tests.live import live_server
 
 MSGS = [{"role": "user", "content": "hi"}]
 
 
-def sdk(http: Any, key: str, retries: int = 0) -> openai.OpenAI:
-    return openai.OpenAI(base_url="http://testserver.local/v1", api_key=key, http_client=http, max_retries=retries)
-
-
 @pytest.fixture
 def app(make_app: Callable[..., Litestar]) -> Litestar:
     return make_app(script=["Hel", "lo", ",", " wor", "ld", "!"])
-
-
-def role_key(settings: Settings, role: str, **limits: Any) -> str:
-    return asyncio.run(add_role_key(settings, role, **limits))
 
 
 # ---- 401 ----------------------------------------------------------------------------------------------
@@ -403,17 +396,6 @@ def test_redis_unreachable_fail_open_or_closed(settings: Settings, fail_open: bo
 # ---- request log ----------------------------------------------------------------------------------------
 
 
-def _log_rows(settings: Settings) -> list[dict[str, Any]]:
-    import sqlite3
-
-    con = sqlite3.connect(settings.data_dir / "llm_server.db")
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM request_logs ORDER BY id")]
-    finally:
-        con.close()
-
-
 @pytest.mark.parametrize("store_prompts", [False, True])
 def test_request_log_rows_for_success_stream_errors(settings: Settings, api_key: str, store_prompts: bool) -> None:
     import msgspec
@@ -427,7 +409,7 @@ def test_request_log_rows_for_success_stream_errors(settings: Settings, api_key:
         http.post("/v1/chat/completions", json={"model": "nope", "messages": MSGS}, headers=h)
         http.post("/v1/chat/completions", json={"model": "fake", "messages": MSGS})  # no key
         http.get("/admin/usage", headers=h)  # flushes the writer
-    rows = _log_rows(s)
+    rows = log_rows(s)
     assert [(r["route"], r["status"]) for r in rows] == [
         ("/v1/chat/completions", 200),
         ("/v1/completions", 200),

@@ -18,12 +18,9 @@ from persistence.keys import AlreadyRotated
 from server.cli import main
 from server.engine.fake import FakeEngine
 from server.settings import Settings
+from tests.conftest import bearer
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 def test_http_rotate_twice_is_refused_and_the_retired_key_stays_retired(

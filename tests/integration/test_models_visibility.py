@@ -10,11 +10,7 @@ from server.app import create_app
 from server.engine.fake import FakeEngine
 from server.settings import Settings
 from server.wiring.models import ServedModels
-from tests.conftest import add_role_key
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
+from tests.conftest import add_role_key, bearer
 
 
 def test_models_list_and_retrieve_follow_the_role_allowlist(settings: Settings, api_key: str) -> None:

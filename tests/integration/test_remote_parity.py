@@ -24,22 +24,10 @@ from schemas.openai.chat import ChatCompletionRequest
 from schemas.openai.completions import CompletionRequest
 from server.engine.fake import FakeEngine
 from server.settings import Settings
-from tests.conftest import DB_NAME, TEST_PEPPER
-from tests.integration.test_gateway import _log_rows
-from tests.upstream import (
-    MSGS,
-    TARGET,
-    MockUpstream,
-    answers,
-    assert_error,
-    chat_chunk,
-    chat_json,
-    frames,
-    role_key,
-    serving,
-    sse,
-    usage_of,
-)
+from tests.checks import assert_error, frames, log_rows, usage_of
+from tests.conftest import DB_NAME, TEST_PEPPER, role_key
+from tests.fakes.replies import answers, chat_chunk, chat_json, sse
+from tests.fakes.upstream import MSGS, TARGET, MockUpstream, serving
 
 
 class GrammarFake(FakeEngine):
@@ -591,7 +579,7 @@ def test_usage_the_upstream_does_not_report_properly_is_estimated_and_marked(
     s_counted = chunks[-1]["usage"]
     assert s_counted["prompt_tokens"] > 0 and s_counted["completion_tokens"] >= 2  # two pieces
     assert billed == counted["total_tokens"] + s_counted["total_tokens"]  # billed as estimated, never 0
-    rows = [r for r in _log_rows(settings) if r["route"] == CHAT]
+    rows = [r for r in log_rows(settings) if r["route"] == CHAT]
     assert [(r["usage_estimated"], r["completion_tokens"] > 0) for r in rows] == [(1, True), (1, True)]
 
 
@@ -606,7 +594,7 @@ def test_a_later_proper_usage_wins_over_nulls_before_it(settings: Settings, api_
         )
     out, done = frames(r.text)
     assert done and out[-1]["usage"] == usage
-    assert [row["usage_estimated"] for row in _log_rows(settings) if row["route"] == CHAT] == [0]
+    assert [row["usage_estimated"] for row in log_rows(settings) if row["route"] == CHAT] == [0]
 
 
 # ---- what the worst body costs -----------------------------------------------------------------------------------

@@ -33,15 +33,11 @@ from server.metrics import Metrics
 from server.settings import Settings, load_settings
 from server.wiring.services import Services, build_services
 from server.wiring.state import app_state
-from tests.conftest import TEST_PEPPER, add_role_key
+from tests.conftest import TEST_PEPPER, add_role_key, bearer
 from tests.live import live_server
 
 MSGS = [{"role": "user", "content": "hi"}]
 CHAT = {"model": "fake", "messages": MSGS}
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 def from_address(base: str, address: str) -> httpx.Client:
