@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 
 from persistence import store
-from server.records.writer import RequestLogWriter
+from server.records.writer import BatchWriter
 
 
 class LocalLedger:
     """In-memory usage counters, authoritative for this process, persisted through the writer."""
 
-    def __init__(self, writer: RequestLogWriter) -> None:
+    def __init__(self, writer: BatchWriter) -> None:
         self._writer = writer
         self._usage: dict[tuple[str, str], list[int]] = {}
         self._loading: dict[tuple[str, str], asyncio.Lock] = {}

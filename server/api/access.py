@@ -16,12 +16,13 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.context import context_of, request_id_of
 from server.metrics import Metrics, status_class
-from server.records.writer import RequestLogWriter, RequestRecord
+from server.records.record import RequestRecord
+from server.records.writer import BatchWriter
 
 access_log = logging.getLogger("server.access")
 
 
-def timing_middleware(metrics: Metrics, writer: RequestLogWriter) -> Any:
+def timing_middleware(metrics: Metrics, writer: BatchWriter) -> Any:
     """Litestar middleware factory: the request-log record, the duration to the last body byte, the access log.
 
     Runs around every routed request (after routing, so the route template is known). A ``/v1`` request gets its

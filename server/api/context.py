@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.auth.principal import Principal
-from server.records.writer import RequestRecord
+from server.records.record import RequestRecord
 
 _KEY = "llm_server"
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")

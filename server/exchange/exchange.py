@@ -36,7 +36,8 @@ from server.exchange.shutdown import InFlight, Lifecycle, shutting_down
 from server.exchange.streams import Settlement, settled_events
 from server.exchange.work import Work
 from server.metrics import Metrics
-from server.records.writer import RequestLogWriter, RequestRecord
+from server.records.record import RequestRecord
+from server.records.writer import BatchWriter
 
 T = TypeVar("T")
 
@@ -69,7 +70,7 @@ class Exchange:
 
     gateway: Gateway
     cache: CompletionCache | None
-    writer: RequestLogWriter
+    writer: BatchWriter
     metrics: Metrics
     lifecycle: Lifecycle
     store_prompts: bool = False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from server.metrics import Metrics
-from server.records.writer import RequestRecord
+from server.records.record import RequestRecord
 from server.serving.plan import Outcome
 
 

@@ -17,7 +17,7 @@ import msgspec
 from schemas.openai.errors import ErrorResponse
 from server.exchange.shutdown import InFlight, Lifecycle, shutting_down
 from server.metrics import Metrics
-from server.records.writer import RequestRecord
+from server.records.record import RequestRecord
 from server.serving.streaming import error_event
 
 

@@ -17,7 +17,7 @@ from server.exchange.cache import CompletionCache
 from server.metrics import Metrics
 from server.records.database import Database, DatabaseUnavailable
 from server.records.units import new_write_id
-from server.records.writer import RequestLogWriter
+from server.records.writer import BatchWriter
 from server.settings import Settings
 
 
@@ -32,7 +32,7 @@ class Services:
     limiter: RateLimiter
     gateway: Gateway
     cache: CompletionCache | None
-    writer: RequestLogWriter
+    writer: BatchWriter
     metrics: Metrics
     throttle: AuthThrottle | None = None
     """Brute-force limit on failed key checks per client address (``None``: unlimited)."""
@@ -49,7 +49,7 @@ def build_services(settings: Settings, metrics: Metrics, *, ratelimit_key_prefix
         except DatabaseUnavailable as exc:
             raise ConnectionError(str(exc)) from exc
 
-    writer = RequestLogWriter(db, retention_days=settings.request_log_retention_days)
+    writer = BatchWriter(db, retention_days=settings.request_log_retention_days)
 
     async def reserve(key_id: str, month: str, tokens: int, max_tokens: int | None, max_requests: int | None) -> bool:
         # One autocommit statement that also records write_id when it reserves. If the answer is lost (a timeout,

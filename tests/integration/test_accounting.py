@@ -28,8 +28,9 @@ from server.admission.ledger import LocalLedger
 from server.app import create_app
 from server.engine.fake import FakeEngine
 from server.records.database import Database, DatabaseUnavailable, describe_error
+from server.records.record import RequestRecord
 from server.records.units import CACHE_PURGE_INTERVAL_S
-from server.records.writer import RequestLogWriter, RequestRecord
+from server.records.writer import BatchWriter
 from server.settings import Settings
 from server.wiring.state import app_state
 from tests.conftest import TEST_PEPPER, add_role_key, bearer, create_test_key
@@ -198,7 +199,7 @@ async def test_a_batch_whose_answer_was_lost_is_applied_once(
     await create_test_key(settings, name="payer")
     [key_id] = (await key_ids(settings)).values()
     db = losing(when)(db_url, timeout_s=0.5)
-    writer = RequestLogWriter(db)
+    writer = BatchWriter(db)
     caplog.set_level(logging.INFO, logger="server.records.writer")
     try:
         writer.add_usage(key_id, MONTH, 100, 1)
@@ -333,7 +334,7 @@ async def test_a_batch_whose_commit_reply_is_lost_in_the_network_is_applied_once
     await create_test_key(settings, name="payer")
     [key_id] = (await key_ids(settings)).values()
     db = Database(held_replies.url + "?ssl=disable", timeout_s=0.5)
-    writer = RequestLogWriter(db)
+    writer = BatchWriter(db)
     try:
         assert await db.ping()  # the pool's connection is open before the proxy is armed
         held_replies.arm(b"COMMIT")
@@ -387,7 +388,7 @@ async def test_the_ledger_counts_a_settlement_that_lands_while_its_row_loads(
     """SQLite's in-memory quota counters: usage settled while the key's row is being read is counted once."""
     [key_id] = (await key_ids(settings)).values()
     db = Database(settings.database)
-    writer = RequestLogWriter(db)
+    writer = BatchWriter(db)
     ledger = LocalLedger(writer)
     reading, gate = asyncio.Event(), asyncio.Event()
     get_usage = store.get_usage
@@ -435,7 +436,7 @@ async def test_expired_cache_entries_are_purged_by_the_retention_pass(db_url: st
 
         return [r[0].rstrip("0") for r in await session.execute(text("SELECT cache_key FROM completion_cache"))]
 
-    writer = RequestLogWriter(db, interval_s=0.01)
+    writer = BatchWriter(db, interval_s=0.01)
     try:
         await db.run(put)
         writer.start()  # its first successful flush runs the retention pass, then every CACHE_PURGE_INTERVAL_S

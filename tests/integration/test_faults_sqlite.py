@@ -23,7 +23,8 @@ from litestar.testing import TestClient
 from server.app import create_app
 from server.engine.fake import FakeEngine
 from server.records.database import Database
-from server.records.writer import MAX_BACKOFF_S, RequestLogWriter, RequestRecord
+from server.records.record import RequestRecord
+from server.records.writer import MAX_BACKOFF_S, BatchWriter
 from server.settings import Settings
 from server.wiring.state import app_state
 from tests.conftest import bearer
@@ -118,7 +119,7 @@ async def test_request_log_writer_stopped_during_a_flush_keeps_that_flushs_rows(
 
     monkeypatch.setattr(store, "insert_request_logs", slow_insert)
     db = Database(settings.database, timeout_s=5.0)
-    writer = RequestLogWriter(db, interval_s=0.01)
+    writer = BatchWriter(db, interval_s=0.01)
     try:
         for i in range(3):
             writer.add_row(RequestRecord(f"in-flight-{i}", "/v1/test", "POST", status=200))
@@ -143,7 +144,7 @@ async def test_request_log_writer_holds_rows_within_its_bound_and_drops_only_rej
     con.close()
     before = _sqlite_rows(db_file)
     db = Database(settings.database, timeout_s=1.0)
-    writer = RequestLogWriter(db, max_rows=3)
+    writer = BatchWriter(db, max_rows=3)
 
     def usage() -> tuple[int, int] | None:
         c = sqlite3.connect(db_file, timeout=30)

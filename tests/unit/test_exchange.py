@@ -30,7 +30,7 @@ from server.exchange.shutdown import Lifecycle
 from server.metrics import Metrics
 from server.models.file import RemoteModel
 from server.providers.upstream import Upstream
-from server.records.writer import RequestRecord
+from server.records.record import RequestRecord
 from server.serving import generate
 from server.serving import remote as remote_serving
 from server.serving.plan import CacheEntry
