@@ -103,7 +103,6 @@ def create_app(
             "models": Provide(lambda: state.models, sync_to_thread=False),
             "metrics": Provide(lambda: state.metrics, sync_to_thread=False),
             "services": Provide(lambda: state.services, sync_to_thread=False),
-            "exchange": Provide(lambda: state.exchange, sync_to_thread=False),
         },
         exception_handlers={Exception: handle_exception},
         before_request=before_request,

@@ -18,7 +18,6 @@ from litestar import Request
 from server.api.common import BODY_TYPE
 from server.api.context import context_of
 from server.wiring.models import ServedModels
-from server.wiring.services import Services
 from server.wiring.state import app_state
 
 T = TypeVar("T")
@@ -70,7 +69,6 @@ def _default_model(body_type: type[Any], models: ServedModels) -> str | None:
 
 async def gate(
     request: Request[Any, Any, Any],
-    services: Services,
     model: str,
     *,
     requested: int | None,
@@ -85,9 +83,10 @@ async def gate(
     stays within the role's caps on max tokens and choices (400) and asks for no more sequences (``prompts`` x ``n``)
     than a key may ever have in flight (400). Returns the role's max-tokens cap for the serving layer.
     """
-    principal = context_of(request.scope).caller()
-    gateway = services.gateway
-    if context_of(request.scope).screened_model != model:
+    context = context_of(request.scope)
+    principal = context.caller()
+    gateway = app_state(request.app).services.gateway
+    if context.screened_model != model:
         gateway.check_model(principal, model)
         await gateway.precheck(principal)
     cap = gateway.max_tokens_cap(principal, requested, param)
@@ -97,7 +96,7 @@ async def gate(
     return cap
 
 
-async def prepared(request: Request[Any, Any, Any], services: Services, work: Callable[[], T]) -> T:
+async def prepared(request: Request[Any, Any, Any], work: Callable[[], T]) -> T:
     """Run ``work`` (validation, template rendering, tokenization) without stalling the event loop.
 
     A small body is handled inline, where a thread hop would cost more than the work. A large one goes to one of

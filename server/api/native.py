@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request, Response, post
-from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from litestar.response import Stream
 
@@ -14,32 +13,24 @@ from server.api.apidoc import WITH_BODY, ApiOperation, StreamOperation, errors, 
 from server.api.common import BODY_TYPE
 from server.api.gate import gate, prepared
 from server.api.generation import respond
-from server.exchange.exchange import Exchange
 from server.exchange.remote import RemoteWork
 from server.providers.upstream import Upstream
 from server.serving import generate, remote
-from server.wiring.models import ServedModels
-from server.wiring.services import Services
+from server.wiring.state import app_state
 
 
-async def _run(
-    request: Request[Any, Any, Any],
-    body: GenerateRequest,
-    models: ServedModels,
-    services: Services,
-    exchange: Exchange,
-    stream: bool,
-) -> Any:
-    name, backend = models.resolve(body.model)
-    cap = await gate(request, services, name, requested=body.max_new_tokens, param="max_new_tokens")
+async def _run(request: Request[Any, Any, Any], body: GenerateRequest, stream: bool) -> Any:
+    state = app_state(request.app)
+    name, backend = state.models.resolve(body.model)
+    cap = await gate(request, name, requested=body.max_new_tokens, param="max_new_tokens")
     if isinstance(backend, Upstream):
         call = await prepared(
-            request, services, lambda: remote.prepare_generate(body, backend.entry, stream=stream, max_tokens_cap=cap)
+            request, lambda: remote.prepare_generate(body, backend.entry, stream=stream, max_tokens_cap=cap)
         )
-        return await respond(request, exchange, RemoteWork(call, backend))
-    engine = models.ready_engine(backend)
-    plan = await prepared(request, services, lambda: generate.prepare(engine, body, stream=stream, max_tokens_cap=cap))
-    return await respond(request, exchange, plan)
+        return await respond(request, state.exchange, RemoteWork(call, backend))
+    engine = state.models.ready_engine(backend)
+    plan = await prepared(request, lambda: generate.prepare(engine, body, stream=stream, max_tokens_cap=cap))
+    return await respond(request, state.exchange, plan)
 
 
 @post(
@@ -53,12 +44,9 @@ async def _run(
 async def generate_text(
     request: Request[Any, Any, Any],
     data: JSONBody[GenerateRequest],
-    models: NamedDependency[ServedModels],
-    services: NamedDependency[Services],
-    exchange: NamedDependency[Exchange],
 ) -> Response[GenerateResponse]:
     """Generate text for one prompt."""
-    return await _run(request, data, models, services, exchange, stream=False)  # type: ignore[no-any-return]
+    return await _run(request, data, stream=False)  # type: ignore[no-any-return]
 
 
 @post(
@@ -72,9 +60,6 @@ async def generate_text(
 async def stream_text(
     request: Request[Any, Any, Any],
     data: JSONBody[GenerateRequest],
-    models: NamedDependency[ServedModels],
-    services: NamedDependency[Services],
-    exchange: NamedDependency[Exchange],
 ) -> Stream:
     """Stream the text for one prompt as Server-Sent Events; the last event has ``finish_reason`` and ``usage``."""
-    return await _run(request, data, models, services, exchange, stream=True)  # type: ignore[no-any-return]
+    return await _run(request, data, stream=True)  # type: ignore[no-any-return]

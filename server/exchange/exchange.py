@@ -38,6 +38,7 @@ from server.exchange.work import Work
 from server.metrics import Metrics
 from server.records.record import RequestRecord
 from server.records.writer import BatchWriter
+from server.serving.plan import Outcome
 
 T = TypeVar("T")
 
@@ -107,9 +108,13 @@ class Exchange:
         headers = dict(ticket.headers)
         key: list[str] = []  # the cache key, once looked up
 
+        estimated = False
+
         async def finish(failed: bool) -> None:
+            nonlocal estimated
             await work.close()
-            await self._settle(work, ticket, record, key[0] if key else None, ok=work.finished and not failed)
+            outcome = await self._settle(work, ticket, record, key[0] if key else None, ok=work.finished and not failed)
+            estimated = outcome.usage_estimated
 
         settle = Settlement(finish, self.lifecycle, handle)
         try:
@@ -127,8 +132,8 @@ class Exchange:
                 record.streaming = True
             events = settled_events(work.events(), self.metrics, record, handle, settle)
             return Reply(headers, events=events, after=settle.abandoned)
-        await settle(False)
-        if work.outcome().usage_estimated:
+        await settle(False, shield=False)
+        if estimated:
             headers["x-usage-estimated"] = "true"
         return Reply(headers, body=body)
 
@@ -148,7 +153,7 @@ class Exchange:
 
     async def _settle(
         self, work: Work, ticket: Ticket, record: RequestRecord | None, key: str | None, *, ok: bool
-    ) -> None:
+    ) -> Outcome:
         outcome = work.outcome()
         await self.gateway.finish(ticket, used_tokens=outcome.charged_tokens)
         observe(self.metrics, work.model, outcome)
@@ -159,6 +164,7 @@ class Exchange:
         if ok and key is not None and self.cache is not None and not work.cached:
             entry = encode_entry(work.cache_entry())
             self.writer.add_cache(key, ticket.principal.key_id, work.model, entry, self.cache.ttl_s)
+        return outcome
 
 
 async def _to_the_end(work: Work) -> msgspec.Struct:

@@ -30,12 +30,18 @@ class Settlement:
         self._finish, self._lifecycle, self._handle = finish, lifecycle, handle
         self._done = False
 
-    async def __call__(self, failed: bool) -> None:
+    async def __call__(self, failed: bool, *, shield: bool = True) -> None:
+        """Settle unless already settled. ``shield=False`` only where nothing can cancel the caller meanwhile (a
+        handler that has its answer: neither a disconnect nor the drain cancels it then), which saves a cancel scope
+        on the hot path."""
         if self._done:
             return
         self._done = True
         try:
-            with anyio.CancelScope(shield=True):
+            if shield:
+                with anyio.CancelScope(shield=True):
+                    await self._finish(failed)
+            else:
                 await self._finish(failed)
         finally:
             self._lifecycle.leave(self._handle)
