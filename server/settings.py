@@ -29,6 +29,27 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """Hugging Face model id or local folder; ``builtin:tiny-chat`` or ``builtin:echo`` for the built-ins."""
     served_model_name: str | None = None
     """The model id clients send and ``/v1/models`` lists; derived from ``model`` when unset."""
+    revision: str | None = None
+    """Hub revision of ``model`` (a branch, tag or commit); the default branch when unset."""
+    tokenizer: str | None = None
+    """Hub id or folder of the tokenizer, when it is not the model's own."""
+    trust_remote_code: bool = False
+    """Run Python code that a hub repository ships with its model (custom architectures). Off by default: that code
+    runs with the server's rights, so enable it only for repositories you trust."""
+    chat_template: str | None = None
+    """A Jinja chat template (a file path, or the template itself) used instead of the model's own."""
+    gguf_file: str | None = None
+    """The GGUF file to load from ``model`` (a hub repository or a folder); a ``model`` that is a ``.gguf`` file path
+    needs none."""
+    api_keys: str = ""
+    """Comma-separated static API keys (``--api-key``), admin rights, for a single-user setup without ``keys create``;
+    never stored or logged."""
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = "auto"
+    """How tool calls are written by the model and parsed back; ``auto`` picks the format the chat template uses."""
+    reasoning_parser: Literal["auto", "none", "think"] = "auto"
+    """Where a reasoning model's thinking goes: ``think`` moves text between ``<think>`` and ``</think>`` into
+    ``reasoning_content``; ``auto`` does so when the chat template uses those markers; ``none`` leaves it in
+    ``content``."""
     models_file: Path | None = None
     """A TOML file listing every served model, in-process (``backend = "hf"``) or remote (``backend = "openai"``);
     when set, ``MODEL`` and ``SERVED_MODEL_NAME`` are not used (README, "Serving several models")."""
