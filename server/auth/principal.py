@@ -8,10 +8,14 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from persistence.store import KeyRecord, RoleRecord
 from server.auth.keys import digest, is_well_formed, redact
 from server.errors import OpenAIError
+
+if TYPE_CHECKING:
+    from server.auth.static import StaticKeys
 
 Lookup = Callable[[str], Awaitable[tuple[KeyRecord, RoleRecord] | None]]
 
@@ -56,12 +60,21 @@ class Authenticator:
         pepper: HMAC secret.
         ttl_s: How long a found key is trusted without asking the database again.
         timeout_s: Longest wait for the database before answering 503.
+        static: Static keys (``--api-key``), matched before anything else, without the database.
     """
 
     def __init__(
-        self, lookup: Lookup, pepper: bytes, *, ttl_s: float, timeout_s: float, max_entries: int = 10_000
+        self,
+        lookup: Lookup,
+        pepper: bytes,
+        *,
+        ttl_s: float,
+        timeout_s: float,
+        max_entries: int = 10_000,
+        static: StaticKeys | None = None,
     ) -> None:
         self._lookup = lookup
+        self._static = static
         self._pepper = pepper
         self._ttl = ttl_s
         self._timeout = timeout_s
@@ -79,8 +92,12 @@ class Authenticator:
     def cached(self, presented: str | None) -> Principal | None:
         """The principal of a key this authenticator found valid less than ``ttl_s`` ago, else ``None``.
 
-        No I/O: what a throttle lets through without looking (a valid key must never wait behind it).
+        No I/O: what a throttle lets through without looking (a valid key must never wait behind it). A static key
+        counts as found: it needs no lookup.
         """
+        static = self._static.match(presented) if self._static else None
+        if static is not None:
+            return static
         if not presented or not is_well_formed(presented):
             return None
         hit = self._cache.get(digest(presented, self._pepper))
@@ -96,6 +113,9 @@ class Authenticator:
             lane: Held around the database lookup, if one is needed (the throttle's lane for throttled addresses);
                 the wait for it counts into the database timeout.
         """
+        static = self._static.match(presented) if self._static else None
+        if static is not None:
+            return static
         if not presented or not is_well_formed(presented):
             raise invalid_key(presented)
         d = digest(presented, self._pepper)

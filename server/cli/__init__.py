@@ -7,8 +7,9 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
+from server.cli.flags import FlagError, add_serve_command, package_version, serve_overrides
 from server.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("server")
@@ -23,18 +24,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llm-server", description="Self-hosted, OpenAI-compatible LLM server.")
+    parser.add_argument("--version", action="version", version=f"llm-server {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    serve = sub.add_parser("serve", help="run the server (settings from LLM_SERVER_* env vars and .env)")
-    serve.add_argument("--host", help="interface to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument("--model", help="HF model id or folder, builtin:tiny-chat (default) or builtin:echo")
-    serve.add_argument("--served-model-name", help="model id clients send (default: derived from --model)")
-    serve.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
-    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    serve.add_argument("--max-model-len", type=int, help="context window used for validation")
-    serve.add_argument("--data-dir", help="local state folder (default ./.llm-server)")
-    serve.add_argument("--models-file", help="TOML file of served models, local and remote (replaces --model)")
+    add_serve_command(sub)
 
     from server.cli.admin import add_admin_commands
 
@@ -52,28 +44,24 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    overrides: dict[str, Any] = {
-        "host": args.host,
-        "port": args.port,
-        "model": args.model,
-        "served_model_name": args.served_model_name,
-        "device": args.device,
-        "dtype": args.dtype,
-        "max_model_len": args.max_model_len,
-        "data_dir": args.data_dir,
-        "models_file": args.models_file,
-    }
-    settings = load_settings(overrides)
-    serve(settings)
+    try:
+        overrides = serve_overrides(args)
+    except FlagError as exc:
+        _fail(f"{exc} (see --help)", 2)
+    serve(load_settings(overrides))
 
 
 def serve(settings: Settings) -> None:
     """Run uvicorn with one worker: the model lives in this process (see README, "one worker per model")."""
     from server.app import create_app
+    from server.auth.static import StaticKeys
     from server.cli.runner import ServeError, run
     from server.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
+    static = StaticKeys.from_settings(settings)  # before anything loads: a too-short key stops start-up at once
+    if static:
+        log.info("accepting %d static API key(s) with admin rights: %s", len(static), ", ".join(static.ids))
     # The HF engine warns about random-weight demo models (builtin:tiny-chat, demo-model folders) when it loads.
     if settings.model == "builtin:echo" and settings.models_file is None:
         log.warning("Serving builtin:echo: it repeats the last user message (for load-testing the gateway).")

@@ -13,6 +13,7 @@ from server.admission.sequences import SequenceBudget
 from server.admission.throttle import AuthThrottle
 from server.auth.pepper import load_pepper
 from server.auth.principal import Authenticator
+from server.auth.static import StaticKeys, is_static_key_id
 from server.exchange.cache import CompletionCache
 from server.metrics import Metrics
 from server.records.database import Database, DatabaseUnavailable
@@ -39,7 +40,12 @@ class Services:
 
 
 def build_services(settings: Settings, metrics: Metrics, *, ratelimit_key_prefix: str = "LIMITS") -> Services:
-    """Wire the gateway from settings (nothing connects yet; the app's lifespan starts what runs)."""
+    """Wire the gateway from settings (nothing connects yet; the app's lifespan starts what runs).
+
+    Raises:
+        SettingsError: a static API key is too short.
+    """
+    static = StaticKeys.from_settings(settings)
     db = Database(settings.database, timeout_s=settings.database_timeout_s)
     pepper = load_pepper(settings)
 
@@ -76,17 +82,27 @@ def build_services(settings: Settings, metrics: Metrics, *, ratelimit_key_prefix
 
     limiter = RateLimiter(settings.ratelimit_storage_uri, key_prefix=ratelimit_key_prefix)
     sequences = SequenceBudget(settings.sequences_per_key)
-    if settings.database.startswith("sqlite"):
-        # One process owns a SQLite file: keep exact quota counters in memory, persisted in batches.
-        ledger = LocalLedger(writer)
-        gateway = Gateway(
-            limiter, ledger.reserve, ledger.settle, metrics, fail_open=settings.ratelimit_fail_open, sequences=sequences
-        )
-    else:
-        gateway = Gateway(
-            limiter, reserve, writer.add_usage, metrics, fail_open=settings.ratelimit_fail_open, sequences=sequences
-        )
-    auth = Authenticator(lookup, pepper, ttl_s=settings.key_cache_ttl_s, timeout_s=settings.database_timeout_s)
+    # One process owns a SQLite file: keep exact quota counters in memory, persisted in batches.
+    ledger = LocalLedger(writer) if settings.database.startswith("sqlite") else None
+    record_usage = ledger.settle if ledger is not None else writer.add_usage
+
+    def settle(key_id: str, month: str, tokens: int, requests: int) -> None:
+        # A static key has no api_keys row, which usage rows reference: its usage is not recorded (its role has no
+        # quota to reserve against either), so the writer never holds a usage unit the database must reject.
+        if not is_static_key_id(key_id):
+            record_usage(key_id, month, tokens, requests)
+
+    gateway = Gateway(
+        limiter,
+        ledger.reserve if ledger is not None else reserve,
+        settle,
+        metrics,
+        fail_open=settings.ratelimit_fail_open,
+        sequences=sequences,
+    )
+    auth = Authenticator(
+        lookup, pepper, ttl_s=settings.key_cache_ttl_s, timeout_s=settings.database_timeout_s, static=static
+    )
     cache = CompletionCache(db, ttl_s=settings.cache_ttl_s, queued=writer.cached) if settings.cache_enabled else None
     per_minute = settings.auth_failures_per_minute
     throttle = AuthThrottle(limiter, per_minute, metrics) if per_minute is not None else None
