@@ -194,6 +194,8 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     continue_final_message: bool = False
     add_generation_prompt: bool = True
     ignore_eos: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extra variables for the chat template (e.g. ``{"enable_thinking": false}``); forwarded as is upstream."""
 
     @property
     def requested_max_tokens(self) -> tuple[int | None, str]:
@@ -247,12 +249,17 @@ class ToolCall(msgspec.Struct, kw_only=True):
 
 
 class ChatCompletionMessage(msgspec.Struct, kw_only=True):
-    """The generated assistant message (``tool_calls`` only when the model called tools)."""
+    """The generated assistant message (``tool_calls`` only when the model called tools).
+
+    ``reasoning_content`` (vLLM's name) is present only for a model whose reasoning is parsed out of its output:
+    the text between its reasoning markers, or ``None`` when it did not reason.
+    """
 
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
     tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
+    reasoning_content: str | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):
@@ -293,11 +300,12 @@ class ChoiceDeltaToolCall(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class ChoiceDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """What a stream chunk adds to a choice: the role first, then content or tool-call pieces."""
+    """What a stream chunk adds to a choice: the role first, then reasoning, content or tool-call pieces."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ChoiceDeltaToolCall] | None = None
+    reasoning_content: str | None = None
 
 
 class ChunkChoice(msgspec.Struct, kw_only=True):

@@ -31,9 +31,23 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_obfuscation: bool | None = None
 
 
+class CompletionTokensDetails(msgspec.Struct, kw_only=True):
+    """A breakdown of ``completion_tokens``.
+
+    Attributes:
+        reasoning_tokens: Tokens of the model's reasoning (``reasoning_content``), its markers included.
+    """
+
+    reasoning_tokens: int
+
+
 class CompletionUsage(msgspec.Struct, kw_only=True):
-    """Token counts measured with the model's tokenizer."""
+    """Token counts measured with the model's tokenizer.
+
+    ``completion_tokens_details`` is present only for a model whose reasoning is parsed out of its output.
+    """
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | msgspec.UnsetType = msgspec.UNSET

@@ -45,7 +45,11 @@ async def create_chat_completion(
         )
         return await respond(request, state.exchange, RemoteWork(call, backend))  # type: ignore[return-value]
     engine = state.models.ready_engine(backend)
-    plan = await prepared(request, lambda: chat.prepare(engine, body, max_tokens_cap=cap, max_messages=max_messages))
+    reasoning = state.settings.reasoning_parser
+    plan = await prepared(
+        request,
+        lambda: chat.prepare(engine, body, max_tokens_cap=cap, max_messages=max_messages, reasoning_parser=reasoning),
+    )
     return await respond(request, state.exchange, plan)  # type: ignore[return-value]
 
 

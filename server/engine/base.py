@@ -45,6 +45,10 @@ class Constraint:
         separator: Literal text between repetitions.
         min_items: Fewest values.
         max_items: Most values; ``None`` means no bound.
+        reasoning_start: With ``reasoning_end``: the output may first reason freely between these two markers
+            (a reasoning model); the rest above applies after the end marker and any whitespace.
+        reasoning_end: The marker that ends a reasoning model's free text; without ``reasoning_start`` the output
+            begins inside the reasoning (the prompt opened it) and must close it before the constrained part.
     """
 
     json_schema: str
@@ -54,6 +58,8 @@ class Constraint:
     separator: str = "\n"
     min_items: int = 1
     max_items: int | None = 1
+    reasoning_start: str = ""
+    reasoning_end: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +168,11 @@ class Tokenizer(Protocol):
     def has_chat_template(self) -> bool: ...
 
     @property
+    def chat_template(self) -> str | None:
+        """The chat template's Jinja source, or ``None`` (no template, or a built-in one that is not Jinja)."""
+        ...
+
+    @property
     def max_token_bytes(self) -> int | None:
         """The most UTF-8 bytes of input text one token can stand for (special tokens included), so that a text of
         ``b`` bytes has at least ``b / max_token_bytes`` tokens; ``None`` when no such bound holds (a normalizer
@@ -183,11 +194,12 @@ class Tokenizer(Protocol):
         add_generation_prompt: bool,
         continue_final_message: bool,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
         """Token ids of ``messages`` rendered through the model's own chat template.
 
         ``tools`` (OpenAI ``{"type": "function", "function": {...}}`` objects) are handed to the template as its
-        ``tools`` variable.
+        ``tools`` variable; ``chat_template_kwargs`` become further template variables (``enable_thinking``).
 
         Raises:
             ValueError: the model has no chat template or the template rejected the messages.

@@ -56,6 +56,11 @@ class CharTokenizer:
         return True
 
     @property
+    def chat_template(self) -> str | None:
+        """``None``: the built-in ChatML rendering is Python, not a Jinja template."""
+        return None
+
+    @property
     def max_token_bytes(self) -> int:
         """``encode`` gives one token per code point: at most four UTF-8 bytes each."""
         return 4
@@ -116,7 +121,10 @@ class CharTokenizer:
         add_generation_prompt: bool,
         continue_final_message: bool,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
+        """ChatML token ids of ``messages``; ``chat_template_kwargs`` are ignored (the built-in template has no
+        variables)."""
         return self.encode(
             self.render_chat_text(
                 messages,

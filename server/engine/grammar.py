@@ -121,7 +121,32 @@ def _grammar_text(constraint: Constraint, special_tokens: tuple[tuple[str, int],
         body += f" ({sep} item){more}" if sep else f" item{more}"
     start = f"({body})?" if lo == 0 else body
     schema = json.dumps(_schema(constraint), separators=(",", ":"))
-    return f"%llguidance {{}}\nstart: {start}\nitem: {item}\nvalue: %json {schema}\n"
+    reasoning = _reasoning_rules(constraint, specials)
+    if reasoning:
+        start = f"reasoning ({start})" if lo == 0 else f"reasoning {start}"
+    return f"%llguidance {{}}\nstart: {start}\nitem: {item}\nvalue: %json {schema}\n{reasoning}"
+
+
+def _reasoning_rules(constraint: Constraint, specials: Mapping[str, int]) -> str:
+    """Lark rules of a reasoning model's free text before the constrained part, or ``""`` without one.
+
+    ``think_text`` is lazy: it ends at the first end marker spelled in bytes, so the reasoning cannot run on past
+    it. Where the end marker is an added token, the token itself also ends the free text (a regex never matches a
+    special token, so the free text cannot contain it). Whitespace may follow the marker, as models write it.
+    """
+    end = constraint.reasoning_end
+    if not end:
+        return ""
+    rules = [f"think_text[lazy]: /(.|\\n)*/ {_quote(end)}", "think_gap: /[ \\t\\r\\n]*/"]
+    if end in specials:
+        rules += [f"think: think_text | think_free <[{specials[end]}]>", "think_free: /(.|\\n)*/"]
+    else:
+        rules.append("think: think_text")
+    if constraint.reasoning_start:
+        rules.insert(0, f"reasoning: ({_literal(constraint.reasoning_start, specials)} think think_gap)?")
+    else:
+        rules.insert(0, "reasoning: think think_gap")
+    return "".join(rule + "\n" for rule in rules)
 
 
 def _check_counts(constraint: Constraint) -> None:

@@ -42,6 +42,11 @@ class HFTokenizer:
         return bool(self.hf.chat_template)
 
     @property
+    def chat_template(self) -> str | None:
+        template = self.hf.chat_template
+        return None if not template else str(template)
+
+    @property
     def max_token_bytes(self) -> int | None:
         return self._max_token_bytes
 
@@ -58,6 +63,7 @@ class HFTokenizer:
         add_generation_prompt: bool,
         continue_final_message: bool,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use the completions endpoint with a raw prompt")
@@ -65,7 +71,9 @@ class HFTokenizer:
             # Rendering would silently drop them: the model would never learn it has tools.
             raise ValueError("this model's chat template does not support tools")
         # Passed only when given: a template's output without tools stays exactly what it always was.
-        extra: dict[str, Any] = {} if tools is None else {"tools": [dict(t) for t in tools]}
+        extra: dict[str, Any] = dict(chat_template_kwargs or {})  # names of the call's own arguments refused earlier
+        if tools is not None:
+            extra["tools"] = [dict(t) for t in tools]
         try:
             text = self.hf.apply_chat_template(
                 [dict(m) for m in messages],

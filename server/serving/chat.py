@@ -33,18 +33,26 @@ from server.serving.common import (
 )
 from server.serving.logprobs import TokenTexts, chat_logprobs
 from server.serving.plan import Plan, make_plan
+from server.serving.reasoning import ReasoningSplitter, reasoning_for, split
 from server.serving.streaming import error_event
 from server.serving.toolparse import ContentDelta, ToolCallStart, ToolEvent
 from server.serving.toolparse import ToolCall as ParsedCall
 
 
 def prepare(
-    engine: Engine, req: ChatCompletionRequest, *, max_tokens_cap: int | None = None, max_messages: int | None = None
+    engine: Engine,
+    req: ChatCompletionRequest,
+    *,
+    max_tokens_cap: int | None = None,
+    max_messages: int | None = None,
+    reasoning_parser: str = "auto",
 ) -> Plan:
     """Validate, render the chat template and check the context window (nothing is admitted yet).
 
     The checks every model shares (:func:`~server.serving.chat_checks.check_chat`) run first, so a remote model
-    answers the same body with the same 400; ``max_messages`` bounds ``messages`` (``None``: no bound).
+    answers the same body with the same 400; ``max_messages`` bounds ``messages`` (``None``: no bound);
+    ``reasoning_parser`` (the ``REASONING_PARSER`` setting) says whether a reasoning model's thinking is split off
+    (:mod:`server.serving.reasoning`), in which case an output constraint applies after it.
     """
     model = engine.name  # the route resolved the request's model to this engine (404 there otherwise)
     checks = check_chat(req, local_target(engine), max_messages=max_messages)
@@ -63,11 +71,16 @@ def prepare(
             add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
             continue_final_message=req.continue_final_message,
             tools=checks.tools.template_tools,
+            chat_template_kwargs=checks.template_kwargs,
         )
     except ValueError as exc:
         raise invalid_request(
             f"The chat template rejected the messages: {exc}", "messages", "chat_template_error"
         ) from None
+    reasoning = reasoning_for(reasoning_parser, tokenizer, prompt)
+    constraint = checks.constraint
+    if constraint is not None and reasoning is not None:
+        constraint = reasoning.constrain(constraint)
     requested = checks.max_tokens
     max_tokens = resolve_max_tokens(engine, len(prompt), requested, checks.max_tokens_param, max_tokens_cap)
     params = sampling_params(
@@ -77,7 +90,7 @@ def prepare(
         penalties=req,
         ignore_eos=req.ignore_eos,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        constraint=checks.constraint,
+        constraint=constraint,
     )
     tools = checks.tools
     return make_plan(
@@ -95,6 +108,7 @@ def prepare(
         explicit_max_tokens=requested is not None,
         n=req.n or 1,
         tools=tools if tools.parses_calls else None,
+        reasoning=reasoning,
     )
 
 
@@ -109,7 +123,8 @@ def _finish(choice: Choice, called: bool) -> str:
 
 
 async def complete(plan: Plan) -> ChatCompletion:
-    """Run to the end and build the non-streaming response (tool calls parsed out of the text)."""
+    """Run to the end and build the non-streaming response (reasoning split off, tool calls parsed out of the
+    rest)."""
     try:
         await collect(plan.choices)
     except EngineError as exc:
@@ -118,10 +133,15 @@ async def complete(plan: Plan) -> ChatCompletion:
     choices = []
     for c in plan.choices:
         content: str | None = c.text
+        thought: str | msgspec.UnsetType | None = msgspec.UNSET
+        if plan.reasoning is not None:
+            thought, content = split(c.text, plan.reasoning)
         calls: list[ParsedCall] = []
-        if plan.tools is not None and plan.tools.parses_calls:
-            content, calls = plan.tools.parse(c.text)
-        message = ChatCompletionMessage(content=content, tool_calls=_tool_calls(calls) if calls else msgspec.UNSET)
+        if plan.tools is not None and plan.tools.parses_calls and content is not None:
+            content, calls = plan.tools.parse(content)
+        message = ChatCompletionMessage(
+            content=content, tool_calls=_tool_calls(calls) if calls else msgspec.UNSET, reasoning_content=thought
+        )
         logprobs = chat_logprobs(c.logprobs, texts) if c.logprobs is not None and texts is not None else None
         choices.append(
             ChatChoice(index=c.index, message=message, logprobs=logprobs, finish_reason=_finish(c, bool(calls)))
@@ -147,12 +167,25 @@ def _deltas(events: list[ToolEvent]) -> list[ChoiceDelta]:
     return out
 
 
+def _segments(splitter: ReasoningSplitter, text: str, done: bool) -> list[tuple[bool, str]]:
+    """``(is_reasoning, text)`` of one event's text, adjacent pieces of one kind joined (one delta each)."""
+    out: list[tuple[bool, str]] = []
+    for is_reasoning, piece in splitter.push(text) + (splitter.finish() if done else []):
+        if out and out[-1][0] == is_reasoning:
+            out[-1] = (is_reasoning, out[-1][1] + piece)
+        else:
+            out.append((is_reasoning, piece))
+    return out
+
+
 async def stream(plan: Plan) -> AsyncIterator[msgspec.Struct]:
-    """Stream chunks: role first, then content or tool-call pieces, one finish chunk per choice, then usage."""
+    """Stream chunks: role first, then reasoning, content or tool-call pieces, one finish chunk per choice, then
+    usage."""
     usage: Any = None if plan.include_usage else msgspec.UNSET
     texts = TokenTexts(plan.tokenizer) if plan.tokenizer is not None else None
     tools = plan.tools if plan.tools is not None and plan.tools.parses_calls else None
     parsers = {c.index: tools.stream_parser() for c in plan.choices} if tools else {}
+    splitters = {c.index: ReasoningSplitter(plan.reasoning) for c in plan.choices} if plan.reasoning else {}
 
     def chunk(choices: list[ChunkChoice]) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=plan.id, created=plan.created, model=plan.model, choices=choices, usage=usage)
@@ -162,10 +195,19 @@ async def stream(plan: Plan) -> AsyncIterator[msgspec.Struct]:
     try:
         async for ev in run_choices(plan.choices):
             parser = parsers.get(ev.index)
-            if parser is None:
-                deltas = [ChoiceDelta(content=ev.text)] if ev.text else []
-            else:
-                deltas = _deltas(parser.push(ev.text) + (parser.finish() if ev.finish_reason is not None else []))
+            done = ev.finish_reason is not None
+            splitter = splitters.get(ev.index)
+            segments = [(False, ev.text)] if splitter is None else _segments(splitter, ev.text, done)
+            deltas: list[ChoiceDelta] = []
+            for is_reasoning, text in segments:
+                if is_reasoning:
+                    deltas.append(ChoiceDelta(reasoning_content=text))
+                elif parser is None:
+                    deltas += [ChoiceDelta(content=text)] if text else []
+                else:
+                    deltas += _deltas(parser.push(text))
+            if parser is not None and done:
+                deltas += _deltas(parser.finish())
             logprobs = chat_logprobs(ev.logprobs, texts) if ev.logprobs and texts is not None else None
             if logprobs is not None and not deltas:
                 deltas = [ChoiceDelta(content="")]  # logprobs of text the stop matcher or tool parser still holds

@@ -34,6 +34,7 @@ from server.engine.grammar import check as check_constraint
 from server.errors import invalid_request, unsupported_param
 from server.serving.checks import Target, stream_options_need_stream
 from server.serving.common import parse_logit_bias, parse_stops
+from server.serving.reasoning import check_template_kwargs
 from server.serving.tools import ToolHistory, ToolPlan, plan_tools
 
 
@@ -49,6 +50,7 @@ class ChatChecks:
         logit_bias: ``(token id, bias)`` pairs.
         max_tokens: What the client asked for (``max_completion_tokens``, else ``max_tokens``), or ``None``.
         max_tokens_param: The name of the field ``max_tokens`` came from (errors name it).
+        template_kwargs: ``chat_template_kwargs``, none of them an argument of the rendering itself.
     """
 
     stops: list[str]
@@ -58,6 +60,7 @@ class ChatChecks:
     logit_bias: tuple[tuple[int, float], ...]
     max_tokens: int | None
     max_tokens_param: str
+    template_kwargs: dict[str, Any] | None = None
 
 
 def check_chat(req: ChatCompletionRequest, target: Target, *, max_messages: int | None) -> ChatChecks:
@@ -95,6 +98,7 @@ def check_chat(req: ChatCompletionRequest, target: Target, *, max_messages: int 
         constraint = checked(target, tools.constraint, "tools")
     logit_bias = parse_logit_bias(req.logit_bias, target.vocab_size)
     max_tokens, max_tokens_param = req.requested_max_tokens
+    template_kwargs = check_template_kwargs(req.chat_template_kwargs)
     return ChatChecks(
         stops=stops,
         messages=messages,
@@ -103,6 +107,7 @@ def check_chat(req: ChatCompletionRequest, target: Target, *, max_messages: int 
         logit_bias=logit_bias,
         max_tokens=max_tokens,
         max_tokens_param=max_tokens_param,
+        template_kwargs=template_kwargs,
     )
 
 

@@ -24,6 +24,7 @@ from server.engine.base import (
     TokenLogprob,
 )
 from server.errors import OpenAIError, overloaded
+from server.serving.reasoning import ReasoningCounter
 from server.serving.stops import StopMatcher
 
 log = logging.getLogger("server.serving")
@@ -67,6 +68,8 @@ class Choice:
     held: list[LogprobEntry] = field(default_factory=list)
     released_chars: int = 0
     covered_chars: int = 0
+    # A reasoning model's reasoning tokens, counted from the engine's own deltas (None: output is not split).
+    reasoning: ReasoningCounter | None = None
 
     @property
     def text(self) -> str:
@@ -183,6 +186,8 @@ async def run_choice(choice: Choice) -> AsyncIterator[ChoiceEvent]:
                     choice.token_gaps.append(now_ - choice.last_token_at)
                 choice.last_token_at = now_
             choice.completion_tokens += len(delta.token_ids)
+            if choice.reasoning is not None:
+                choice.reasoning.feed(delta)
             if delta.prompt_logprobs is not None:
                 choice.prompt_logprobs = delta.prompt_logprobs
             text = delta.text

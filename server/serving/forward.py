@@ -1,7 +1,8 @@
 """The bodies sent to a remote model's upstream, built from the validated request (never from the client's JSON).
 
 Only fields this server knows and has checked go upstream: an unknown client field (a vLLM ``chat_template``, a
-``guided_json``, anything the gateway cannot account for) is dropped, a field left at its default is not sent, and
+``guided_json``, anything the gateway cannot account for) is dropped (``chat_template_kwargs``, a known field, goes
+as is), a field left at its default is not sent, and
 the parts the checks normalised (tools, tool calls of earlier turns, ``tool_choice``, ``response_format``,
 ``logit_bias``) are rebuilt from what was validated. ``model`` is the upstream's name and max tokens is the one
 value the gateway reserved (set by :mod:`server.serving.remote`), under both names a chat upstream may honour.

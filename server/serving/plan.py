@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
-from schemas.openai.common import CompletionUsage
+from schemas.openai.common import CompletionTokensDetails, CompletionUsage
 from server.engine.base import Engine, SamplingParams, Tokenizer
 from server.serving.choices import Choice, admit
 from server.serving.common import new_id, now
+from server.serving.reasoning import Reasoning, ReasoningCounter, replayed_count
 
 if TYPE_CHECKING:
     from server.serving.tools import ToolPlan
@@ -112,6 +113,7 @@ def make_plan(
     n: int = 1,
     echo: bool = False,
     tools: ToolPlan | None = None,
+    reasoning: Reasoning | None = None,
 ) -> Plan:
     """A :class:`Plan` with a fresh id and timestamp; ``complete`` / ``stream_events`` render its family's answer."""
     return Plan(
@@ -132,6 +134,7 @@ def make_plan(
         n=n,
         echo=echo,
         tools=tools,
+        reasoning=reasoning,
     )
 
 
@@ -159,6 +162,8 @@ class Plan:
     n: int = 1
     echo: bool = False
     tools: ToolPlan | None = None
+    reasoning: Reasoning | None = None
+    """How a reasoning model's output is split (``None``: it is not); adds ``reasoning_tokens`` to the usage."""
     choices: list[Choice] = field(default_factory=list)
     cached: bool = False
 
@@ -186,7 +191,30 @@ class Plan:
     def usage(self) -> CompletionUsage:
         completion = sum(c.completion_tokens for c in self.choices)
         prompt = self.prompt_tokens
-        return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        usage = CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        if self.reasoning is not None:
+            usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=self.reasoning_tokens)
+        return usage
+
+    @property
+    def reasoning_tokens(self) -> int:
+        """Tokens of the choices' reasoning (a cache hit's are its cached reasoning re-tokenized)."""
+        reasoning = self.reasoning
+        if reasoning is None:
+            return 0
+        if self.cached:
+            # Never more than the tokens before the EOS that ended a stopped row.
+            tokenizer = self.engine.tokenizer
+            return sum(
+                max(
+                    0,
+                    min(
+                        replayed_count(c.text, reasoning, tokenizer), c.completion_tokens - (c.finish_reason == "stop")
+                    ),
+                )
+                for c in self.choices
+            )
+        return sum(c.reasoning.count for c in self.choices if c.reasoning is not None)
 
     @property
     def finished(self) -> bool:
@@ -237,6 +265,9 @@ class Plan:
     def open(self) -> None:
         """Admit every prompt ``n`` times to the engine, at once (503 ``overloaded`` when its queue is full)."""
         self.choices = admit(self.engine, self.id, self.prompts, self.params, self.stops, n=self.n)
+        if self.reasoning is not None:
+            for choice in self.choices:
+                choice.reasoning = ReasoningCounter(self.reasoning)
 
     async def complete(self) -> msgspec.Struct:
         """Run to the end and render the family's response."""

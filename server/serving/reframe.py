@@ -26,7 +26,7 @@ from schemas.openai.chat import (
     ChunkChoice,
     ToolCall,
 )
-from schemas.openai.common import CompletionUsage
+from schemas.openai.common import CompletionTokensDetails, CompletionUsage
 from schemas.openai.completions import Completion, CompletionChoice, CompletionLogprobs
 from server.errors import OpenAIError
 from server.serving.remote import RemoteCall
@@ -36,11 +36,15 @@ from server.serving.streaming import error_event
 class _Delta(msgspec.Struct):
     content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None  # the name newer vLLM versions use
 
 
 class _Message(msgspec.Struct):
     content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class _Choice(msgspec.Struct):
@@ -85,7 +89,19 @@ def _usage(value: Any) -> CompletionUsage | None:
     prompt, completion = _count(value.get("prompt_tokens")), _count(value.get("completion_tokens"))
     if prompt is None or completion is None:
         return None
-    return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    usage = CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    details = value.get("completion_tokens_details")
+    reasoning = _count(details.get("reasoning_tokens")) if isinstance(details, dict) else None
+    if reasoning is not None:  # a reasoning model's count, passed on as the upstream gave it
+        usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=reasoning)
+    return usage
+
+
+def _thought(part: _Delta | _Message | None) -> str | None:
+    """The reasoning text of an upstream message or delta, under either name vLLM has used."""
+    if part is None:
+        return None
+    return part.reasoning_content if part.reasoning_content is not None else part.reasoning
 
 
 def _convert(value: Any, kind: type[Any]) -> Any:
@@ -113,6 +129,9 @@ def complete(call: RemoteCall, raw: bytes) -> msgspec.Struct:
         content = ch.message.content if ch.message is not None else ch.text
         if content:
             r.text_parts.append(content)
+        thought = _thought(ch.message)
+        if thought is not None:
+            r.reasoning_parts = [thought]
         r.finish_reason = ch.finish_reason or "stop"
         r.logprobs = ch.logprobs
         if ch.message is not None and ch.message.tool_calls:
@@ -134,6 +153,7 @@ def render(call: RemoteCall) -> msgspec.Struct:
                 message=ChatCompletionMessage(
                     content=r.text if r.text or not r.tool_calls else None,
                     tool_calls=r.tool_calls if r.tool_calls else msgspec.UNSET,
+                    reasoning_content=msgspec.UNSET if r.reasoning_parts is None else "".join(r.reasoning_parts),
                 ),
                 logprobs=_convert(r.logprobs, ChoiceLogprobs),
                 finish_reason=r.finish_reason or "stop",
@@ -242,11 +262,17 @@ class _Framer:
                 continue  # one finish chunk per choice, whatever the upstream repeats
             text = (ch.delta.content if ch.delta is not None else ch.text) or ""
             calls = ch.delta.tool_calls if ch.delta is not None else None
-            if text or calls:
+            thought = _thought(ch.delta) if call.family == "chat" else None
+            if text or calls or thought:
                 r.pieces += 1
                 self._timing()
             r.text_parts.append(text)
             r.finish_reason = ch.finish_reason
+            if thought:
+                if r.reasoning_parts is None:
+                    r.reasoning_parts = []
+                r.reasoning_parts.append(thought)
+                out.append(self._chat(ChunkChoice(index=ch.index, delta=ChoiceDelta(reasoning_content=thought))))
             out += self._pieces(ch, text, calls)
         return out
 

@@ -55,6 +55,8 @@ class ChoiceResult:
     logprobs: Any = None
     pieces: int = 0
     """Upstream pieces that carried output (about one token each in vLLM's and llm-server's streams)."""
+    reasoning_parts: list[str] | None = None
+    """A reasoning model's ``reasoning_content`` as the upstream sent it (``None``: it sent none)."""
 
     @property
     def text(self) -> str:

@@ -409,6 +409,7 @@ def test_the_forwarded_chat_body_holds_only_validated_fields_and_one_max_tokens(
         "stream_options": {"include_usage": True},
         "max_tokens": 20,
         "max_completion_tokens": 20,
+        "chat_template_kwargs": {"x": 1},  # the template's variables: a known field, forwarded as is
     }
     known = {f.name for f in msgspec.structs.fields(ChatCompletionRequest)}
     assert set(seen.body) <= known
