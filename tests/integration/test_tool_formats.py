@@ -57,8 +57,22 @@ ANSWERS: dict[str, list[str]] = {
         '"Paris"}}, {"name": "add", "arguments": {"a": 1,',
         ' "b": 2}}]',
     ],
+    # Newer Mistral templates: one [TOOL_CALLS]name[ARGS]{...} per call.
+    "mistral_named": [
+        "[TOOL_CALLS]",
+        "get_weather[ARGS]",
+        '{"city": ',
+        '"Paris"}',
+        "[TOOL_CALLS]add[ARGS]",
+        '{"a": 1, "b": 2}',
+    ],
 }
-TEMPLATES = {"hermes": HERMES_TEMPLATE, "llama3_json": LLAMA3_TEMPLATE, "mistral": MISTRAL_TEMPLATE}
+TEMPLATES = {
+    "hermes": HERMES_TEMPLATE,
+    "llama3_json": LLAMA3_TEMPLATE,
+    "mistral": MISTRAL_TEMPLATE,
+    "mistral_named": MISTRAL_TEMPLATE,
+}
 
 
 @pytest.fixture
@@ -100,7 +114,7 @@ def streamed(client: TestClient[Litestar], **body: Any) -> tuple[str, list[tuple
     return content, [tuple(calls[i]) for i in sorted(calls)], finishes, deltas  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("family", ["hermes", "llama3_json", "mistral"])
+@pytest.mark.parametrize("family", list(TEMPLATES))
 def test_each_family_is_detected_and_parsed_whole_and_streamed(
     serve: Callable[..., TestClient[Litestar]], family: str
 ) -> None:

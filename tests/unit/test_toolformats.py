@@ -105,7 +105,19 @@ CASES: list[tuple[ToolFormat, str, str | None, list[tuple[str, str]]]] = [
     (MISTRAL, 'Hm. [TOOL_CALLS][{"name": "add", "arguments": {}}] ok', "Hm.  ok", [("add", "{}")]),
     (MISTRAL, '[TOOL_CALLS][{"name": "add", "arguments": {}}', None, [("add", "{}")]),  # no closing bracket
     (MISTRAL, "[1, 2] and [TOOL_CALLS]", "[1, 2] and [TOOL_CALLS]", []),
-    (MISTRAL, "[TOOL_CALLS]add[ARGS]{}", "[TOOL_CALLS]add[ARGS]{}", []),  # the newer form is not parsed
+    # The newer Mistral form, markers kept or dropped as special tokens.
+    (MISTRAL, "[TOOL_CALLS]add[ARGS]{}", None, [("add", "{}")]),
+    (
+        MISTRAL,
+        'Ok.[TOOL_CALLS]get_weather[ARGS]{"city": "P"}\n[TOOL_CALLS]add[ARGS] {"a": [1, 2]}',
+        "Ok.",
+        [("get_weather", '{"city":"P"}'), ("add", '{"a":[1,2]}')],
+    ),
+    (MISTRAL, 'get_weather{"city": "P"}add{"a": 1}', None, [("get_weather", '{"city":"P"}'), ("add", '{"a":1}')]),
+    (MISTRAL, 'add[ARGS]{"a": 1} done', "done", [("add", '{"a":1}')]),
+    (MISTRAL, "add more salt", "add more salt", []),
+    (MISTRAL, "address", "address", []),
+    (MISTRAL, "[TOOL_CALLS]nope[ARGS]{}", "[TOOL_CALLS]nope[ARGS]{}", []),
     (MISTRAL, '[TOOL_CALLS][{"name": "nope", "arguments": {}}]', '[TOOL_CALLS][{"name": "nope", "arguments": {}}]', []),
     (HERMES, '<tool_call>{"name": "add", "arguments": {}}</tool_call>', None, [("add", "{}")]),
 ]
@@ -134,6 +146,7 @@ def test_whole_and_streamed_parses_agree(
     [
         (LLAMA3_JSON, '{"name": "add", "parameters": {}}; {"name": "add", "parameters": {}}', '; {"name": "add"'),
         (MISTRAL, '[TOOL_CALLS][{"name": "add", "arguments": {}}, {"name": "add", "arguments": {}}]', ', {"name"'),
+        (MISTRAL, "[TOOL_CALLS]add[ARGS]{}[TOOL_CALLS]add[ARGS]{}", "[TOOL_CALLS]add"),
     ],
 )
 def test_calls_beyond_max_calls_are_content(fmt: ToolFormat, text: str, rest: str) -> None:

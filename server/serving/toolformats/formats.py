@@ -10,8 +10,9 @@ format                  the model writes                                        
 ======================  =====================================================================  =================
 
 The format comes from the chat template (what it tells the model to write) or from the ``TOOL_CALL_PARSER``
-setting. Newer Mistral templates write ``[TOOL_CALLS]name[ARGS]{...}``; only the JSON-list form is parsed and
-forced here.
+setting. Newer Mistral templates write ``[TOOL_CALLS]name[ARGS]{...}`` per call: that form is parsed too, but a
+forced call is written in the JSON-list form (the grammar repeats one JSON value, and the name outside it could not
+be tied to its arguments' schema).
 """
 
 from __future__ import annotations

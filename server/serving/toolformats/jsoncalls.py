@@ -2,9 +2,10 @@
 
 Llama 3.x answers a call with ``{"name": ..., "parameters": {...}}`` (``"arguments"`` is accepted too), optionally
 after ``<|python_tag|>``, several calls separated by ``;``; the calls must open the answer, or the whole answer is
-content. Mistral writes ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``, possibly after some content.
-Both markers are special tokens that a detokenizer skipping special tokens drops, so a call section may also begin
-without its marker: at the start of the answer, with ``{`` (Llama) or ``[`` (Mistral).
+content. Mistral writes ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``, possibly after some content;
+newer Mistral templates write ``[TOOL_CALLS]name[ARGS]{...}`` per call, which is read too. The markers are special
+tokens that a detokenizer skipping special tokens drops, so a call may also begin without them at the start of the
+answer: ``{`` (Llama), ``[`` or a tool's name followed by ``{`` (Mistral).
 
 Each call object is read by the Hermes parser's :class:`~server.serving.toolparse.CallBlock`, so names, arguments
 (compact JSON, streamed as they arrive) and eager announcement work the same way; text that turns out not to be a
@@ -13,10 +14,12 @@ call is content, marker and all, so no text is lost.
 
 from __future__ import annotations
 
+import string
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
+from server.serving.jsonlex import JsonLexer
 from server.serving.toolparse import (
     ENDED,
     FAILED,
@@ -28,7 +31,8 @@ from server.serving.toolparse import (
     new_call_id,
 )
 
-_Mode = Literal["start", "text", "content", "open", "block", "between"]
+_Mode = Literal["start", "text", "content", "open", "block", "between", "named", "args"]
+_NAME_CHARS: Final = frozenset(string.ascii_letters + string.digits + "_-.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +45,8 @@ class CallSyntax:
         bracket: The calls sit in one JSON-like list ``[call, call]`` after the marker (Mistral).
         separator: What separates two calls (after optional whitespace).
         args_keys: The members that may hold a call's arguments.
+        args_tag: For the ``name<args_tag>{...}`` form (newer Mistral templates), the tag between the name and the
+            arguments object; ``None`` where the family has no such form.
     """
 
     marker: str
@@ -48,10 +54,43 @@ class CallSyntax:
     bracket: bool
     separator: str
     args_keys: tuple[str, ...]
+    args_tag: str | None = None
 
 
 LLAMA3_SYNTAX = CallSyntax("<|python_tag|>", False, False, ";", ("parameters", "arguments"))
-MISTRAL_SYNTAX = CallSyntax("[TOOL_CALLS]", True, True, ",", ("arguments",))
+MISTRAL_SYNTAX = CallSyntax("[TOOL_CALLS]", True, True, ",", ("arguments",), "[ARGS]")
+
+
+class _ArgsReader:
+    """The arguments object of a ``name[ARGS]{...}`` call, checked and compacted as it arrives."""
+
+    __slots__ = ("args", "lexer", "opened", "pos", "raw")
+
+    def __init__(self) -> None:
+        self.raw = ""
+        self.pos = 0
+        self.lexer = JsonLexer()
+        self.opened = False
+        self.args: list[str] = []
+
+    def scan(self, final: bool) -> tuple[int, int] | None:
+        """``None`` (needs more), ``(FAILED, pos)`` or ``(ENDED, resume_pos)``, as ``CallBlock.scan``."""
+        for pos in range(self.pos, len(self.raw)):
+            ch = self.raw[pos]
+            if not self.opened:
+                if ch.isspace():
+                    continue
+                if ch != "{":
+                    return FAILED, pos
+                self.opened = True
+            if not self.lexer.feed(ch):
+                return FAILED, pos
+            if self.lexer.significant:
+                self.args.append(ch)
+            if self.lexer.done:
+                return ENDED, pos + 1
+        self.pos = len(self.raw)
+        return (FAILED, len(self.raw)) if final else None
 
 
 def _partial_suffix(text: str, tag: str) -> int:
@@ -87,6 +126,7 @@ class JsonCallsParser(EventSink):
         self._buf = ""  # text not decided yet
         self._section = ""  # marker and punctuation read since the last call, content again if the next call fails
         self._block: CallBlock | None = None
+        self._named: tuple[str, _ArgsReader] | None = None  # the name and arguments of a name[ARGS]{...} call
         self._call_id: str | None = None
         self._sent = 0
         self._calls = 0
@@ -117,6 +157,8 @@ class JsonCallsParser(EventSink):
         mode = self._mode
         if mode == "block":
             return self._step_block(final)
+        if mode == "args":
+            return self._step_args(final)
         buf = self._buf
         if mode == "content":
             self._content(buf)
@@ -133,9 +175,14 @@ class JsonCallsParser(EventSink):
             return False
         if mode == "start":
             return self._step_start(body, lead, final)
+        if mode == "named":
+            return self._step_named(body, lead, final)
         if mode == "open":
             if body[0] != "[":
-                self._fail_section("")
+                if self._syntax.args_tag is not None:
+                    self._mode = "named"
+                else:
+                    self._fail_section("")
                 return True
             self._section += lead + "["
             self._buf = body[1:]
@@ -155,6 +202,9 @@ class JsonCallsParser(EventSink):
         elif body[0] == ("[" if syntax.bracket else "{"):  # the marker dropped as a special token
             self._buf = body
             self._mode = "open" if syntax.bracket else "block"
+        elif syntax.args_tag is not None and body[0] in _NAME_CHARS:  # name[ARGS]{...}, the marker dropped
+            self._buf = body
+            self._mode = "named"
         else:
             self._buf = body
             self._mode = "text" if syntax.anywhere else "content"
@@ -214,6 +264,72 @@ class JsonCallsParser(EventSink):
         self._buf = block.raw[pos:]
         self._section = ""
         self._mode = "between" if kind == ENDED else ("text" if self._syntax.anywhere else "content")
+        return True
+
+    def _named_head(self, body: str, final: bool) -> tuple[str, int] | bool:
+        """A ``name[ARGS]`` (or bare ``name`` before ``{``) head at the start of ``body``: the name and the head's
+        length, ``True`` to wait for more text, ``False`` when there is none."""
+        end = 0
+        while end < len(body) and body[end] in _NAME_CHARS:
+            end += 1
+        name, rest = body[:end], body[end:]
+        if not rest:
+            return not final and any(n.startswith(name) for n in self._names)
+        if name not in self._names:
+            return False
+        tag = self._syntax.args_tag or ""
+        if rest.startswith(tag):
+            return name, end + len(tag)
+        if not final and tag.startswith(rest):
+            return True
+        return (name, end) if rest[0] == "{" else False  # [ARGS] dropped as a special token
+
+    def _step_named(self, body: str, lead: str, final: bool) -> bool:
+        head = self._named_head(body, final)
+        if head is True:
+            return False
+        if head is False or (self._max_calls is not None and self.calls >= self._max_calls):
+            self._fail_section("")
+            return True
+        assert not isinstance(head, bool)
+        name, size = head
+        self._section += lead + body[:size]
+        self._buf = body[size:]
+        self._named = (name, _ArgsReader())
+        self._mode = "args"
+        if self._eager:
+            self._call_id = new_call_id()
+            self._out.append(ToolCallStart(self._calls, self._call_id, name))
+        return True
+
+    def _step_args(self, final: bool) -> bool:
+        assert self._named is not None
+        name, reader = self._named
+        reader.raw += self._buf
+        self._buf = ""
+        outcome = reader.scan(final)
+        if outcome is None or outcome[0] == ENDED:
+            if self._call_id is None and outcome is not None:  # announced only now that it is complete
+                self._call_id = new_call_id()
+                self._out.append(ToolCallStart(self._calls, self._call_id, name))
+            if self._call_id is not None and self._sent < len(reader.args):
+                self._out.append(ToolCallArguments(self._calls, "".join(reader.args[self._sent :])))
+                self._sent = len(reader.args)
+        if outcome is None:
+            return False
+        kind, pos = outcome
+        self._named = None
+        if self._call_id is None:  # failed before it was announced: the head and the text are content
+            self._buf = reader.raw
+            self._fail_section("")
+            return True
+        if kind == FAILED:
+            self.broken_calls.append(self._calls)
+        self._calls += 1
+        self._call_id, self._sent = None, 0
+        self._buf, self._section = reader.raw[pos:], ""
+        # Another call may follow at once (its [TOOL_CALLS] dropped as a special token), else text.
+        self._mode = "named" if kind == ENDED else "text"
         return True
 
     def _fail_section(self, extra: str) -> None:
