@@ -14,12 +14,17 @@ call is content, marker and all, so no text is lost.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Literal
 
-from server.serving.jsonlex import JsonLexer
+from server.serving.toolformats.syntax import (
+    LLAMA3_SYNTAX,
+    MISTRAL_SYNTAX,
+    NAME_CHARS,
+    ArgsReader,
+    CallSyntax,
+    partial_suffix,
+)
 from server.serving.toolparse import (
     ENDED,
     FAILED,
@@ -31,74 +36,9 @@ from server.serving.toolparse import (
     new_call_id,
 )
 
+__all__ = ["LLAMA3_SYNTAX", "MISTRAL_SYNTAX", "CallSyntax", "JsonCallsParser"]
+
 _Mode = Literal["start", "text", "content", "open", "block", "between", "named", "args"]
-_NAME_CHARS: Final = frozenset(string.ascii_letters + string.digits + "_-.")
-
-
-@dataclass(frozen=True, slots=True)
-class CallSyntax:
-    """How a family writes its call section.
-
-    Attributes:
-        marker: The tag that opens the section.
-        anywhere: The section may follow content (Mistral); else it must open the answer (Llama 3).
-        bracket: The calls sit in one JSON-like list ``[call, call]`` after the marker (Mistral).
-        separator: What separates two calls (after optional whitespace).
-        args_keys: The members that may hold a call's arguments.
-        args_tag: For the ``name<args_tag>{...}`` form (newer Mistral templates), the tag between the name and the
-            arguments object; ``None`` where the family has no such form.
-    """
-
-    marker: str
-    anywhere: bool
-    bracket: bool
-    separator: str
-    args_keys: tuple[str, ...]
-    args_tag: str | None = None
-
-
-LLAMA3_SYNTAX = CallSyntax("<|python_tag|>", False, False, ";", ("parameters", "arguments"))
-MISTRAL_SYNTAX = CallSyntax("[TOOL_CALLS]", True, True, ",", ("arguments",), "[ARGS]")
-
-
-class _ArgsReader:
-    """The arguments object of a ``name[ARGS]{...}`` call, checked and compacted as it arrives."""
-
-    __slots__ = ("args", "lexer", "opened", "pos", "raw")
-
-    def __init__(self) -> None:
-        self.raw = ""
-        self.pos = 0
-        self.lexer = JsonLexer()
-        self.opened = False
-        self.args: list[str] = []
-
-    def scan(self, final: bool) -> tuple[int, int] | None:
-        """``None`` (needs more), ``(FAILED, pos)`` or ``(ENDED, resume_pos)``, as ``CallBlock.scan``."""
-        for pos in range(self.pos, len(self.raw)):
-            ch = self.raw[pos]
-            if not self.opened:
-                if ch.isspace():
-                    continue
-                if ch != "{":
-                    return FAILED, pos
-                self.opened = True
-            if not self.lexer.feed(ch):
-                return FAILED, pos
-            if self.lexer.significant:
-                self.args.append(ch)
-            if self.lexer.done:
-                return ENDED, pos + 1
-        self.pos = len(self.raw)
-        return (FAILED, len(self.raw)) if final else None
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of ``text`` that could still grow into ``tag``."""
-    for size in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-size:]):
-            return size
-    return 0
 
 
 class JsonCallsParser(EventSink):
@@ -126,7 +66,7 @@ class JsonCallsParser(EventSink):
         self._buf = ""  # text not decided yet
         self._section = ""  # marker and punctuation read since the last call, content again if the next call fails
         self._block: CallBlock | None = None
-        self._named: tuple[str, _ArgsReader] | None = None  # the name and arguments of a name[ARGS]{...} call
+        self._named: tuple[str, ArgsReader] | None = None  # the name and arguments of a name[ARGS]{...} call
         self._call_id: str | None = None
         self._sent = 0
         self._calls = 0
@@ -202,7 +142,7 @@ class JsonCallsParser(EventSink):
         elif body[0] == ("[" if syntax.bracket else "{"):  # the marker dropped as a special token
             self._buf = body
             self._mode = "open" if syntax.bracket else "block"
-        elif syntax.args_tag is not None and body[0] in _NAME_CHARS:  # name[ARGS]{...}, the marker dropped
+        elif syntax.args_tag is not None and body[0] in NAME_CHARS:  # name[ARGS]{...}, the marker dropped
             self._buf = body
             self._mode = "named"
         else:
@@ -221,7 +161,7 @@ class JsonCallsParser(EventSink):
             self._section, self._buf = marker, buf[start + len(marker) :]
             self._mode = "open"
             return True
-        keep = 0 if final else _partial_suffix(buf, marker)
+        keep = 0 if final else partial_suffix(buf, marker)
         self._content(buf[: len(buf) - keep])
         self._buf = buf[len(buf) - keep :]
         return False
@@ -270,7 +210,7 @@ class JsonCallsParser(EventSink):
         """A ``name[ARGS]`` (or bare ``name`` before ``{``) head at the start of ``body``: the name and the head's
         length, ``True`` to wait for more text, ``False`` when there is none."""
         end = 0
-        while end < len(body) and body[end] in _NAME_CHARS:
+        while end < len(body) and body[end] in NAME_CHARS:
             end += 1
         name, rest = body[:end], body[end:]
         if not rest:
@@ -295,7 +235,7 @@ class JsonCallsParser(EventSink):
         name, size = head
         self._section += lead + body[:size]
         self._buf = body[size:]
-        self._named = (name, _ArgsReader())
+        self._named = (name, ArgsReader())
         self._mode = "args"
         if self._eager:
             self._call_id = new_call_id()
