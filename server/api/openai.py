@@ -45,10 +45,17 @@ async def create_chat_completion(
         )
         return await respond(request, state.exchange, RemoteWork(call, backend))  # type: ignore[return-value]
     engine = state.models.ready_engine(backend)
-    reasoning = state.settings.reasoning_parser
+    reasoning, tool_parser = state.settings.reasoning_parser, state.settings.tool_call_parser
     plan = await prepared(
         request,
-        lambda: chat.prepare(engine, body, max_tokens_cap=cap, max_messages=max_messages, reasoning_parser=reasoning),
+        lambda: chat.prepare(
+            engine,
+            body,
+            max_tokens_cap=cap,
+            max_messages=max_messages,
+            reasoning_parser=reasoning,
+            tool_parser=tool_parser,
+        ),
     )
     return await respond(request, state.exchange, plan)  # type: ignore[return-value]
 

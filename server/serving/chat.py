@@ -35,6 +35,7 @@ from server.serving.logprobs import TokenTexts, chat_logprobs
 from server.serving.plan import Plan, make_plan
 from server.serving.reasoning import ReasoningSplitter, reasoning_for, split
 from server.serving.streaming import error_event
+from server.serving.toolformats import model_tool_format
 from server.serving.toolparse import ContentDelta, ToolCallStart, ToolEvent
 from server.serving.toolparse import ToolCall as ParsedCall
 
@@ -46,16 +47,19 @@ def prepare(
     max_tokens_cap: int | None = None,
     max_messages: int | None = None,
     reasoning_parser: str = "auto",
+    tool_parser: str = "auto",
 ) -> Plan:
     """Validate, render the chat template and check the context window (nothing is admitted yet).
 
     The checks every model shares (:func:`~server.serving.chat_checks.check_chat`) run first, so a remote model
     answers the same body with the same 400; ``max_messages`` bounds ``messages`` (``None``: no bound);
     ``reasoning_parser`` (the ``REASONING_PARSER`` setting) says whether a reasoning model's thinking is split off
-    (:mod:`server.serving.reasoning`), in which case an output constraint applies after it.
+    (:mod:`server.serving.reasoning`), in which case an output constraint applies after it; ``tool_parser`` (the
+    ``TOOL_CALL_PARSER`` setting) is the tool-call format (``"auto"``: the one the chat template shows).
     """
     model = engine.name  # the route resolved the request's model to this engine (404 there otherwise)
-    checks = check_chat(req, local_target(engine), max_messages=max_messages)
+    tool_format = model_tool_format(engine.tokenizer, tool_parser)
+    checks = check_chat(req, local_target(engine), max_messages=max_messages, tool_format=tool_format)
     text_bytes = sum(utf8_length(m["content"]) for m in checks.messages if isinstance(m.get("content"), str))
     check_prompt_bytes(engine, text_bytes, checks.max_tokens, "messages")
     tokenizer = engine.tokenizer

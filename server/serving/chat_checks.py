@@ -35,6 +35,7 @@ from server.errors import invalid_request, unsupported_param
 from server.serving.checks import Target, stream_options_need_stream
 from server.serving.common import parse_logit_bias, parse_stops
 from server.serving.reasoning import check_template_kwargs
+from server.serving.toolformats import HERMES, ToolFormat
 from server.serving.tools import ToolHistory, ToolPlan, plan_tools
 
 
@@ -63,10 +64,18 @@ class ChatChecks:
     template_kwargs: dict[str, Any] | None = None
 
 
-def check_chat(req: ChatCompletionRequest, target: Target, *, max_messages: int | None) -> ChatChecks:
+def check_chat(
+    req: ChatCompletionRequest,
+    target: Target,
+    *,
+    max_messages: int | None,
+    tool_format: ToolFormat | None = HERMES,
+) -> ChatChecks:
     """Everything about a chat request that needs no tokenizer, in the order a local model has always checked it.
 
-    ``max_messages`` bounds ``messages`` (the ``MAX_MESSAGES`` setting; ``None``: no bound).
+    ``max_messages`` bounds ``messages`` (the ``MAX_MESSAGES`` setting; ``None``: no bound). ``tool_format`` is how
+    the model writes tool calls (a remote model parses its own: Hermes stands in, so the same tools get the same
+    checks); ``None`` refuses ``tools`` (a template that shows no tool-call format).
 
     Raises:
         OpenAIError: 400 naming the offending parameter.
@@ -82,7 +91,7 @@ def check_chat(req: ChatCompletionRequest, target: Target, *, max_messages: int 
     stops = parse_stops(req.stop)
     stream_options_need_stream(req.stream_options, req.stream)
     messages = template_messages(req.messages)
-    tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+    tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls, tool_format)
     if req.continue_final_message and messages[-1]["role"] != "assistant":
         raise invalid_request(
             "'continue_final_message' needs the last message to be from the assistant.", "continue_final_message"

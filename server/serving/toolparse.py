@@ -70,11 +70,11 @@ ToolEvent = ContentDelta | ToolCallStart | ToolCallArguments
 
 # ---- one block ------------------------------------------------------------------------------------------
 
-_FAIL, _ENDED = range(2)
+FAILED, ENDED = range(2)
 
 
-class _Block:
-    """One ``<tool_call>`` block, read from just after its opening tag.
+class CallBlock:
+    """One call object, read from just after its opening tag (Hermes) or from where a call may start (JSON formats).
 
     ``raw`` holds everything received since the tag (so a failed block can be handed back as text). The call is
     ``committed`` once it can no longer be content: when its object closes validly or, with ``eager``, as soon as
@@ -83,7 +83,9 @@ class _Block:
 
     __slots__ = (
         "args",
+        "args_keys",
         "args_kind",
+        "close",
         "closed_at",
         "committed",
         "eager",
@@ -99,9 +101,17 @@ class _Block:
         "value_start",
     )
 
-    def __init__(self, names: frozenset[str], eager: bool) -> None:
+    def __init__(
+        self,
+        names: frozenset[str],
+        eager: bool,
+        args_keys: tuple[str, ...] = ("arguments",),
+        close: str = TOOL_CALL_CLOSE,
+    ) -> None:
         self.names = names
         self.eager = eager
+        self.args_keys = args_keys
+        self.close = close
         self.raw = ""
         self.pos = 0
         self.lexer = JsonLexer()
@@ -117,7 +127,7 @@ class _Block:
         self.closed_at: int | None = None  # index in raw just past the object's closing brace
 
     def scan(self, final: bool) -> tuple[int, int] | None:
-        """Read the new part of ``raw``: ``None`` (needs more), ``(_FAIL, pos)`` or ``(_ENDED, resume_pos)``."""
+        """Read the new part of ``raw``: ``None`` (needs more), ``(FAILED, pos)`` or ``(ENDED, resume_pos)``."""
         raw, lexer = self.raw, self.lexer
         if self.closed_at is None:
             for pos in range(self.pos, len(raw)):
@@ -126,16 +136,16 @@ class _Block:
                     if ch.isspace():
                         continue
                     if ch != "{":
-                        return _FAIL, pos
+                        return FAILED, pos
                     self.opened = True
                 was_in_args = self.in_args
                 if not lexer.feed(ch) or (lexer.events and not self._on_events(ch, pos)):
-                    return _FAIL, pos
+                    return FAILED, pos
                 if (was_in_args or self.in_args) and lexer.significant:
                     self.args.append(ch)
                 if lexer.done:
                     if self.name is None:
-                        return _FAIL, pos
+                        return FAILED, pos
                     if self.args_kind is None:
                         self.args.append("{}")
                     self.committed = True
@@ -143,15 +153,17 @@ class _Block:
                     break
             else:
                 self.pos = len(raw)
-                return (_FAIL, len(raw)) if final else None
+                return (FAILED, len(raw)) if final else None
+        if not self.close:
+            return ENDED, self.closed_at
         # After the object: optional whitespace and the closing tag; anything else resumes as text.
         after = raw[self.closed_at :]
         tail = after.lstrip()
-        if tail.startswith(TOOL_CALL_CLOSE):
-            return _ENDED, len(raw) - len(tail) + len(TOOL_CALL_CLOSE)
-        if not final and TOOL_CALL_CLOSE.startswith(tail):
+        if tail.startswith(self.close):
+            return ENDED, len(raw) - len(tail) + len(self.close)
+        if not final and self.close.startswith(tail):
             return None
-        return _ENDED, self.closed_at
+        return ENDED, self.closed_at
 
     def _on_events(self, ch: str, pos: int) -> bool:
         for kind, level in self.lexer.events:
@@ -165,7 +177,7 @@ class _Block:
                 self.value_start = pos
                 if self.key == "name" and (ch != '"' or self.name is not None):
                     return False
-                if self.key == "arguments":
+                if self.key in self.args_keys:
                     if self.args_kind is not None or ch not in ("{", '"', "n"):
                         return False
                     self.args_kind, self.in_args = ch, ch == "{"
@@ -175,7 +187,7 @@ class _Block:
                     return False
                 self.name = name
                 self.committed = self.eager and self.args_kind is None
-            elif self.key == "arguments":
+            elif self.key in self.args_keys:
                 self.in_args = False
                 if self.args_kind == "n":
                     self.args.append("{}")
@@ -196,103 +208,24 @@ def _partial_open_tag(text: str) -> int:
     return len(text) - start if start != -1 and TOOL_CALL_OPEN.startswith(text[start:]) else 0
 
 
-class ToolStreamParser:
-    """Splits streamed output into content and tool calls, announcing each call as soon as its name is known.
+class EventSink:
+    """What every format's stream parser shares: content stripped and merged, events queued and merged.
 
-    Content is stripped like :func:`parse_tool_calls` strips it: leading whitespace is dropped and trailing
-    whitespace held back until more content follows. Text that could still become an opening tag is held back too.
-    The events of any split of a text match :func:`parse_tool_calls` on the whole text, except for a block that
-    breaks after its call was announced (output cut mid-arguments, or malformed JSON after the name): an announced
-    call cannot be taken back, so it keeps the arguments sent so far (then not valid JSON; see
-    :attr:`broken_calls`) and the text from the point of failure on is read as content again.
-
-    Args:
-        names: The tools whose names count as calls.
-        max_calls: Most calls to recognise (``parallel_tool_calls=false`` means 1); later blocks are content.
-        eager: ``False`` announces a call only once its block is complete (what :func:`parse_tool_calls` uses).
+    Content is stripped like the whole-text parse strips it: leading whitespace is dropped and trailing whitespace
+    held back until more content follows (:meth:`finish` drops it).
     """
 
-    def __init__(self, names: Iterable[str], *, max_calls: int | None = None, eager: bool = True) -> None:
-        self._names = frozenset(names)
-        self._max_calls = max_calls
-        self._eager = eager
-        self._held = ""  # a possible start of the opening tag
-        self._block: _Block | None = None
-        self._call_id: str | None = None  # of the announced call of the current block
-        self._sent = 0  # argument pieces of the current block already emitted
-        self._calls = 0
+    _out: list[ToolEvent]
+    _content_started: bool
+    _space: str
+    broken_calls: list[int]
+
+    def _init_events(self) -> None:
         self._content_started = False
         self._space = ""  # trailing whitespace of the content, held back
-        self._out: list[ToolEvent] = []
-        self.broken_calls: list[int] = []
+        self._out = []
+        self.broken_calls = []
         """Indices of announced calls whose block turned out invalid (their arguments may be cut short)."""
-
-    @property
-    def calls(self) -> int:
-        """Number of calls announced so far."""
-        return self._calls + (self._call_id is not None)
-
-    def push(self, text: str) -> list[ToolEvent]:
-        """Add generated text; return the events it completes."""
-        self._feed(text, final=False)
-        return self._take()
-
-    def finish(self) -> list[ToolEvent]:
-        """End of output: decide held text and an open block; return the last events."""
-        self._feed("", final=True)
-        self._space = ""
-        return self._take()
-
-    def _feed(self, text: str, final: bool) -> None:
-        while True:
-            block = self._block
-            if block is None:
-                rest = self._scan_text(text, final)
-                if rest is None:
-                    return
-                block = self._block = _Block(self._names, self._eager)
-                text = rest
-            block.raw += text
-            outcome = block.scan(final)
-            self._announce(block)
-            if outcome is None:
-                return
-            kind, pos = outcome
-            self._block = None
-            if self._call_id is not None:
-                if kind == _FAIL:
-                    self.broken_calls.append(self._calls)
-                self._calls += 1
-                self._call_id, self._sent = None, 0
-                text = block.raw[pos:]
-            else:  # failed before its call was announced (an ended block always is): the tag is content
-                self._content(TOOL_CALL_OPEN)
-                text = block.raw  # and its body is read again as text
-
-    def _scan_text(self, text: str, final: bool) -> str | None:
-        """Emit content up to an opening tag and return what follows the tag, or ``None`` if there is none."""
-        buf, self._held = self._held + text, ""
-        if self._max_calls is None or self._calls < self._max_calls:
-            start = buf.find(TOOL_CALL_OPEN)
-            if start != -1:
-                self._content(buf[:start])
-                return buf[start + len(TOOL_CALL_OPEN) :]
-            keep = 0 if final else _partial_open_tag(buf)
-            if keep:
-                buf, self._held = buf[:-keep], buf[-keep:]
-        self._content(buf)
-        return None
-
-    def _announce(self, block: _Block) -> None:
-        if not block.committed:
-            return
-        if self._call_id is None:
-            assert block.name is not None
-            self._call_id = new_call_id()
-            self._out.append(ToolCallStart(self._calls, self._call_id, block.name))
-        if self._sent < len(block.args):
-            self._out.append(ToolCallArguments(self._calls, "".join(block.args[self._sent :])))
-            self._sent = len(block.args)
 
     def _content(self, text: str) -> None:
         if not self._content_started:
@@ -324,6 +257,101 @@ class ToolStreamParser:
                 merged.append(event)
         self._out = []
         return merged
+
+
+class ToolStreamParser(EventSink):
+    """Splits streamed output into content and tool calls, announcing each call as soon as its name is known.
+
+    Content is stripped like :func:`parse_tool_calls` strips it: leading whitespace is dropped and trailing
+    whitespace held back until more content follows. Text that could still become an opening tag is held back too.
+    The events of any split of a text match :func:`parse_tool_calls` on the whole text, except for a block that
+    breaks after its call was announced (output cut mid-arguments, or malformed JSON after the name): an announced
+    call cannot be taken back, so it keeps the arguments sent so far (then not valid JSON; see
+    :attr:`broken_calls`) and the text from the point of failure on is read as content again.
+
+    Args:
+        names: The tools whose names count as calls.
+        max_calls: Most calls to recognise (``parallel_tool_calls=false`` means 1); later blocks are content.
+        eager: ``False`` announces a call only once its block is complete (what :func:`parse_tool_calls` uses).
+    """
+
+    def __init__(self, names: Iterable[str], *, max_calls: int | None = None, eager: bool = True) -> None:
+        self._names = frozenset(names)
+        self._max_calls = max_calls
+        self._eager = eager
+        self._held = ""  # a possible start of the opening tag
+        self._block: CallBlock | None = None
+        self._call_id: str | None = None  # of the announced call of the current block
+        self._sent = 0  # argument pieces of the current block already emitted
+        self._calls = 0
+        self._init_events()
+
+    @property
+    def calls(self) -> int:
+        """Number of calls announced so far."""
+        return self._calls + (self._call_id is not None)
+
+    def push(self, text: str) -> list[ToolEvent]:
+        """Add generated text; return the events it completes."""
+        self._feed(text, final=False)
+        return self._take()
+
+    def finish(self) -> list[ToolEvent]:
+        """End of output: decide held text and an open block; return the last events."""
+        self._feed("", final=True)
+        self._space = ""
+        return self._take()
+
+    def _feed(self, text: str, final: bool) -> None:
+        while True:
+            block = self._block
+            if block is None:
+                rest = self._scan_text(text, final)
+                if rest is None:
+                    return
+                block = self._block = CallBlock(self._names, self._eager)
+                text = rest
+            block.raw += text
+            outcome = block.scan(final)
+            self._announce(block)
+            if outcome is None:
+                return
+            kind, pos = outcome
+            self._block = None
+            if self._call_id is not None:
+                if kind == FAILED:
+                    self.broken_calls.append(self._calls)
+                self._calls += 1
+                self._call_id, self._sent = None, 0
+                text = block.raw[pos:]
+            else:  # failed before its call was announced (an ended block always is): the tag is content
+                self._content(TOOL_CALL_OPEN)
+                text = block.raw  # and its body is read again as text
+
+    def _scan_text(self, text: str, final: bool) -> str | None:
+        """Emit content up to an opening tag and return what follows the tag, or ``None`` if there is none."""
+        buf, self._held = self._held + text, ""
+        if self._max_calls is None or self._calls < self._max_calls:
+            start = buf.find(TOOL_CALL_OPEN)
+            if start != -1:
+                self._content(buf[:start])
+                return buf[start + len(TOOL_CALL_OPEN) :]
+            keep = 0 if final else _partial_open_tag(buf)
+            if keep:
+                buf, self._held = buf[:-keep], buf[-keep:]
+        self._content(buf)
+        return None
+
+    def _announce(self, block: CallBlock) -> None:
+        if not block.committed:
+            return
+        if self._call_id is None:
+            assert block.name is not None
+            self._call_id = new_call_id()
+            self._out.append(ToolCallStart(self._calls, self._call_id, block.name))
+        if self._sent < len(block.args):
+            self._out.append(ToolCallArguments(self._calls, "".join(block.args[self._sent :])))
+            self._sent = len(block.args)
 
 
 def join_events(events: Iterable[ToolEvent]) -> tuple[str | None, list[ToolCall]]:

@@ -1,14 +1,14 @@
-"""OpenAI tool calling over Hermes/Qwen-style chat templates: the checks types cannot make, the plan, history messages.
+"""OpenAI tool calling over the chat template: the checks types cannot make, the plan, history messages.
 
-Tools reach the model through its chat template (the ``tools`` variable); the model answers with
-``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks, which :mod:`server.serving.toolparse` turns
-back into OpenAI ``tool_calls``. ``tool_choice="required"`` and a named function are enforced with a grammar
-(:class:`~server.engine.base.Constraint`); ``"auto"`` leaves the choice to the model and ``"none"`` hides the tools.
+Tools reach the model through its chat template (the ``tools`` variable); the model answers in its family's format
+(Hermes ``<tool_call>`` blocks, Llama 3 JSON, Mistral ``[TOOL_CALLS]``; see :mod:`server.serving.toolformats`),
+which the format's parser turns back into OpenAI ``tool_calls``. ``tool_choice="required"`` and a named function are
+enforced with a grammar (:class:`~server.engine.base.Constraint`) in that format; ``"auto"`` leaves the choice to
+the model and ``"none"`` hides the tools.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,9 +18,8 @@ import msgspec
 from schemas.openai.tools import ChatTool, CustomTool, FunctionDefinition, MessageToolCall, NamedToolChoice, ToolChoice
 from server.engine.base import Constraint
 from server.errors import invalid_request, unsupported_param
+from server.serving.toolformats import HERMES, ToolFormat, ToolParser, call_schema
 from server.serving.toolparse import (
-    TOOL_CALL_CLOSE,
-    TOOL_CALL_OPEN,
     ContentDelta,
     ToolCall,
     ToolCallArguments,
@@ -37,8 +36,10 @@ __all__ = [
     "ToolCallArguments",
     "ToolCallStart",
     "ToolEvent",
+    "ToolFormat",
     "ToolHistory",
     "ToolMode",
+    "ToolParser",
     "ToolPlan",
     "ToolStreamParser",
     "call_schema",
@@ -71,21 +72,6 @@ def wire_tool(function: FunctionDefinition) -> dict[str, Any]:
     return tool
 
 
-def call_schema(function: FunctionDefinition) -> dict[str, Any]:
-    """JSON Schema of one ``{"name": ..., "arguments": ...}`` call of ``function``, name first."""
-    parameters = function.parameters
-    if parameters is None:
-        arguments: dict[str, Any] = {"type": "object", "properties": {}}
-    else:
-        arguments = parameters if "type" in parameters else {"type": "object", **parameters}
-    return {
-        "type": "object",
-        "properties": {"name": {"const": function.name}, "arguments": arguments},
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    }
-
-
 @dataclass(frozen=True, slots=True)
 class ToolPlan:
     """How one chat request uses tools.
@@ -98,6 +84,7 @@ class ToolPlan:
         call_names: Names that count as calls in the output (only the named one in ``"function"`` mode).
         max_calls: Most calls per answer: 1 without ``parallel_tool_calls`` or with a named function.
         constraint: The grammar that forces calls (``"required"`` and ``"function"`` modes), else ``None``.
+        format: How the model writes calls (what parses them and what the constraint forces).
     """
 
     mode: ToolMode
@@ -106,6 +93,7 @@ class ToolPlan:
     call_names: frozenset[str] = frozenset()
     max_calls: int | None = None
     constraint: Constraint | None = None
+    format: ToolFormat = HERMES
 
     @property
     def parses_calls(self) -> bool:
@@ -113,22 +101,26 @@ class ToolPlan:
         return self.mode != "none"
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """Content and calls of finished output (see :func:`parse_tool_calls`)."""
-        return parse_tool_calls(text, self.call_names, max_calls=self.max_calls)
+        """Content and calls of finished output (see :func:`parse_tool_calls`), in the plan's format."""
+        return self.format.parse(text, self.call_names, max_calls=self.max_calls)
 
-    def stream_parser(self) -> ToolStreamParser:
+    def stream_parser(self) -> ToolParser:
         """A parser for one streamed choice."""
-        return ToolStreamParser(self.call_names, max_calls=self.max_calls)
+        return self.format.stream_parser(self.call_names, max_calls=self.max_calls)
 
 
 def plan_tools(
-    tools: Sequence[ChatTool] | None, tool_choice: ToolChoice | None, parallel_tool_calls: bool | None
+    tools: Sequence[ChatTool] | None,
+    tool_choice: ToolChoice | None,
+    parallel_tool_calls: bool | None,
+    fmt: ToolFormat | None = HERMES,
 ) -> ToolPlan:
     """Check what the types of ``tools``, ``tool_choice`` and ``parallel_tool_calls`` cannot, and plan their use.
 
     The decoder has checked their shapes (names, types, at most 128 tools); this refuses what needs the request as
     a whole or is not supported: an empty ``tools``, custom tools, duplicate names, a ``parameters`` schema that is
-    not of an object, a ``tool_choice`` (or ``parallel_tool_calls``) without tools or naming no tool of the request.
+    not of an object, a ``tool_choice`` (or ``parallel_tool_calls``) without tools or naming no tool of the request,
+    and tools the model cannot be offered (``fmt`` is ``None``: its chat template shows no tool-call format).
 
     Raises:
         OpenAIError: 400 naming the offending parameter, as OpenAI words it where it can.
@@ -155,21 +147,18 @@ def plan_tools(
     mode, named = _check_choice(tool_choice, seen)
     if mode == "none":
         return ToolPlan("none", tuple(checked))  # the tools are kept (a remote model is sent them), never rendered
+    if fmt is None:
+        raise invalid_request(
+            "This model's chat template shows no tool-call format, so it cannot be offered 'tools'; start the "
+            "server with --tool-call-parser (hermes, llama3_json or mistral) if the model does write tool calls.",
+            "tools",
+            "tools_unsupported",
+        )
     parallel = parallel_tool_calls is not False
     chosen = [t for t in checked if t.name == named] if named else checked
     constraint = None
     if mode in ("required", "function"):
-        schemas = [call_schema(t) for t in chosen]
-        schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
-        constraint = Constraint(
-            json_schema=json.dumps(schema, separators=(",", ":"), ensure_ascii=False),
-            lenient=not any(t.strict for t in chosen),
-            prefix=TOOL_CALL_OPEN + "\n",
-            suffix="\n" + TOOL_CALL_CLOSE,
-            separator="\n",
-            min_items=1,
-            max_items=None if parallel and mode == "required" else 1,
-        )
+        constraint = fmt.constraint(chosen, max_calls=None if parallel and mode == "required" else 1)
     return ToolPlan(
         mode,
         tuple(checked),
@@ -177,6 +166,7 @@ def plan_tools(
         frozenset(t.name for t in chosen),
         None if parallel and mode != "function" else 1,
         constraint,
+        fmt,
     )
 
 

@@ -152,6 +152,8 @@ def test_chat_template_kwargs_reach_the_template(settings: Settings, api_key: st
 def test_tool_calls_are_parsed_after_the_reasoning(settings: Settings, api_key: str) -> None:
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    # The test template shows no tool-call format (a real Qwen3 template names <tool_call>): the parser is named.
+    settings = msgspec.structs.replace(settings, tool_call_parser="hermes")
     with client(settings, api_key, ["<think>", "need weather", "</think>", "\n", call]) as http:
         body = chat(http, tools=tools).json()
         chunks, thought, content = streamed(http, tools=tools)
