@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,13 @@ def quiet_hub_output() -> None:
 
     disable_progress_bars()
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    # The GGUF converter calls tqdm.auto directly, past both switches above (TQDM_DISABLE is read only when tqdm is
+    # imported): give that module a bar that is always off.
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None and not isinstance(bar, partial):
+        gguf_utils.tqdm = partial(bar, disable=True)  # type: ignore[attr-defined]
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
 

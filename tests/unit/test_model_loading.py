@@ -131,10 +131,13 @@ def test_models_file_entries_carry_their_own_load_options(tmp_path: Path) -> Non
 
 @pytest.fixture
 def restore_hub_output() -> Iterator[None]:
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
     import transformers.utils.logging as hf_logging
     from huggingface_hub.utils.tqdm import enable_progress_bars
 
+    bar = gguf_utils.tqdm
     yield
+    gguf_utils.tqdm = bar
     enable_progress_bars()
     hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
     hf_logging.disable_propagation()
@@ -150,6 +153,9 @@ def test_quiet_hub_output_leaves_no_bar_and_routes_transformers_logs(restore_hub
     quiet_hub_output()
     assert are_progress_bars_disabled()
     assert not hf_logging.is_progress_bar_enabled()  # type: ignore[no-untyped-call]
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    assert gguf_utils.tqdm([1], desc="x").disable  # the GGUF converter's own bar
     root = logging.getLogger("transformers")
     assert root.propagate  # through the root handler's formatter: JSON lines in json mode
     assert not any(type(h) is logging.StreamHandler for h in root.handlers)  # its own raw-text stderr handler
