@@ -136,6 +136,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         if self.model.startswith("builtin:"):
             return self.model.removeprefix("builtin:")
         path = Path(self.model)
+        if self.model.lower().endswith(".gguf"):
+            return path.stem  # a GGUF file path: its name without the folder and the extension
         return path.name if path.exists() else self.model
 
     @property

@@ -18,6 +18,7 @@ def build_engine(settings: Settings) -> Engine:
             token_delay_s=settings.echo_token_delay_ms / 1000,
         )
     from server.engine.hf import HFEngine
+    from server.engine.loading import LoadOptions
 
     return HFEngine(
         settings.model,
@@ -30,4 +31,13 @@ def build_engine(settings: Settings) -> Engine:
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        load=LoadOptions(
+            revision=settings.revision,
+            tokenizer=settings.tokenizer,
+            trust_remote_code=settings.trust_remote_code,
+            chat_template=settings.chat_template,
+            gguf_file=settings.gguf_file,
+            # tqdm's carriage-return bars would break one JSON object per line.
+            progress_bars=settings.log_format == "console",
+        ),
     )

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.engine.base import EngineOverloaded, EngineRequest, ModelInfo, RequestStream
 from server.engine.batch import supports_merging
 from server.engine.demo_model import demo_preset, resolve_builtin
+from server.engine.hf_load import load_pretrained
 from server.engine.hf_tokenizer import HFTokenizer
+from server.engine.loading import LoadOptions
 from server.engine.pending import Pending
 from server.engine.sampling import Sampler
 from server.engine.scheduler import Scheduler
@@ -37,7 +38,7 @@ class HFEngine:
     """Serves one Transformers causal LM with step-level continuous batching.
 
     Args:
-        model: A hub id, a local folder, or ``builtin:tiny-chat``.
+        model: A hub id, a local folder, a ``.gguf`` file, or ``builtin:tiny-chat``.
         served_model_name: The name clients use and ``/v1/models`` lists.
         data_dir: Where built-in models are built and cached.
         device: ``"auto"`` (cuda > mps > cpu) or a torch device string.
@@ -49,6 +50,7 @@ class HFEngine:
         max_batch_tokens: KV budget of the running batch: rows x padded width of its cache, in tokens.
         prefill_chunk_tokens: Most (padded) prompt tokens prefilled per decode step; bounds how long a new
             prompt stalls the running streams.
+        load: Revision, tokenizer, chat template, GGUF file and progress bars of the load (defaults: the model's own).
     """
 
     def __init__(
@@ -64,8 +66,10 @@ class HFEngine:
         max_batch_size: int = 32,
         max_batch_tokens: int = 65_536,
         prefill_chunk_tokens: int = 256,
+        load: LoadOptions | None = None,
     ) -> None:
         self._source = model
+        self._load_options = load or LoadOptions()
         self._served_name = served_model_name
         self._data_dir = Path(data_dir)
         self._device_arg = device
@@ -189,7 +193,6 @@ class HFEngine:
         return [pending.stream for pending in pendings if pending.stream is not None]
 
     def _load(self) -> None:
-        started = time.perf_counter()
         source: str | Path = self._source
         if self._source.startswith("builtin:"):
             source = resolve_builtin(self._source, self._data_dir)
@@ -202,10 +205,8 @@ class HFEngine:
             )
         device = pick_device(self._device_arg)
         dtype = pick_dtype(self._dtype_arg, device)
-        hf_tokenizer = AutoTokenizer.from_pretrained(source)
-        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        model = model.to(device)
-        model.eval()
+        loaded = load_pretrained(source, self._load_options, name=self._served_name, device=device, dtype=dtype)
+        model, hf_tokenizer = loaded.model, loaded.tokenizer
         extra_eos = _as_ids(model.generation_config.eos_token_id) | _as_ids(model.config.eos_token_id)
         self._tokenizer = HFTokenizer(hf_tokenizer, extra_eos)
         max_len = self._max_model_len_arg or getattr(model.config.get_text_config(), "max_position_embeddings", None)
@@ -235,7 +236,7 @@ class HFEngine:
             max_batch_tokens=self._max_batch_tokens,
             prefill_chunk_tokens=self._prefill_chunk_tokens,
         )
-        params, seconds = sum(p.numel() for p in model.parameters()) / 1e6, time.perf_counter() - started
+        params, seconds = sum(p.numel() for p in model.parameters()) / 1e6, loaded.seconds
         weights_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
         logger.info(
             "loaded model %s (%s) on %s as %s: %.1fM parameters, %.0f MiB of weights, max_model_len %d, in %.2fs",

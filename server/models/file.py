@@ -29,7 +29,17 @@ class LocalModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_f
     name: Name
     """The id clients send and ``/v1/models`` lists."""
     model: Annotated[str, Meta(min_length=1)]
-    """Hugging Face id or local folder, as ``MODEL``."""
+    """Hugging Face id, local folder or ``.gguf`` file, as ``MODEL``."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit), as ``REVISION``."""
+    gguf_file: str | None = None
+    """The GGUF file inside ``model`` (a hub repository or folder), as ``GGUF_FILE``."""
+    tokenizer: str | None = None
+    """Hub id or folder of the tokenizer when it is not the model's own, as ``TOKENIZER``."""
+    trust_remote_code: bool | None = None
+    """Overrides ``TRUST_REMOTE_CODE`` for this model (runs code its repository ships)."""
+    chat_template: str | None = None
+    """A Jinja chat template (file path or inline) used instead of the model's, as ``CHAT_TEMPLATE``."""
     device: Literal["auto", "cpu", "cuda", "mps"] | None = None
     """Overrides ``DEVICE`` for this model."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None

@@ -12,12 +12,12 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from litestar import Litestar
 
 from persistence import migrate
+from server.engine.loading import load_failure_reason as engine_load_failure_reason
 from server.exchange.shutdown import CANCEL_MARGIN_S
 from server.wiring.datadir import prepare_data_dir
 from server.wiring.models import ServedModels
@@ -124,7 +124,8 @@ async def _load_engines(state: AppState) -> None:
             await engine.start()
             state.metrics.watch_engine(name, _reader(engine, "num_running"), _reader(engine, "num_waiting"))
         except Exception as exc:  # readiness reports it; `llm-server serve` then exits non-zero
-            reason = load_failure_reason(source, exc)
+            revision = settings.revision if settings.models_file is None else None
+            reason = load_failure_reason(source, exc, revision=revision)
             log.error("model %r failed to load: %s", source, reason)
             log.debug("model load failure", exc_info=exc)
             models.failures[name] = reason
@@ -142,13 +143,9 @@ def describe(models: ServedModels, name: str) -> str:
     return f"{name!r} -> {url.scheme}://{url.netloc}{url.path} ({up.entry.target_model})"
 
 
-def load_failure_reason(model: str, exc: BaseException) -> str:
-    """One line saying why ``model`` did not load (the hub's own wording for a missing folder is misleading)."""
-    path = Path(model).expanduser()
-    if model.startswith(("/", "./", "../", "~")) and not path.exists():
-        return f"no such folder {str(path)!r}"
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+def load_failure_reason(model: str, exc: BaseException, *, revision: str | None = None) -> str:
+    """One line saying why ``model`` did not load (see :func:`server.engine.loading.load_failure_reason`)."""
+    return engine_load_failure_reason(model, exc, revision=revision)
 
 
 def _reader(obj: object, attr: str) -> Callable[[], float]:

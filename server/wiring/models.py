@@ -104,6 +104,14 @@ def build_models(settings: Settings) -> ServedModels:
                 device=entry.device or settings.device,
                 dtype=entry.dtype or settings.dtype,
                 max_model_len=entry.max_model_len or settings.max_model_len,
+                # Per model: the global REVISION/GGUF_FILE/TOKENIZER/CHAT_TEMPLATE name one model's files.
+                revision=entry.revision,
+                gguf_file=entry.gguf_file,
+                tokenizer=entry.tokenizer,
+                chat_template=entry.chat_template,
+                trust_remote_code=settings.trust_remote_code
+                if entry.trust_remote_code is None
+                else entry.trust_remote_code,
             )
             models.add(entry.name, build_engine(local))
     return models
