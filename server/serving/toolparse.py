@@ -218,6 +218,9 @@ class EventSink:
     _out: list[ToolEvent]
     _content_started: bool
     _space: str
+    _call_id: str | None  # of the announced call of the current block
+    _sent: int  # argument pieces of the current block already emitted
+    _calls: int  # calls announced before the current one
     broken_calls: list[int]
 
     def _init_events(self) -> None:
@@ -239,6 +242,18 @@ class EventSink:
             return
         self._out.append(ContentDelta(self._space + text[: len(body)]))
         self._space = text[len(body) :]
+
+    def _announce(self, block: CallBlock) -> None:
+        """Queue the start of ``block``'s call once its name is certain, then each new piece of its arguments."""
+        if not block.committed:
+            return
+        if self._call_id is None:
+            assert block.name is not None
+            self._call_id = new_call_id()
+            self._out.append(ToolCallStart(self._calls, self._call_id, block.name))
+        if self._sent < len(block.args):
+            self._out.append(ToolCallArguments(self._calls, "".join(block.args[self._sent :])))
+            self._sent = len(block.args)
 
     def _take(self) -> list[ToolEvent]:
         """The pending events, adjacent content and adjacent fragments of one call merged."""
@@ -341,17 +356,6 @@ class ToolStreamParser(EventSink):
                 buf, self._held = buf[:-keep], buf[-keep:]
         self._content(buf)
         return None
-
-    def _announce(self, block: CallBlock) -> None:
-        if not block.committed:
-            return
-        if self._call_id is None:
-            assert block.name is not None
-            self._call_id = new_call_id()
-            self._out.append(ToolCallStart(self._calls, self._call_id, block.name))
-        if self._sent < len(block.args):
-            self._out.append(ToolCallArguments(self._calls, "".join(block.args[self._sent :])))
-            self._sent = len(block.args)
 
 
 def join_events(events: Iterable[ToolEvent]) -> tuple[str | None, list[ToolCall]]:

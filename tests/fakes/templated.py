@@ -1,7 +1,6 @@
 """Chat templates written for the tests, one per tool-call family, and a FakeEngine that renders them.
 
-(Unlike :mod:`tests.fakes.templates`, ``tojson`` keeps the key order, as Transformers' own filter does, so that a
-rendered call reads as the model would write it.)
+They render through :class:`tests.fakes.templates.TemplateTokenizer` with Jinja's trimmed blocks.
 
 Each template lists the tools and tells the model to answer in its family's format (which is what auto-detection
 reads), renders earlier calls that way, and otherwise writes ``<|role|>content`` turns.
@@ -9,15 +8,11 @@ reads), renders earlier calls that way, and otherwise writes ``<|role|>content``
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
-
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from collections.abc import Callable, Sequence
 
 from server.engine.base import EngineRequest
-from server.engine.chartok import CharTokenizer
 from server.engine.fake import FakeEngine
+from tests.fakes.templates import templated_engine as template_engine
 
 _TURNS = (
     "{%- for m in messages -%}<|{{ m.role }}|>{{ m.content or '' }}"
@@ -51,42 +46,8 @@ NO_TOOLS_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% 
 """A template that never mentions tools: the model knows no tool-call format."""
 
 
-class TemplatedTokenizer(CharTokenizer):
-    """The code-point tokenizer, rendering chats through a Jinja template as Transformers does."""
-
-    def __init__(self, template: str) -> None:
-        super().__init__()
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.filters["tojson"] = lambda value: json.dumps(value, ensure_ascii=False)
-        self._template_text = template
-        self._template = env.from_string(template)
-
-    @property
-    def chat_template(self) -> str | None:
-        return self._template_text
-
-    def render_chat(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        *,
-        add_generation_prompt: bool,
-        continue_final_message: bool,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        chat_template_kwargs: Mapping[str, Any] | None = None,
-    ) -> list[int]:
-        text = self._template.render(
-            messages=[dict(m) for m in messages],
-            tools=tools,
-            add_generation_prompt=add_generation_prompt,
-            **dict(chat_template_kwargs or {}),
-        )
-        return self.encode(text)
-
-
 def templated_engine(
     template: str, script: Sequence[str] | Callable[[EngineRequest], Sequence[str]] | None = None
 ) -> FakeEngine:
-    """A FakeEngine whose chats render through ``template`` and whose reply is ``script`` (token pieces)."""
-    engine = FakeEngine(script)
-    engine._tokenizer = TemplatedTokenizer(template)
-    return engine
+    """A FakeEngine whose chats render through ``template`` (trimmed blocks) and whose reply is ``script``."""
+    return template_engine(template, script, trim_blocks=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from server.engine.base import EngineRequest
 from server.engine.chartok import CharTokenizer
 from server.engine.fake import FakeEngine
 
@@ -29,12 +31,21 @@ PLAIN = _CHATML + "{% endif %}"
 
 
 class TemplateTokenizer(CharTokenizer):
-    """The code-point tokenizer rendering chats through a Jinja template; records every rendered prompt."""
+    """The code-point tokenizer rendering chats through a Jinja template as Transformers does; records every prompt.
 
-    def __init__(self, template: str) -> None:
+    Args:
+        template: The Jinja chat template.
+        trim_blocks: Jinja's ``trim_blocks`` and ``lstrip_blocks`` (the tool-call templates are written with them).
+
+    ``tojson`` keeps the key order, as Transformers' own filter does, so a rendered call reads as a model writes it.
+    """
+
+    def __init__(self, template: str, *, trim_blocks: bool = False) -> None:
         super().__init__()
         self._template = template
-        self._compiled = ImmutableSandboxedEnvironment().from_string(template)
+        env = ImmutableSandboxedEnvironment(trim_blocks=trim_blocks, lstrip_blocks=trim_blocks)
+        env.filters["tojson"] = lambda value: json.dumps(value, ensure_ascii=False)
+        self._compiled = env.from_string(template)
         self.rendered: list[str] = []
 
     @property
@@ -52,14 +63,19 @@ class TemplateTokenizer(CharTokenizer):
     ) -> list[int]:
         variables = dict(chat_template_kwargs or {})
         text = self._compiled.render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, tools=tools, **variables
+            messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, tools=tools, **variables
         )
         self.rendered.append(text)
         return self.encode(text)
 
 
-def templated_engine(template: str, script: Sequence[str]) -> FakeEngine:
-    """A FakeEngine emitting ``script`` whose chats render through ``template``."""
+def templated_engine(
+    template: str,
+    script: Sequence[str] | Callable[[EngineRequest], Sequence[str]] | None = None,
+    *,
+    trim_blocks: bool = False,
+) -> FakeEngine:
+    """A FakeEngine whose chats render through ``template`` and whose reply is ``script`` (token pieces)."""
     engine = FakeEngine(script)
-    engine._tokenizer = TemplateTokenizer(template)
+    engine._tokenizer = TemplateTokenizer(template, trim_blocks=trim_blocks)
     return engine

@@ -32,8 +32,8 @@ from tests.fakes.templated import (
     LLAMA3_TEMPLATE,
     MISTRAL_TEMPLATE,
     NO_TOOLS_TEMPLATE,
-    TemplatedTokenizer,
 )
+from tests.fakes.templates import TemplateTokenizer
 
 NAMES = frozenset({"get_weather", "add"})
 
@@ -71,9 +71,9 @@ def test_a_named_parser_wins_and_an_unknown_one_is_refused() -> None:
 
 
 def test_model_formats() -> None:
-    assert model_tool_format(TemplatedTokenizer(MISTRAL_TEMPLATE), "auto") is MISTRAL
-    assert model_tool_format(TemplatedTokenizer(NO_TOOLS_TEMPLATE), "auto") is None
-    assert model_tool_format(TemplatedTokenizer(NO_TOOLS_TEMPLATE), "hermes") is HERMES
+    assert model_tool_format(TemplateTokenizer(MISTRAL_TEMPLATE, trim_blocks=True), "auto") is MISTRAL
+    assert model_tool_format(TemplateTokenizer(NO_TOOLS_TEMPLATE, trim_blocks=True), "auto") is None
+    assert model_tool_format(TemplateTokenizer(NO_TOOLS_TEMPLATE, trim_blocks=True), "hermes") is HERMES
     # The built-in ChatML renderer writes Hermes instructions; a model without a template is refused elsewhere.
     from server.engine.chartok import CharTokenizer
 

@@ -277,14 +277,3 @@ class JsonCallsParser(EventSink):
         self._content(self._section + extra)
         self._section = ""
         self._mode = "text" if self._syntax.anywhere else "content"
-
-    def _announce(self, block: CallBlock) -> None:
-        if not block.committed:
-            return
-        if self._call_id is None:
-            assert block.name is not None
-            self._call_id = new_call_id()
-            self._out.append(ToolCallStart(self._calls, self._call_id, block.name))
-        if self._sent < len(block.args):
-            self._out.append(ToolCallArguments(self._calls, "".join(block.args[self._sent :])))
-            self._sent = len(block.args)
