@@ -227,8 +227,23 @@ class EventSink:
         self._content_started = False
         self._space = ""  # trailing whitespace of the content, held back
         self._out = []
+        self._call_id = None
+        self._sent = 0
+        self._calls = 0
         self.broken_calls = []
         """Indices of announced calls whose block turned out invalid (their arguments may be cut short)."""
+
+    @property
+    def calls(self) -> int:
+        """Number of calls announced so far."""
+        return self._calls + (self._call_id is not None)
+
+    def _end_call(self, failed: bool) -> None:
+        """The announced call is over (``failed``: its block turned out invalid)."""
+        if failed:
+            self.broken_calls.append(self._calls)
+        self._calls += 1
+        self._call_id, self._sent = None, 0
 
     def _content(self, text: str) -> None:
         if not self._content_started:
@@ -296,15 +311,7 @@ class ToolStreamParser(EventSink):
         self._eager = eager
         self._held = ""  # a possible start of the opening tag
         self._block: CallBlock | None = None
-        self._call_id: str | None = None  # of the announced call of the current block
-        self._sent = 0  # argument pieces of the current block already emitted
-        self._calls = 0
         self._init_events()
-
-    @property
-    def calls(self) -> int:
-        """Number of calls announced so far."""
-        return self._calls + (self._call_id is not None)
 
     def push(self, text: str) -> list[ToolEvent]:
         """Add generated text; return the events it completes."""
@@ -334,10 +341,7 @@ class ToolStreamParser(EventSink):
             kind, pos = outcome
             self._block = None
             if self._call_id is not None:
-                if kind == FAILED:
-                    self.broken_calls.append(self._calls)
-                self._calls += 1
-                self._call_id, self._sent = None, 0
+                self._end_call(kind == FAILED)
                 text = block.raw[pos:]
             else:  # failed before its call was announced (an ended block always is): the tag is content
                 self._content(TOOL_CALL_OPEN)

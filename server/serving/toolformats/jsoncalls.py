@@ -67,15 +67,7 @@ class JsonCallsParser(EventSink):
         self._section = ""  # marker and punctuation read since the last call, content again if the next call fails
         self._block: CallBlock | None = None
         self._named: tuple[str, ArgsReader] | None = None  # the name and arguments of a name[ARGS]{...} call
-        self._call_id: str | None = None
-        self._sent = 0
-        self._calls = 0
         self._init_events()
-
-    @property
-    def calls(self) -> int:
-        """Number of calls announced so far."""
-        return self._calls + (self._call_id is not None)
 
     def push(self, text: str) -> list[ToolEvent]:
         """Add generated text; return the events it completes."""
@@ -197,10 +189,7 @@ class JsonCallsParser(EventSink):
             self._buf = block.raw
             self._fail_section("")
             return True
-        if kind == FAILED:
-            self.broken_calls.append(self._calls)
-        self._calls += 1
-        self._call_id, self._sent = None, 0
+        self._end_call(kind == FAILED)
         self._buf = block.raw[pos:]
         self._section = ""
         self._mode = "between" if kind == ENDED else ("text" if self._syntax.anywhere else "content")
@@ -263,10 +252,7 @@ class JsonCallsParser(EventSink):
             self._buf = reader.raw
             self._fail_section("")
             return True
-        if kind == FAILED:
-            self.broken_calls.append(self._calls)
-        self._calls += 1
-        self._call_id, self._sent = None, 0
+        self._end_call(kind == FAILED)
         self._buf, self._section = reader.raw[pos:], ""
         # Another call may follow at once (its [TOOL_CALLS] dropped as a special token), else text.
         self._mode = "named" if kind == ENDED else "text"
