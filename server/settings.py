@@ -112,6 +112,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """Whether the request log keeps prompt and output text."""
     request_log_retention_days: Annotated[int, Meta(ge=0)] = 30
     """Request-log rows older than this are deleted in small chunks (0 keeps them forever)."""
+    responses_retention_days: Annotated[int, Meta(ge=0)] = 30
+    """Stored ``/v1/responses`` objects (their input and output items) older than this are deleted in small chunks,
+    like request-log rows (0 keeps them forever)."""
     cache_enabled: bool = True
     """Completion cache for deterministic requests (temperature 0 or an explicit seed), scoped per key."""
     cache_ttl_s: Annotated[int, Meta(ge=1)] = 3600
