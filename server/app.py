@@ -30,6 +30,7 @@ from server.api.health import health, metrics, readyz
 from server.api.models import list_models, retrieve_model
 from server.api.native import generate_text, stream_text
 from server.api.openai import create_chat_completion, create_completion
+from server.api.responses import RESPONSES_HANDLERS
 from server.engine.base import Engine
 from server.exchange.exchange import Exchange
 from server.exchange.shutdown import Lifecycle, shutting_down
@@ -81,6 +82,7 @@ def create_app(
         lifecycle=lifecycle,
         exchange=exchange,
         prepare_limiter=anyio.CapacityLimiter(PREPARE_THREADS),
+        responses=Responses(exchange, ResponseStore(the_services.db)),
     )
 
     v1 = Router(
@@ -93,6 +95,7 @@ def create_app(
             create_completion,
             generate_text,
             stream_text,
+            *RESPONSES_HANDLERS,
         ],
         security=KEY_SECURITY,
     )

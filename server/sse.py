@@ -1,4 +1,9 @@
-"""Server-Sent Events framing: every frame is exactly ``data: <json>\\n\\n``; the stream ends with ``[DONE]``."""
+"""Server-Sent Events framing.
+
+Chat and completion streams: every frame is exactly ``data: <json>\\n\\n`` and the stream ends with ``[DONE]``.
+Responses streams name each frame by its event's ``type`` (``event: <type>\\n``) and end without ``[DONE]``, as
+OpenAI sends them.
+"""
 
 from __future__ import annotations
 
@@ -27,3 +32,15 @@ async def sse_frames(events: AsyncIterator[msgspec.Struct]) -> AsyncIterator[byt
         if isinstance(event, ErrorResponse):
             return
     yield DONE
+
+
+def named_frame(event: msgspec.Struct) -> bytes:
+    """One ``event:`` + ``data:`` frame, named by the event's tag (its ``type``)."""
+    name = str(event.__struct_config__.tag).encode()
+    return b"event: " + name + b"\ndata: " + _encoder.encode(event) + b"\n\n"
+
+
+async def named_frames(events: AsyncIterator[msgspec.Struct]) -> AsyncIterator[bytes]:
+    """Frame ``events`` by name; the stream ends with the last event."""
+    async for event in events:
+        yield named_frame(event)

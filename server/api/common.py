@@ -35,10 +35,13 @@ def sse_response(
     events: AsyncIterator[msgspec.Struct],
     headers: dict[str, str] | None = None,
     after: Callable[[], Awaitable[None]] | None = None,
+    *,
+    framing: Callable[[AsyncIterator[msgspec.Struct]], AsyncIterator[bytes]] = sse_frames,
 ) -> Stream:
-    """A ``text/event-stream`` response of ``data:`` frames; ``after`` runs once the response has ended."""
+    """A ``text/event-stream`` response of ``data:`` frames (or of ``framing``'s); ``after`` runs once the response
+    has ended."""
     return Stream(
-        sse_frames(events),
+        framing(events),
         media_type="text/event-stream",
         headers={**HEADERS, **(headers or {})},
         background=BackgroundTask(after) if after is not None else None,

@@ -77,9 +77,17 @@ class Exchange:
     store_prompts: bool = False
 
     async def run(
-        self, work: Work, caller: Principal, record: RequestRecord | None, disconnected: Disconnected
+        self,
+        work: Work,
+        caller: Principal,
+        record: RequestRecord | None,
+        disconnected: Disconnected,
+        admitted: Callable[[dict[str, str]], None] | None = None,
     ) -> Reply:
         """Admit ``work``, answer it from the cache or its model, and account for it.
+
+        ``admitted`` is called with the rate-limit headers once the gateway has admitted it (a background response
+        answers its client then); it must not raise.
 
         Raises:
             OpenAIError: refused by the gateway (429, 403 ...), the model failed or is overloaded, a shutdown cut it
@@ -106,6 +114,8 @@ class Exchange:
             self.lifecycle.leave(handle)
             raise
         headers = dict(ticket.headers)
+        if admitted is not None:
+            admitted(headers)
         key: list[str] = []  # the cache key, once looked up
 
         estimated = False

@@ -102,13 +102,17 @@ async def engines(app: Litestar) -> AsyncIterator[None]:
 
 @asynccontextmanager
 async def drain(app: Litestar) -> AsyncIterator[None]:
-    """At shutdown, wait (a bounded time) for the requests still registered to end and settle their accounting."""
-    lifecycle = app_state(app).lifecycle
+    """At shutdown, wait (a bounded time) for the requests still registered to end and settle their accounting, and
+    for background responses to store their final state."""
+    state = app_state(app)
+    lifecycle = state.lifecycle
     try:
         yield
     finally:
         if not await lifecycle.wait_idle(CANCEL_MARGIN_S):
             log.warning("shutdown: %d request(s) still running; stopping the engine anyway", lifecycle.in_flight)
+        if not await state.responses.wait_idle(CANCEL_MARGIN_S):
+            log.warning("shutdown: background responses did not store their final state in time")
 
 
 PARTS: list[Lifespan] = [ratelimit_storage, database, writer, upstreams, engines, drain]

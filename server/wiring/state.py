@@ -9,6 +9,7 @@ import anyio
 from litestar import Litestar
 
 from server.exchange.exchange import Exchange
+from server.exchange.responses import Responses
 from server.exchange.shutdown import Lifecycle
 from server.metrics import Metrics
 from server.settings import Settings
@@ -29,6 +30,7 @@ class AppState:
         lifecycle: The drain and cut of in-flight requests at shutdown; a fatal start-up failure.
         exchange: Runs each request through admission, the cache and its model, and accounts for it.
         prepare_limiter: Worker threads that validate, render and tokenize large prompts off the event loop.
+        responses: The stored responses of ``/v1/responses`` (runs their turns through ``exchange``).
     """
 
     settings: Settings
@@ -37,6 +39,7 @@ class AppState:
     lifecycle: Lifecycle
     exchange: Exchange
     prepare_limiter: anyio.CapacityLimiter
+    responses: Responses
 
     @property
     def metrics(self) -> Metrics:

@@ -1,0 +1,287 @@
+"""Stored, stateful responses (``/v1/responses``): each turn runs through the exchange as a chat completion, and
+its state is kept per key.
+
+- A turn is admitted, cached, run, settled and observed exactly like a chat completion (the exchange does it); this
+  module adds the state around it. With ``store`` (the default) the response is written once it has ended, with the
+  conversation's input items, before the client sees its final event, so ``previous_response_id`` can name it at
+  once. Every read is scoped to the key that made it: another key's response looks like a missing one (404).
+- A background turn is written ``queued`` first and answered as soon as the gateway admits it (a refusal is still a
+  429 and nothing is kept); it runs on in a task, and its final state replaces the row. ``cancel`` stops it (the
+  tokens it used are charged); a cancel made on another replica reaches it through the row's ``cancel_requested``
+  flag, which a running background turn polls.
+- A streamed turn whose client goes away before its end is not stored (its usage is settled all the same).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import anyio
+import msgspec
+
+from schemas.openai.chat import ChatCompletion
+from schemas.openai.errors import ErrorResponse
+from schemas.openai.responses import InputItem, Response, ResponseError, ResponseEvent
+from server.auth.principal import Principal
+from server.errors import OpenAIError, invalid_request
+from server.exchange.exchange import Disconnected, Exchange, Reply
+from server.exchange.work import Work
+from server.records.database import describe_error
+from server.records.record import RequestRecord
+from server.records.responses import ResponseStore
+from server.serving.responses.events import TurnEvents
+from server.serving.responses.items import output_as_input
+from server.serving.responses.turn import Turn
+
+log = logging.getLogger("server.responses")
+
+CANCEL_POLL_S = 1.0
+"""How often a running background turn checks whether a cancel was asked on another replica."""
+CANCEL_WAIT_S = 5.0
+"""How long ``cancel`` waits for the turn to stop before answering with its state as it stands."""
+RUNNING = ("queued", "in_progress")
+
+_items = msgspec.json.Decoder(list[InputItem])
+_response = msgspec.json.Decoder(Response)
+_encode = msgspec.json.Encoder().encode
+
+
+def response_not_found(response_id: str, param: str | None = None) -> OpenAIError:
+    """404 for a response that does not exist or belongs to another key (the two look the same)."""
+    return OpenAIError(
+        404, "invalid_request_error", f"Response with id '{response_id}' not found.", param=param, code="not_found"
+    )
+
+
+@dataclass(slots=True)
+class _Job:
+    """A background turn running in this process."""
+
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(slots=True)
+class Responses:
+    """Runs Responses turns through ``exchange`` and keeps their state in ``store``."""
+
+    exchange: Exchange
+    store: ResponseStore
+    _jobs: dict[str, _Job] = field(default_factory=dict)
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    async def history(self, caller: Principal, previous_response_id: str | None) -> list[InputItem]:
+        """The items a turn continues from: the earlier turn's input and output (none without an id).
+
+        Raises:
+            OpenAIError: 404 naming ``previous_response_id`` when it is not one of the caller's responses; 400 while
+                it is still running.
+        """
+        if previous_response_id is None:
+            return []
+        row = await self.store.get(previous_response_id, caller.key_id)
+        if row is None:
+            raise response_not_found(previous_response_id, "previous_response_id")
+        if row.status in RUNNING:
+            raise invalid_request(
+                f"Response '{previous_response_id}' is still {row.status}; continue from it once it has ended.",
+                "previous_response_id",
+            )
+        return _items.decode(row.input_items) + output_as_input(_response.decode(row.response).output)
+
+    async def get(self, caller: Principal, response_id: str) -> bytes:
+        """The stored response object (as JSON)."""
+        row = await self.store.get(response_id, caller.key_id)
+        if row is None:
+            raise response_not_found(response_id)
+        return row.response
+
+    async def input_items(self, caller: Principal, response_id: str) -> list[InputItem]:
+        """The conversation's input items of a stored response (the earlier turns' included)."""
+        row = await self.store.get(response_id, caller.key_id)
+        if row is None:
+            raise response_not_found(response_id)
+        return _items.decode(row.input_items)
+
+    async def delete(self, caller: Principal, response_id: str) -> None:
+        """Delete a stored response (a background turn still running here is stopped)."""
+        if not await self.store.delete(response_id, caller.key_id):
+            raise response_not_found(response_id)
+        job = self._jobs.get(response_id)
+        if job is not None:
+            job.cancel.set()
+
+    async def cancel(self, caller: Principal, response_id: str) -> bytes:
+        """Stop a background turn; answers the response as it stands after (``cancelled`` once it has stopped)."""
+        row = await self.store.get(response_id, caller.key_id)
+        if row is None:
+            raise response_not_found(response_id)
+        if not row.background:
+            raise invalid_request("Only a response created with 'background' true can be cancelled.", None)
+        if row.status == "cancelled":
+            return row.response
+        if row.status not in RUNNING:
+            raise invalid_request(f"Cannot cancel a response whose status is '{row.status}'.", None)
+        await self.store.request_cancel(response_id, caller.key_id)
+        job = self._jobs.get(response_id)
+        if job is not None and job.task is not None:
+            job.cancel.set()
+            await asyncio.wait({job.task}, timeout=CANCEL_WAIT_S)
+        else:  # running on another replica: it sees the flag within CANCEL_POLL_S
+            with anyio.move_on_after(CANCEL_WAIT_S):
+                while (row := await self.store.get(response_id, caller.key_id)) is not None and row.status in RUNNING:
+                    await asyncio.sleep(CANCEL_POLL_S / 4)
+        row = await self.store.get(response_id, caller.key_id)
+        if row is None:
+            raise response_not_found(response_id)
+        return row.response
+
+    # -- running ------------------------------------------------------------------------------------------------
+    async def run(
+        self, turn: Turn, work: Work, caller: Principal, record: RequestRecord | None, disconnected: Disconnected
+    ) -> Reply:
+        """Run a turn for its client: the response (stored first when asked), or its stream of events."""
+        reply = await self.exchange.run(work, caller, record, disconnected)
+        if reply.events is not None:
+            return Reply(reply.headers, events=self._events(turn, reply.events, caller), after=reply.after)
+        assert isinstance(reply.body, ChatCompletion)
+        response = turn.finished(reply.body)
+        await self._keep(turn, response, caller)
+        return Reply(reply.headers, body=response)
+
+    async def _events(
+        self, turn: Turn, chunks: AsyncIterator[msgspec.Struct], caller: Principal
+    ) -> AsyncIterator[ResponseEvent]:
+        """The turn's events; the final one goes out once the response is stored."""
+        stream = TurnEvents(turn)
+        for event in stream.start():
+            yield event
+        final: list[ResponseEvent] = []
+        try:
+            async for chunk in chunks:
+                if isinstance(chunk, ErrorResponse):
+                    final = stream.fail(chunk)
+                    continue
+                assert not final
+                for event in stream.push(chunk):  # type: ignore[arg-type]
+                    yield event
+        finally:
+            with anyio.CancelScope(shield=True):
+                closer = getattr(chunks, "aclose", None)
+                if closer is not None:
+                    await closer()  # settles the turn's usage first
+        if not final:
+            final = stream.finish()
+        with anyio.CancelScope(shield=True):
+            await self._keep(turn, stream.response, caller)
+        for event in final:
+            yield event
+
+    async def start_background(
+        self, turn: Turn, work: Work, caller: Principal, record: RequestRecord | None
+    ) -> tuple[Response, dict[str, str]]:
+        """Store the turn ``queued``, start it, and answer (with its rate-limit headers) once the gateway has
+        admitted it.
+
+        Raises:
+            OpenAIError: the gateway refused it (429, ...): nothing is kept.
+        """
+        queued = turn.response("queued")
+        await self._create(turn, queued, caller)
+        admitted: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+        job = _Job()
+        if record is not None:
+            record.streaming = True  # its row is written when the turn settles, not when this answer starts
+        job.task = asyncio.ensure_future(self._background(turn, work, caller, record, job, admitted))
+        await asyncio.wait({job.task, admitted}, return_when=asyncio.FIRST_COMPLETED)
+        if not admitted.done():
+            with contextlib.suppress(Exception):
+                await self.store.delete(turn.id, caller.key_id)
+            job.task.result()  # raises the refusal
+        self._jobs[turn.id] = job
+        job.task.add_done_callback(lambda _: self._jobs.pop(turn.id, None))
+        return queued, admitted.result()
+
+    async def _background(
+        self,
+        turn: Turn,
+        work: Work,
+        caller: Principal,
+        record: RequestRecord | None,
+        job: _Job,
+        admitted: asyncio.Future[dict[str, str]],
+    ) -> None:
+        def on_admitted(headers: dict[str, str]) -> None:
+            admitted.set_result(headers)
+
+        async def cancelled() -> None:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(job.cancel.wait(), CANCEL_POLL_S)
+                    return
+                with contextlib.suppress(Exception):
+                    if await self.store.cancel_requested(turn.id):
+                        return
+
+        try:
+            reply = await self.exchange.run(work, caller, record, cancelled, on_admitted)
+            assert isinstance(reply.body, ChatCompletion)
+            response = turn.finished(reply.body)
+        except OpenAIError as exc:
+            if not admitted.done():
+                raise
+            if exc.code == "client_closed_request":
+                response = turn.response("cancelled")
+            else:
+                response = turn.response("failed", error=ResponseError(code=exc.code or exc.type, message=exc.message))
+        except Exception as exc:
+            if not admitted.done():
+                raise
+            log.exception("background response %s failed", turn.id)
+            failure = ResponseError(code="server_error", message="The server failed while running this response.")
+            response = turn.response("failed", error=failure)
+        with anyio.CancelScope(shield=True):
+            await self._final(turn, response)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) for the background turns of this process to store their final state."""
+        tasks = {job.task for job in self._jobs.values() if job.task is not None}
+        if not tasks:
+            return True
+        _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        return not pending
+
+    async def _create(self, turn: Turn, response: Response, caller: Principal) -> None:
+        """Write the turn's row (raises when the database is unavailable)."""
+        await self.store.create(
+            id=turn.id,
+            key_id=caller.key_id,
+            model=turn.model,
+            status=response.status,
+            background=turn.request.background,
+            previous_response_id=turn.request.previous_response_id,
+            response=_encode(response),
+            input_items=_encode(turn.items),
+        )
+
+    async def _keep(self, turn: Turn, response: Response, caller: Principal) -> None:
+        """Store a finished turn (nothing when ``store`` is off). The client has paid for the answer, so a database
+        that cannot take it costs the stored copy only: logged, and the answer still goes out."""
+        if not turn.request.store:
+            return
+        try:
+            await self._create(turn, response, caller)
+        except Exception as exc:
+            log.warning("response %s could not be stored (%s)", turn.id, describe_error(exc))
+
+    async def _final(self, turn: Turn, response: Response) -> None:
+        """Replace a background turn's row with its final state."""
+        try:
+            if not await self.store.update(turn.id, status=response.status, response=_encode(response)):
+                log.info("background response %s was deleted before it ended", turn.id)
+        except Exception as exc:  # the row keeps its earlier state
+            log.warning("background response %s: storing its final state failed (%s)", turn.id, describe_error(exc))
