@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 typed models: roles, API keys, monthly usage, request logs and the completion cache.
+"""SQLAlchemy 2 typed models: roles, API keys, monthly usage, request logs, the completion cache, stored responses.
 
 Table and column names are a contract (the CLI, auth, admission and logging code use them); every constraint
 gets a deterministic name from the metadata's naming convention so Alembic migrations stay stable on SQLite
@@ -26,7 +26,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ("ApiKey", "AppliedWrite", "Base", "CompletionCache", "RequestLog", "Role", "UsageMonthly", "utcnow")
+__all__ = (
+    "ApiKey",
+    "AppliedWrite",
+    "Base",
+    "CompletionCache",
+    "RequestLog",
+    "Role",
+    "StoredResponse",
+    "UsageMonthly",
+    "utcnow",
+)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -146,3 +156,27 @@ class AppliedWrite(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTimeUTC(timezone=True), default=utcnow, index=True)
+
+
+class StoredResponse(Base):
+    """A ``/v1/responses`` object kept for later reads, its input items and whether its cancellation was asked for.
+
+    ``response`` and ``input_items`` are the JSON the server encoded (the Response object, the array of input
+    items); the store never looks inside them. ``key_id`` has no foreign key: static keys have no ``api_keys`` row,
+    and every read, delete and cancellation is scoped by it.
+    """
+
+    __tablename__ = "responses"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(256))
+    status: Mapped[str] = mapped_column(String(16))
+    """``queued``, ``in_progress``, ``completed``, ``incomplete``, ``failed`` or ``cancelled``."""
+    background: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    previous_response_id: Mapped[str | None] = mapped_column(String(64))
+    response: Mapped[bytes] = mapped_column(LargeBinary)
+    input_items: Mapped[bytes] = mapped_column(LargeBinary)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    created_at: Mapped[datetime] = mapped_column(DateTimeUTC(timezone=True), default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTimeUTC(timezone=True), default=utcnow, onupdate=utcnow)

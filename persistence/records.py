@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from persistence.models import ApiKey, Role, UsageMonthly
+from persistence.models import ApiKey, Role, StoredResponse, UsageMonthly
 
-__all__ = ("KeyRecord", "KeyState", "RoleRecord", "UsageRecord")
+__all__ = ("KeyRecord", "KeyState", "ResponseRecord", "RoleRecord", "UsageRecord")
 
 KeyState = Literal["active", "revoked", "expired", "rotated"]
 
@@ -121,3 +121,37 @@ class UsageRecord:
     def from_orm(cls, row: UsageMonthly) -> UsageRecord:
         """Snapshot a loaded :class:`~persistence.models.UsageMonthly`."""
         return cls(key_id=row.key_id, month=row.month, tokens=row.tokens, requests=row.requests)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseRecord:
+    """A stored ``/v1/responses`` object: the JSON bytes the server encoded, and the columns it is found by."""
+
+    id: str
+    key_id: str
+    model: str
+    status: str
+    background: bool
+    previous_response_id: str | None
+    response: bytes
+    input_items: bytes
+    cancel_requested: bool
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_orm(cls, row: StoredResponse) -> ResponseRecord:
+        """Snapshot a loaded :class:`~persistence.models.StoredResponse`."""
+        return cls(
+            id=row.id,
+            key_id=row.key_id,
+            model=row.model,
+            status=row.status,
+            background=row.background,
+            previous_response_id=row.previous_response_id,
+            response=bytes(row.response),
+            input_items=bytes(row.input_items),
+            cancel_requested=row.cancel_requested,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )

@@ -1,11 +1,11 @@
 """The persistence API the server uses: async functions over an ``AsyncSession``.
 
-Reads return frozen records (:class:`RoleRecord`, :class:`KeyRecord`, :class:`UsageRecord`) that stay valid
-after the session closes, so callers may cache them. Unless a function says it commits, the caller owns the
-transaction (in a Litestar handler the plugin commits when the response starts). Functions that commit
+Reads return frozen records (:class:`RoleRecord`, :class:`KeyRecord`, :class:`UsageRecord`, :class:`ResponseRecord`)
+that stay valid after the session closes, so callers may cache them. Unless a function says it commits, the caller
+owns the transaction (in a Litestar handler the plugin commits when the response starts). Functions that commit
 themselves: :func:`reserve_usage`, :func:`adjust_usage` (each its own short transaction),
-:func:`delete_request_logs_before`, :func:`cache_purge_expired` and :func:`delete_applied_writes_before` (one
-transaction per chunk).
+:func:`delete_request_logs_before`, :func:`delete_responses_before`, :func:`cache_purge_expired` and
+:func:`delete_applied_writes_before` (one transaction per chunk).
 
 Unknown keys or roles raise :class:`LookupError` from mutations (``get_*`` return ``None``); invalid or duplicate
 input raises :class:`ValueError`.
@@ -36,7 +36,16 @@ from persistence.logs import (
     delete_request_logs_before,
     insert_request_logs,
 )
-from persistence.records import KeyRecord, KeyState, RoleRecord, UsageRecord
+from persistence.records import KeyRecord, KeyState, ResponseRecord, RoleRecord, UsageRecord
+from persistence.responses import (
+    delete_response,
+    delete_responses_before,
+    get_response,
+    insert_response,
+    is_cancel_requested,
+    request_cancel,
+    update_response,
+)
 from persistence.usage import (
     add_usage,
     adjust_usage,
@@ -53,6 +62,7 @@ __all__ = (
     "UNSET",
     "KeyRecord",
     "KeyState",
+    "ResponseRecord",
     "RoleRecord",
     "UsageRecord",
     "add_usage",
@@ -64,18 +74,25 @@ __all__ = (
     "create_role",
     "delete_applied_writes_before",
     "delete_request_logs_before",
+    "delete_response",
+    "delete_responses_before",
     "get_key",
     "get_key_by_digest",
+    "get_response",
     "get_role",
     "get_usage",
     "insert_key",
     "insert_request_logs",
+    "insert_response",
+    "is_cancel_requested",
     "list_keys",
     "list_roles",
     "mark_applied",
     "mark_rotated",
+    "request_cancel",
     "reserve_usage",
     "revoke_key",
     "undo_reservation",
+    "update_response",
     "update_role",
 )

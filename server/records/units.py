@@ -25,7 +25,7 @@ log = logging.getLogger("server.records.writer")
 RETENTION_TIMEOUT_S = 60.0
 """Longest one retention step may take (it deletes in small committed chunks)."""
 RETENTION_INTERVAL_S = 3600.0
-"""How often old request-log rows and old ``applied_writes`` ids are deleted."""
+"""How often old request-log rows, old stored responses and old ``applied_writes`` ids are deleted."""
 CACHE_PURGE_INTERVAL_S = 30.0
 """How often expired completion-cache entries are deleted (an entry outlives its TTL by at most about this)."""
 APPLIED_WRITES_KEEP = timedelta(days=1)
@@ -142,12 +142,14 @@ async def put_cache(session: AsyncSession, batch: list[tuple[str, CacheEntry]]) 
 
 
 class Retention:
-    """The writer's retention pass: expired cache entries every ``CACHE_PURGE_INTERVAL_S``; hourly, old write ids
-    and (``retention_days`` > 0) request-log rows older than that."""
+    """The writer's retention pass: expired cache entries every ``CACHE_PURGE_INTERVAL_S``; hourly, old write ids,
+    (``retention_days`` > 0) request-log rows older than that and (``responses_retention_days`` > 0) stored
+    responses older than that."""
 
-    def __init__(self, db: Database, retention_days: int) -> None:
+    def __init__(self, db: Database, retention_days: int, responses_retention_days: int = 0) -> None:
         self._db = db
         self._days = retention_days
+        self._responses_days = responses_retention_days
         self._last_purge = -CACHE_PURGE_INTERVAL_S
         self._last_hourly = -RETENTION_INTERVAL_S
 
@@ -171,6 +173,15 @@ class Retention:
             deleted = await self._delete("old request-log rows", lambda s: store.delete_request_logs_before(s, cutoff))
             if deleted:
                 log.info("request log retention deleted %d rows older than %s", deleted, cutoff.date())
+        if deleted is not None and self._responses_days:
+            responses_cutoff = _utc() - timedelta(days=self._responses_days)
+            deleted = await self._delete(
+                "old stored responses", lambda s: store.delete_responses_before(s, responses_cutoff)
+            )
+            if deleted:
+                log.info(
+                    "responses retention deleted %d stored responses older than %s", deleted, responses_cutoff.date()
+                )
         if deleted is None:
             self._last_hourly -= RETENTION_INTERVAL_S - 60  # retry in a minute
 

@@ -21,8 +21,8 @@ dropped (rows counted in ``dropped``, usage logged with its amounts). On shutdow
 database is unavailable then, what is still queued is lost and logged.
 
 The retention pass (:class:`server.records.units.Retention`), after a successful flush: expired completion-cache entries
-every ``CACHE_PURGE_INTERVAL_S``; hourly, request-log rows older than the retention and ``applied_writes`` ids older
-than ``APPLIED_WRITES_KEEP``.
+every ``CACHE_PURGE_INTERVAL_S``; hourly, request-log rows and stored responses older than their retention and
+``applied_writes`` ids older than ``APPLIED_WRITES_KEEP``.
 
 Log lines never carry SQL parameters, prompt or output text: database errors are named by
 :func:`server.records.database.describe_error` (classes and SQLSTATE) and counts.
@@ -62,9 +62,19 @@ class BatchWriter:
         interval_s: Flush period.
         max_rows: Bound of the rows held; beyond it new rows are dropped and counted in ``dropped``.
         retention_days: Rows older than this are deleted (in chunks) once an hour; 0 keeps them.
+        responses_retention_days: Stored responses older than this are deleted (in chunks) once an hour; 0 keeps
+            them.
     """
 
-    def __init__(self, db: Database, *, interval_s: float = 0.5, max_rows: int = 10_000, retention_days: int = 0):
+    def __init__(
+        self,
+        db: Database,
+        *,
+        interval_s: float = 0.5,
+        max_rows: int = 10_000,
+        retention_days: int = 0,
+        responses_retention_days: int = 0,
+    ):
         self._db = db
         self._interval = interval_s
         self._max_rows = max_rows
@@ -74,7 +84,7 @@ class BatchWriter:
         self._units: list[Unit] = []  # formed, not written yet: retried first, as they are
         self._unit_rows = 0  # log rows inside self._units
         self._cache = CacheQueue()
-        self._retention = Retention(db, retention_days)
+        self._retention = Retention(db, retention_days, responses_retention_days)
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.dropped = 0

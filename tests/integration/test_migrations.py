@@ -19,7 +19,7 @@ from persistence import migrate, store
 from persistence.config import MIGRATIONS_DIR, VERSION_TABLE, create_engine, make_engine_config
 from persistence.models import Base
 
-TABLES = {"roles", "api_keys", "usage_monthly", "request_logs", "completion_cache", "applied_writes"}
+TABLES = {"roles", "api_keys", "usage_monthly", "request_logs", "completion_cache", "applied_writes", "responses"}
 
 
 def _drift(connection: Connection) -> list[Any]:
