@@ -33,8 +33,10 @@ from server.api.openai import create_chat_completion, create_completion
 from server.api.responses import RESPONSES_HANDLERS
 from server.engine.base import Engine
 from server.exchange.exchange import Exchange
+from server.exchange.responses import Responses
 from server.exchange.shutdown import Lifecycle, shutting_down
 from server.metrics import Metrics
+from server.records.responses import ResponseStore
 from server.settings import Settings, load_settings
 from server.wiring.lifespans import PARTS
 from server.wiring.models import ServedModels, build_models

@@ -15,7 +15,9 @@ from msgspec import Meta
 from schemas.openai.common import MaxTokens, Temperature, TopP
 from schemas.openai.tools import FunctionName
 
-MetadataMap = Annotated[dict[Annotated[str, Meta(max_length=64)], Annotated[str, Meta(max_length=512)]], Meta(max_length=16)]
+MetadataMap = Annotated[
+    dict[Annotated[str, Meta(max_length=64)], Annotated[str, Meta(max_length=512)]], Meta(max_length=16)
+]
 """Up to 16 string pairs (keys up to 64 characters, values up to 512), as OpenAI allows."""
 
 ResponseStatus = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]

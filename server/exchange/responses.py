@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import msgspec
@@ -132,9 +133,11 @@ class Responses:
             job.cancel.set()
             await asyncio.wait({job.task}, timeout=CANCEL_WAIT_S)
         else:  # running on another replica: it sees the flag within CANCEL_POLL_S
-            with anyio.move_on_after(CANCEL_WAIT_S):
-                while (row := await self.store.get(response_id, caller.key_id)) is not None and row.status in RUNNING:
-                    await asyncio.sleep(CANCEL_POLL_S / 4)
+            for _ in range(round(CANCEL_WAIT_S / CANCEL_POLL_S) * 4):
+                row = await self.store.get(response_id, caller.key_id)
+                if row is None or row.status not in RUNNING:
+                    break
+                await asyncio.sleep(CANCEL_POLL_S / 4)
         row = await self.store.get(response_id, caller.key_id)
         if row is None:
             raise response_not_found(response_id)
@@ -197,7 +200,8 @@ class Responses:
         if record is not None:
             record.streaming = True  # its row is written when the turn settles, not when this answer starts
         job.task = asyncio.ensure_future(self._background(turn, work, caller, record, job, admitted))
-        await asyncio.wait({job.task, admitted}, return_when=asyncio.FIRST_COMPLETED)
+        either: set[asyncio.Future[Any]] = {job.task, admitted}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if not admitted.done():
             with contextlib.suppress(Exception):
                 await self.store.delete(turn.id, caller.key_id)
@@ -238,7 +242,7 @@ class Responses:
                 response = turn.response("cancelled")
             else:
                 response = turn.response("failed", error=ResponseError(code=exc.code or exc.type, message=exc.message))
-        except Exception as exc:
+        except Exception:
             if not admitted.done():
                 raise
             log.exception("background response %s failed", turn.id)

@@ -55,7 +55,11 @@ def build_services(settings: Settings, metrics: Metrics, *, ratelimit_key_prefix
         except DatabaseUnavailable as exc:
             raise ConnectionError(str(exc)) from exc
 
-    writer = BatchWriter(db, retention_days=settings.request_log_retention_days)
+    writer = BatchWriter(
+        db,
+        retention_days=settings.request_log_retention_days,
+        responses_retention_days=settings.responses_retention_days,
+    )
 
     async def reserve(key_id: str, month: str, tokens: int, max_tokens: int | None, max_requests: int | None) -> bool:
         # One autocommit statement that also records write_id when it reserves. If the answer is lost (a timeout,

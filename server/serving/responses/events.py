@@ -11,6 +11,7 @@ began is an ``error`` event followed by ``response.failed``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import msgspec
 
@@ -46,6 +47,8 @@ from schemas.openai.responses import (
 )
 from server.serving.responses.items import item_id
 from server.serving.responses.turn import Turn, usage_of
+
+ItemStatus = Literal["in_progress", "completed", "incomplete"]
 
 
 @dataclass(slots=True)
@@ -92,7 +95,9 @@ class TurnEvents:
                 if call.id is not None:
                     name = call.function.name if call.function is not None and call.function.name else ""
                     events += self._close()
-                    item = OutputFunctionCall(id=item_id("fc"), call_id=call.id, name=name, arguments="", status="in_progress")
+                    item = OutputFunctionCall(
+                        id=item_id("fc"), call_id=call.id, name=name, arguments="", status="in_progress"
+                    )
                     events += self._add(item)
                 if arguments:
                     events += self._arguments(arguments)
@@ -141,9 +146,7 @@ class TurnEvents:
         current.text.append(text)
         item_id_, index = current.item.id, current.index
         if kind is OutputMessage:
-            events.append(
-                self._n(OutputTextDelta(item_id=item_id_, output_index=index, content_index=0, delta=text))
-            )
+            events.append(self._n(OutputTextDelta(item_id=item_id_, output_index=index, content_index=0, delta=text)))
         else:
             events.append(
                 self._n(ReasoningTextDelta(item_id=item_id_, output_index=index, content_index=0, delta=text))
@@ -155,7 +158,9 @@ class TurnEvents:
         if current is None or not isinstance(current.item, OutputFunctionCall):
             return []  # arguments of a call never started cannot be placed (the chat stream always starts one)
         current.text.append(fragment)
-        return [self._n(FunctionCallArgumentsDelta(item_id=current.item.id, output_index=current.index, delta=fragment))]
+        return [
+            self._n(FunctionCallArgumentsDelta(item_id=current.item.id, output_index=current.index, delta=fragment))
+        ]
 
     def _add(self, item: OutputItem) -> list[ResponseEvent]:
         index = len(self.output)
@@ -173,7 +178,7 @@ class TurnEvents:
         if current is None:
             return []
         item, index, text = current.item, current.index, "".join(current.text)
-        status = "incomplete" if truncated else "completed"
+        status: ItemStatus = "incomplete" if truncated else "completed"
         events: list[ResponseEvent] = []
         if isinstance(item, OutputFunctionCall):
             item.arguments, item.status = text, status
@@ -188,9 +193,7 @@ class TurnEvents:
             thought = ReasoningText(text=text)
             item.content, item.status = [thought], status
             events.append(self._n(ReasoningTextDone(item_id=item.id, output_index=index, content_index=0, text=text)))
-            events.append(
-                self._n(ContentPartDone(item_id=item.id, output_index=index, content_index=0, part=thought))
-            )
+            events.append(self._n(ContentPartDone(item_id=item.id, output_index=index, content_index=0, part=thought)))
         events.append(self._n(OutputItemDone(output_index=index, item=_copy(item))))
         return events
 

@@ -23,15 +23,16 @@ from schemas.openai.chat import (
     SystemMessage,
 )
 from schemas.openai.common import StreamOptions
+from schemas.openai.responses import FunctionToolSpec, ResponsesRequest, TextFormat
 from schemas.openai.tools import (
     MAX_TOOLS,
+    ChatTool,
     FunctionDefinition,
     FunctionTool,
     NamedToolChoice,
     ToolChoice,
     ToolChoiceFunction,
 )
-from schemas.openai.responses import FunctionToolSpec, ResponsesRequest, TextFormat
 from server.errors import OpenAIError, invalid_request, unsupported_param
 
 
@@ -109,9 +110,11 @@ def chat_request(
     conversation; usage is always streamed (the final response carries it)."""
     if req.instructions is not None:
         messages = [SystemMessage(content=req.instructions), *messages]
-    chat_tools = [
+    chat_tools: list[ChatTool] = [
         FunctionTool(
-            function=FunctionDefinition(name=t.name, description=t.description, parameters=t.parameters, strict=t.strict)
+            function=FunctionDefinition(
+                name=t.name, description=t.description, parameters=t.parameters, strict=t.strict
+            )
         )
         for t in tools
     ]
