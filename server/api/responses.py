@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from litestar import Request, Response, delete, get, post
-from litestar.params import JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody
 
 from schemas.openai.responses import DeletedResponse, InputItemList, ResponseEvent, ResponsesRequest
 from schemas.openai.responses import Response as ResponseObject
@@ -18,8 +18,10 @@ from server.engine.base import Engine
 from server.errors import OpenAIError, unsupported_param
 from server.exchange.remote import RemoteWork
 from server.exchange.work import Work
+from server.models.file import RemoteModel
 from server.providers.upstream import Upstream
 from server.serving import chat, remote
+from server.serving.remote import RemoteCall
 from server.serving.responses.pages import page
 from server.serving.responses.translate import renamed
 from server.serving.responses.turn import Turn, begin_turn, new_response_id
@@ -67,8 +69,9 @@ def _prepare(
     try:
         turn = begin_turn(body, name, history, new_response_id())
         if isinstance(backend, Upstream):
-            call = remote.prepare_chat(turn.chat, backend.entry, max_tokens_cap=cap, max_messages=settings.max_messages)
-            return turn, RemoteWork(call, backend)
+            entry, limit = backend.entry, settings.max_messages
+            forward = remote.prepare_responses if entry.responses_api else _translated
+            return turn, RemoteWork(forward(turn, entry, max_tokens_cap=cap, max_messages=limit), backend)
         assert engine is not None
         plan = chat.prepare(
             engine,
@@ -83,6 +86,11 @@ def _prepare(
         raise renamed(exc) from None
 
 
+def _translated(turn: Turn, entry: RemoteModel, *, max_tokens_cap: int | None, max_messages: int) -> RemoteCall:
+    """A turn for an upstream without ``/v1/responses``: sent as the chat completion it amounts to."""
+    return remote.prepare_chat(turn.chat, entry, max_tokens_cap=max_tokens_cap, max_messages=max_messages)
+
+
 @get(
     "/v1/responses/{response_id:str}",
     summary="Retrieve a stored response",
@@ -91,7 +99,7 @@ def _prepare(
     operation_class=ApiOperation,
 )
 async def retrieve_response(
-    request: Request[Any, Any, Any], response_id: str, stream: bool = False
+    request: Request[Any, Any, Any], response_id: FromPath[str], stream: FromQuery[bool] = False
 ) -> Response[ResponseObject]:
     if stream:
         raise unsupported_param("stream", "Streaming a stored response again")
@@ -108,7 +116,7 @@ async def retrieve_response(
     responses=errors(*KEYED, 404),
     operation_class=ApiOperation,
 )
-async def delete_response(request: Request[Any, Any, Any], response_id: str) -> DeletedResponse:
+async def delete_response(request: Request[Any, Any, Any], response_id: FromPath[str]) -> DeletedResponse:
     await app_state(request.app).responses.delete(context_of(request.scope).caller(), response_id)
     return DeletedResponse(id=response_id)
 
@@ -122,12 +130,12 @@ async def delete_response(request: Request[Any, Any, Any], response_id: str) -> 
 )
 async def list_input_items(
     request: Request[Any, Any, Any],
-    response_id: str,
-    limit: int = 20,
-    order: Literal["asc", "desc"] = "desc",
-    after: str | None = None,
-    before: str | None = None,
-    include: list[str] | None = None,
+    response_id: FromPath[str],
+    limit: FromQuery[int] = 20,
+    order: FromQuery[Literal["asc", "desc"]] = "desc",
+    after: FromQuery[str | None] = None,
+    before: FromQuery[str | None] = None,
+    include: FromQuery[list[str] | None] = None,
 ) -> InputItemList:
     if include:
         raise unsupported_param("include")
@@ -143,7 +151,7 @@ async def list_input_items(
     responses=errors(*KEYED, 400, 404),
     operation_class=ApiOperation,
 )
-async def cancel_response(request: Request[Any, Any, Any], response_id: str) -> Response[ResponseObject]:
+async def cancel_response(request: Request[Any, Any, Any], response_id: FromPath[str]) -> Response[ResponseObject]:
     raw = await app_state(request.app).responses.cancel(context_of(request.scope).caller(), response_id)
     return Response(content=raw, media_type="application/json")  # type: ignore[arg-type]
 

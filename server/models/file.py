@@ -71,6 +71,9 @@ class RemoteModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_
     or 504."""
     health_interval_s: Annotated[float, Meta(ge=1)] = 15.0
     """How often this replica checks ``GET {base_url}/models`` for ``/readyz``."""
+    responses_api: bool = False
+    """The upstream serves ``/v1/responses``: Responses turns are forwarded there (the whole conversation, with
+    ``store: false``; the state stays here) instead of being translated to chat completions."""
 
     @property
     def target_model(self) -> str:

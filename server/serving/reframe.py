@@ -29,7 +29,8 @@ from schemas.openai.chat import (
 from schemas.openai.common import CompletionTokensDetails, CompletionUsage
 from schemas.openai.completions import Completion, CompletionChoice, CompletionLogprobs
 from server.errors import OpenAIError
-from server.serving.remote import RemoteCall
+from server.serving.remote import RESPONSES_PATH, RemoteCall
+from server.serving.responses.upstream import chat_answer, chat_chunks
 from server.serving.streaming import error_event
 
 
@@ -117,6 +118,8 @@ def _convert(value: Any, kind: type[Any]) -> Any:
 # -- non-streaming ---------------------------------------------------------------------------------------------
 def complete(call: RemoteCall, raw: bytes) -> msgspec.Struct:
     """Our response from the upstream's whole answer ``raw``."""
+    if call.path == RESPONSES_PATH:
+        raw = chat_answer(raw)
     try:
         body = _decoder.decode(raw)
     except msgspec.DecodeError:
@@ -185,6 +188,8 @@ async def stream(
     """Our stream of the upstream's SSE ``payloads``: re-framed chunks, then usage when asked; an error frame if it
     breaks (``payloads`` raising an :class:`OpenAIError` when the upstream stalls or the connection breaks)."""
     out = _Framer(call)
+    if call.path == RESPONSES_PATH:
+        payloads = chat_chunks(payloads)
     try:
         async for data in payloads:
             if data.strip() == b"[DONE]":

@@ -31,6 +31,8 @@ from server.serving.checks import Target, check_completion, check_generate, empt
 from server.serving.common import new_id, now
 from server.serving.forward import chat_body, completion_body
 from server.serving.plan import CacheEntry, Demand
+from server.serving.responses.turn import Turn
+from server.serving.responses.upstream import responses_body
 
 DEFAULT_RESERVE_TOKENS = 4096
 """Max tokens per choice of a request without one when neither the role's cap nor the entry's ``max_model_len``
@@ -43,6 +45,8 @@ PROMPT_EXTRA_TOKENS = 2
 """Room in a raw prompt's upper bound for the special tokens an upstream may add (BOS, EOS)."""
 
 Family = Literal["chat", "completions", "generate"]
+RESPONSES_PATH = "responses"
+"""Where a turn for an upstream with ``responses_api`` goes (its answers are read as chat: ``family`` is chat)."""
 
 
 @dataclass(slots=True)
@@ -166,20 +170,28 @@ def _call(
     stream: bool,
     include_usage: bool,
     deterministic: bool,
+    responses_wire: bool = False,
 ) -> RemoteCall:
-    payload["max_tokens"] = per_choice
-    if family == "chat":
-        payload["max_completion_tokens"] = per_choice  # an upstream honours one name or the other: both say the same
-    if stream:
-        payload["stream"] = True
-        payload["stream_options"] = {"include_usage": True}
+    if responses_wire:  # the Responses API's own names; its streams always end with the usage
+        payload["max_output_tokens"] = per_choice
+        if stream:
+            payload["stream"] = True
+    else:
+        payload["max_tokens"] = per_choice
+        if family == "chat":
+            payload["max_completion_tokens"] = (
+                per_choice  # an upstream honours one name or the other: both say the same
+            )
+        if stream:
+            payload["stream"] = True
+            payload["stream_options"] = {"include_usage": True}
     prefix = {"chat": "chatcmpl", "completions": "cmpl", "generate": "gen"}[family]
     return RemoteCall(
         family=family,
         id=new_id(prefix),
         created=now(),
         model=entry.name,
-        path="chat/completions" if family == "chat" else "completions",
+        path=RESPONSES_PATH if responses_wire else "chat/completions" if family == "chat" else "completions",
         payload=payload,
         stream=stream,
         include_usage=include_usage,
@@ -217,6 +229,34 @@ def prepare_chat(
         stream=bool(req.stream),
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
         deterministic=req.temperature == 0 or req.seed is not None,
+    )
+
+
+def prepare_responses(
+    turn: Turn, entry: RemoteModel, *, max_tokens_cap: int | None, max_messages: int | None
+) -> RemoteCall:
+    """A Responses turn forwarded to an upstream that serves ``/v1/responses`` (``responses_api`` in the models
+    file): the checks of the chat request it amounts to (the same 400s as a translated turn), then the whole
+    conversation sent statelessly (:mod:`server.serving.responses.upstream`)."""
+    req = turn.chat
+    checks = check_chat(req, Target(entry.name), max_messages=max_messages)
+    payload = responses_body(turn, entry.target_model)
+    measured = len(msgspec.json.encode([payload.get("instructions"), payload["input"], payload.get("tools")]))
+    bound, estimate = measured + CHAT_TEMPLATE_TOKENS, math.ceil(measured / BYTES_PER_TOKEN)
+    return _call(
+        "chat",
+        entry,
+        payload,
+        bound=bound,
+        estimate=estimate,
+        prompt_text="\n".join(m["content"] or "" for m in checks.messages),
+        per_choice=per_choice_max_tokens(checks.max_tokens, max_tokens_cap, entry.max_model_len, bound, estimate),
+        choices=1,
+        explicit=checks.max_tokens is not None,
+        stream=bool(req.stream),
+        include_usage=True,
+        deterministic=req.temperature == 0,
+        responses_wire=True,
     )
 
 
