@@ -95,7 +95,7 @@ def _translated(turn: Turn, entry: RemoteModel, *, max_tokens_cap: int | None, m
     "/v1/responses/{response_id:str}",
     summary="Retrieve a stored response",
     tags=["openai"],
-    responses=errors(*KEYED, 404),
+    responses=errors(*KEYED, 400, 404),
     operation_class=ApiOperation,
 )
 async def retrieve_response(
@@ -113,7 +113,7 @@ async def retrieve_response(
     status_code=200,
     summary="Delete a stored response",
     tags=["openai"],
-    responses=errors(*KEYED, 404),
+    responses=errors(*KEYED, 400, 404),
     operation_class=ApiOperation,
 )
 async def delete_response(request: Request[Any, Any, Any], response_id: FromPath[str]) -> DeletedResponse:

@@ -277,7 +277,7 @@ def test_document_promises() -> None:
                 assert response["content"] == envelope, (method, path, status)
             if keyed:
                 assert {"401", "429"} <= set(op["responses"]), (method, path)
-    assert streaming == {"/v1/chat/completions", "/v1/completions", "/v1/stream"}
+    assert streaming == {"/v1/chat/completions", "/v1/completions", "/v1/stream", "/v1/responses"}
     components = DOCUMENT["components"]["schemas"]
     assert sorted(components["ErrorBody"]["required"]) == sorted(ENVELOPE_KEYS)
     chat = components["ChatCompletionRequest"]["properties"]  # zero bounds on optional fields (StructBoundsPlugin)
