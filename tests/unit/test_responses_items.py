@@ -23,6 +23,8 @@ from schemas.openai.chat import (
 from schemas.openai.responses import (
     FunctionCallItem,
     FunctionCallOutputItem,
+    InputItem,
+    InputItemList,
     InputText,
     MessageItem,
     OutputText,
@@ -34,6 +36,7 @@ from schemas.openai.responses import (
 from schemas.openai.tools import FunctionDefinition, FunctionTool, NamedToolChoice
 from server.errors import OpenAIError, invalid_request
 from server.serving.responses.items import MAX_INPUT_ITEMS, output_as_input, parse_input, to_messages, with_ids
+from server.serving.responses.pages import page
 from server.serving.responses.translate import (
     chat_request,
     function_tools,
@@ -374,3 +377,60 @@ def test_renamed_speaks_the_responses_terms(chat_param: str, param: str) -> None
 def test_renamed_leaves_an_error_without_param() -> None:
     exc = invalid_request("bad")
     assert renamed(exc).param is None
+
+
+# ---- pages ---------------------------------------------------------------------------------------------------------
+def five() -> list[InputItem]:
+    return [MessageItem(role="user", content=[InputText(text=str(n))], id=f"msg_{n}") for n in range(5)]
+
+
+def ids_of(listing: InputItemList) -> list[str]:
+    return [item["id"] for item in listing.data]
+
+
+def test_a_page_is_newest_first_by_default() -> None:
+    listing = page(five())
+    assert ids_of(listing) == ["msg_4", "msg_3", "msg_2", "msg_1", "msg_0"]
+    assert (listing.first_id, listing.last_id, listing.has_more) == ("msg_4", "msg_0", False)
+    assert listing.data[0] == {
+        "type": "message",
+        "role": "user",
+        "content": [{"type": "input_text", "text": "4"}],
+        "id": "msg_4",
+        "status": None,
+    }
+    assert ids_of(page(five(), order="asc")) == ["msg_0", "msg_1", "msg_2", "msg_3", "msg_4"]
+
+
+def test_limit_and_after_walk_forwards() -> None:
+    first = page(five(), limit=2)
+    assert (ids_of(first), first.has_more) == (["msg_4", "msg_3"], True)
+    second = page(five(), limit=2, after=first.last_id)
+    assert (ids_of(second), second.has_more) == (["msg_2", "msg_1"], True)
+    third = page(five(), limit=2, after=second.last_id)
+    assert (ids_of(third), third.has_more, third.last_id) == (["msg_0"], False, "msg_0")
+    assert ids_of(page(five(), order="asc", limit=2, after="msg_1")) == ["msg_2", "msg_3"]
+    empty = page(five(), after="msg_0")
+    assert (empty.data, empty.first_id, empty.last_id, empty.has_more) == ([], None, None, False)
+
+
+def test_before_walks_backwards_from_its_id() -> None:
+    back = page(five(), limit=2, before="msg_1")
+    assert (ids_of(back), back.has_more) == (["msg_3", "msg_2"], True)
+    assert ids_of(page(five(), limit=2, before=back.first_id)) == ["msg_4"]
+    assert ids_of(page(five(), order="asc", before="msg_2")) == ["msg_0", "msg_1"]
+    between = page(five(), limit=1, after="msg_4", before="msg_1")
+    assert (ids_of(between), between.has_more) == (["msg_3"], True)
+
+
+@pytest.mark.parametrize("cursor", ["after", "before"])
+def test_an_unknown_cursor_is_refused(cursor: str) -> None:
+    err = error_of(lambda: page(five(), **{cursor: "msg_9"}))
+    assert err.param == cursor
+    assert "msg_9" in err.message
+
+
+@pytest.mark.parametrize("limit", [0, 101])
+def test_a_limit_out_of_range_is_refused(limit: int) -> None:
+    assert error_of(lambda: page(five(), limit=limit)).param == "limit"
+    assert len(page(five() * 30, limit=100).data) == 100
