@@ -137,12 +137,16 @@ def test_with_ids_gives_every_item_an_id_and_messages_parts() -> None:
         [InputText(text="developer text")],
         [OutputText(text="assistant text")],
     ]
-    assert all(m.status == "completed" for m in messages)
+    assert [item.status for item in items] == ["completed"] * 6 + [None]
 
 
-def test_with_ids_keeps_given_ids() -> None:
-    items = with_ids(parse_input([{"role": "user", "content": "x", "id": "msg_mine"}, {**CALL, "id": "fc_mine"}]))
-    assert [item.id for item in items if not isinstance(item, str)] == ["msg_mine", "fc_mine"]
+def test_with_ids_keeps_given_ids_and_statuses() -> None:
+    given = [{"role": "assistant", "content": "x", "id": "msg_mine", "status": "incomplete"}, {**CALL, "id": "fc_mine"}]
+    items = with_ids(parse_input(given))
+    assert [(item.id, item.status) for item in items] == [
+        ("msg_mine", "incomplete"),
+        ("fc_mine", "completed"),
+    ]
 
 
 # ---- to_messages ---------------------------------------------------------------------------------------------------
@@ -220,6 +224,14 @@ def test_images_and_files_are_unsupported(part: dict[str, Any]) -> None:
     err = error_of(messages_of, [{"role": "user", "content": "hi"}, {"role": "user", "content": content}])
     assert (err.param, err.code) == ("input[1].content[1].type", "unsupported_parameter")
     assert part["type"] in err.message
+
+
+def test_a_conversation_longer_than_the_limit_is_refused() -> None:
+    history = with_ids(parse_input([{"role": "user", "content": "x"}] * MAX_INPUT_ITEMS))
+    new = with_ids(parse_input("y"))
+    err = error_of(to_messages, history + new, len(history))
+    assert (err.param, err.code) == ("input", "array_above_max_length")
+    assert len(to_messages(history[1:] + new, len(history) - 1)) == MAX_INPUT_ITEMS
 
 
 def test_a_conversation_of_reasoning_only_is_refused() -> None:

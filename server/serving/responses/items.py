@@ -103,7 +103,8 @@ def invalid_field(exc: msgspec.ValidationError, prefix: str) -> OpenAIError:
 
 
 def with_ids(items: list[InputItem]) -> list[InputItem]:
-    """``items`` as stored: every item has an id and every message's content is a list of parts."""
+    """``items`` as stored: every item has an id, every message's content is a list of parts, and messages,
+    function calls and their outputs have a status (``completed`` unless they give one), as OpenAI lists them."""
     out: list[InputItem] = []
     for item in items:
         if isinstance(item, MessageItem):
@@ -112,10 +113,16 @@ def with_ids(items: list[InputItem]) -> list[InputItem]:
                 content = [OutputText(text=item.content) if item.role == "assistant" else InputText(text=item.content)]
             else:
                 content = item.content
-            out.append(MessageItem(role=item.role, content=content, id=item.id or item_id("msg"), status="completed"))
-        elif isinstance(item, FunctionCallItem | FunctionCallOutputItem | ReasoningItem) and item.id is None:
-            prefix = {FunctionCallItem: "fc", FunctionCallOutputItem: "fco", ReasoningItem: "rs"}[type(item)]
-            out.append(msgspec.structs.replace(item, id=item_id(prefix)))
+            out.append(
+                MessageItem(
+                    role=item.role, content=content, id=item.id or item_id("msg"), status=item.status or "completed"
+                )
+            )
+        elif isinstance(item, FunctionCallItem | FunctionCallOutputItem):
+            prefix = "fc" if isinstance(item, FunctionCallItem) else "fco"
+            out.append(msgspec.structs.replace(item, id=item.id or item_id(prefix), status=item.status or "completed"))
+        elif isinstance(item, ReasoningItem) and item.id is None:
+            out.append(msgspec.structs.replace(item, id=item_id("rs")))
         else:
             out.append(item)
     return out
@@ -145,6 +152,13 @@ def to_messages(items: list[InputItem], first: int = 0) -> list[ChatMessage]:
     parameter a 400 names; an item of an earlier turn is named by ``previous_response_id`` alone (its fields are
     not parameters of this request).
     """
+    if len(items) > MAX_INPUT_ITEMS:
+        raise invalid_request(
+            f"The conversation may hold at most {MAX_INPUT_ITEMS} items, its earlier turns' included; it would "
+            f"hold {len(items)}.",
+            "input",
+            "array_above_max_length",
+        )
     messages: list[ChatMessage] = []
     calls: set[str] = set()
     for i, item in enumerate(items):
