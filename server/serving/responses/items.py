@@ -9,6 +9,7 @@ message's tool calls, a ``function_call_output`` becomes a ``tool`` message, and
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Any
 
@@ -39,7 +40,7 @@ from schemas.openai.responses import (
     Refusal,
 )
 from schemas.openai.tools import MessageToolCall, MessageToolCallFunction
-from server.errors import invalid_request, unsupported_param
+from server.errors import OpenAIError, invalid_request, unsupported_param
 
 MAX_INPUT_ITEMS = 4096
 """Most items one conversation may hold (its earlier turns included)."""
@@ -76,17 +77,34 @@ def parse_input(raw: str | list[dict[str, Any]]) -> list[InputItem]:
         try:
             item = msgspec.convert(obj if "type" in obj else {**obj, "type": kind}, item_type)
         except msgspec.ValidationError as exc:
-            path = str(exc).rpartition(" - at `$")[2].rstrip("`")
-            param = f"input[{i}]{path}" if path else f"input[{i}]"
-            raise invalid_request(f"Invalid 'input[{i}]': {str(exc).partition(' - at ')[0]}", param) from None
+            raise invalid_field(exc, f"input[{i}]") from None
         if isinstance(item, ItemReference):
             raise unsupported_param(f"input[{i}]", "Input items of type 'item_reference'")
         items.append(item)
     return items
 
 
+_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`")
+
+
+def invalid_field(exc: msgspec.ValidationError, prefix: str) -> OpenAIError:
+    """A 400 for a decoding error of the object at ``prefix`` (``input[1]``, ``tools[0]``): its ``param`` is the
+    path of the field at fault (a missing field included) and its message carries no decoder markup."""
+    text = str(exc)
+    at = _AT.search(text)
+    path = at["path"] if at else ""
+    reason = text[: at.start()] if at else text
+    missing = _MISSING.match(reason)
+    if missing:
+        path = f"{path}.{missing['field']}"
+    param = f"{prefix}{path}"
+    return invalid_request(f"Invalid '{param}': {reason.replace('`', '')}.", param)
+
+
 def with_ids(items: list[InputItem]) -> list[InputItem]:
-    """``items`` as stored: every item has an id and every message's content is a list of parts."""
+    """``items`` as stored: every item has an id, every message's content is a list of parts, and messages,
+    function calls and their outputs have a status (``completed`` unless they give one), as OpenAI lists them."""
     out: list[InputItem] = []
     for item in items:
         if isinstance(item, MessageItem):
@@ -95,10 +113,16 @@ def with_ids(items: list[InputItem]) -> list[InputItem]:
                 content = [OutputText(text=item.content) if item.role == "assistant" else InputText(text=item.content)]
             else:
                 content = item.content
-            out.append(MessageItem(role=item.role, content=content, id=item.id or item_id("msg"), status="completed"))
-        elif isinstance(item, FunctionCallItem | FunctionCallOutputItem | ReasoningItem) and item.id is None:
-            prefix = {FunctionCallItem: "fc", FunctionCallOutputItem: "fco", ReasoningItem: "rs"}[type(item)]
-            out.append(msgspec.structs.replace(item, id=item_id(prefix)))
+            out.append(
+                MessageItem(
+                    role=item.role, content=content, id=item.id or item_id("msg"), status=item.status or "completed"
+                )
+            )
+        elif isinstance(item, FunctionCallItem | FunctionCallOutputItem):
+            prefix = "fc" if isinstance(item, FunctionCallItem) else "fco"
+            out.append(msgspec.structs.replace(item, id=item.id or item_id(prefix), status=item.status or "completed"))
+        elif isinstance(item, ReasoningItem) and item.id is None:
+            out.append(msgspec.structs.replace(item, id=item_id("rs")))
         else:
             out.append(item)
     return out
@@ -125,12 +149,20 @@ def to_messages(items: list[InputItem], first: int = 0) -> list[ChatMessage]:
     """The chat messages of a conversation's items.
 
     ``first`` is the index in ``input`` of the first item (items before it came from earlier turns), for the
-    parameter a 400 names; an item of an earlier turn is named by ``previous_response_id``.
+    parameter a 400 names; an item of an earlier turn is named by ``previous_response_id`` alone (its fields are
+    not parameters of this request).
     """
+    if len(items) > MAX_INPUT_ITEMS:
+        raise invalid_request(
+            f"The conversation may hold at most {MAX_INPUT_ITEMS} items, its earlier turns' included; it would "
+            f"hold {len(items)}.",
+            "input",
+            "array_above_max_length",
+        )
     messages: list[ChatMessage] = []
     calls: set[str] = set()
     for i, item in enumerate(items):
-        param = f"input[{i - first}]" if i >= first else "previous_response_id"
+        param = f"input[{i - first}]" if i >= first else _HISTORY
         if isinstance(item, MessageItem):
             messages.append(_message(item, param))
         elif isinstance(item, FunctionCallItem):
@@ -148,16 +180,24 @@ def to_messages(items: list[InputItem], first: int = 0) -> list[ChatMessage]:
                 raise invalid_request(
                     f"No function call with call_id {item.call_id!r} precedes this 'function_call_output' in the "
                     "conversation.",
-                    f"{param}.call_id",
+                    _at(param, ".call_id"),
                 )
-            messages.append(ToolMessage(content=_text(item.output, f"{param}.output"), tool_call_id=item.call_id))
+            messages.append(ToolMessage(content=_text(item.output, _at(param, ".output")), tool_call_id=item.call_id))
     if not messages:
         raise invalid_request("'input' must contain at least one message or function call.", "input")
     return messages
 
 
+_HISTORY = "previous_response_id"
+
+
+def _at(param: str, path: str) -> str:
+    """``param`` followed by ``path``, for an item of this request's ``input``."""
+    return param if param == _HISTORY else f"{param}{path}"
+
+
 def _message(item: MessageItem, param: str) -> ChatMessage:
-    text = _text(item.content, f"{param}.content")
+    text = _text(item.content, _at(param, ".content"))
     if item.role == "assistant":
         return AssistantMessage(content=text)
     if item.role == "system":
@@ -179,5 +219,5 @@ def _text(content: str | list[ContentPart], param: str) -> str:
             texts.append(part.refusal)
         else:
             tag = msgspec.inspect.type_info(type(part)).tag  # type: ignore[attr-defined]
-            raise unsupported_param(f"{param}[{j}].type", f"Content parts of type '{tag}'")
+            raise unsupported_param(_at(param, f"[{j}].type"), f"Content parts of type '{tag}'")
     return "\n".join(texts)

@@ -21,7 +21,11 @@ def page(
     before: str | None = None,
 ) -> InputItemList:
     """Up to ``limit`` items in ``order`` (``desc``: newest first), strictly after / before the items with those
-    ids; an id that is not in the list gets a 400 naming it."""
+    ids; an id that is not in the list gets a 400 naming it.
+
+    ``before`` alone pages backwards: the page is the ``limit`` items just before it (as ``after`` gives the
+    ``limit`` items just after), and ``has_more`` says whether more come before those.
+    """
     if not 1 <= limit <= MAX_PAGE:
         raise invalid_request(f"'limit' must be between 1 and {MAX_PAGE}.", "limit")
     ordered = items if order == "asc" else items[::-1]
@@ -32,7 +36,7 @@ def page(
     if before is not None:
         end = _position(ids, before, "before")
     window = ordered[start:end]
-    chosen = window[:limit]
+    chosen = window[-limit:] if before is not None and after is None else window[:limit]
     data = [msgspec.to_builtins(item) for item in chosen]
     return InputItemList(
         data=data,

@@ -34,6 +34,7 @@ from schemas.openai.tools import (
     ToolChoiceFunction,
 )
 from server.errors import OpenAIError, invalid_request, unsupported_param
+from server.serving.responses.items import invalid_field
 
 
 def reject_unsupported(req: ResponsesRequest) -> None:
@@ -69,8 +70,7 @@ def function_tools(raw: list[dict[str, Any]] | None) -> list[FunctionToolSpec]:
         try:
             tools.append(msgspec.convert(obj, FunctionToolSpec))
         except msgspec.ValidationError as exc:
-            message, _, path = str(exc).partition(" - at `$")
-            raise invalid_request(f"Invalid 'tools[{i}]': {message}", f"tools[{i}]{path.rstrip('`')}") from None
+            raise invalid_field(exc, f"tools[{i}]") from None
     return tools
 
 
@@ -135,7 +135,7 @@ def chat_request(
 
 
 _RENAMES = (
-    (re.compile(r"^messages(\[\d+\])?"), "input"),
+    (re.compile(r"^messages\b.*"), "input"),
     (re.compile(r"^max_completion_tokens"), "max_output_tokens"),
     (re.compile(r"^response_format(\.json_schema)?"), "text.format"),
     (re.compile(r"^tools(\[\d+\])\.function"), r"tools\1"),
