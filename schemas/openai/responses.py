@@ -20,6 +20,12 @@ MetadataMap = Annotated[
 ]
 """Up to 16 string pairs (keys up to 64 characters, values up to 512), as OpenAI allows."""
 
+ItemId = Annotated[str, Meta(max_length=128)]
+"""An item's id (this server's are under 40 characters)."""
+CallId = Annotated[str, Meta(min_length=1, max_length=128)]
+"""A function call's ``call_id``."""
+ItemStatus = Annotated[str, Meta(max_length=16)]
+
 ResponseStatus = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
 
 
@@ -74,27 +80,27 @@ class MessageItem(msgspec.Struct, tag_field="type", tag="message", kw_only=True)
 
     role: Literal["user", "system", "developer", "assistant"]
     content: str | list[ContentPart]
-    id: str | None = None
-    status: str | None = None
+    id: ItemId | None = None
+    status: ItemStatus | None = None
 
 
 class FunctionCallItem(msgspec.Struct, tag_field="type", tag="function_call", kw_only=True):
     """A function call the model made (in the output, or given back as input)."""
 
-    call_id: Annotated[str, Meta(min_length=1)]
-    name: Annotated[str, Meta(min_length=1)]
+    call_id: CallId
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
     arguments: str
-    id: str | None = None
-    status: str | None = None
+    id: ItemId | None = None
+    status: ItemStatus | None = None
 
 
 class FunctionCallOutputItem(msgspec.Struct, tag_field="type", tag="function_call_output", kw_only=True):
     """The result of a function call, answering ``call_id``."""
 
-    call_id: Annotated[str, Meta(min_length=1)]
+    call_id: CallId
     output: str | list[ContentPart]
-    id: str | None = None
-    status: str | None = None
+    id: ItemId | None = None
+    status: ItemStatus | None = None
 
 
 class ReasoningText(msgspec.Struct, tag_field="type", tag="reasoning_text", kw_only=True):

@@ -126,9 +126,9 @@ def test_with_ids_gives_every_item_an_id_and_messages_parts() -> None:
     raw: list[dict[str, Any]] = [
         {"role": role, "content": f"{role} text"} for role in ("user", "system", "developer", "assistant")
     ]
-    items = with_ids(parse_input([*raw, CALL, RESULT, {"type": "reasoning"}]))
+    items = with_ids(parse_input([*raw, CALL, RESULT, {"type": "reasoning", "summary": [{"text": "x" * 1000}]}]))
     prefixes = [item.id.partition("_")[0] for item in items if item.id is not None]
-    assert prefixes == ["msg", "msg", "msg", "msg", "fc", "fco", "rs"]
+    assert prefixes == ["msg", "msg", "msg", "msg", "fc", "fco"]  # reasoning is never read again: not kept
     assert len({item.id for item in items}) == len(items)
     messages = [item for item in items if isinstance(item, MessageItem)]
     assert [m.content for m in messages] == [
@@ -137,7 +137,15 @@ def test_with_ids_gives_every_item_an_id_and_messages_parts() -> None:
         [InputText(text="developer text")],
         [OutputText(text="assistant text")],
     ]
-    assert [item.status for item in items] == ["completed"] * 6 + [None]
+    assert [item.status for item in items] == ["completed"] * 6
+
+
+def test_what_the_model_never_reads_is_not_kept() -> None:
+    """Stored items are carried into every later turn: annotations and logprobs of output text are dropped."""
+    part = {"type": "output_text", "text": "hi", "annotations": [{"big": "x" * 10_000}], "logprobs": [{"t": 1}]}
+    (item,) = with_ids(parse_input([{"role": "assistant", "content": [part]}]))
+    assert isinstance(item, MessageItem) and item.content == [OutputText(text="hi")]
+    assert error_of(parse_input, [{**CALL, "call_id": "c" * 129}]).param == "input[0].call_id"
 
 
 def test_with_ids_keeps_given_ids_and_statuses() -> None:
@@ -249,8 +257,8 @@ def test_output_given_back_as_input_is_the_assistant_message_with_its_calls() ->
     )
     output = output_of(message, truncated=False)
     items = output_as_input(output)
-    assert [item.id for item in items] == [item.id for item in output]
-    assert [type(item) for item in items] == [ReasoningItem, MessageItem, FunctionCallItem, FunctionCallItem]
+    assert [item.id for item in items] == [item.id for item in output[1:]]  # the reasoning is not carried
+    assert [type(item) for item in items] == [MessageItem, FunctionCallItem, FunctionCallItem]
     messages = to_messages([*items, *with_ids(parse_input([{**RESULT, "call_id": "c2"}]))], first=len(items))
     assistant, tool = messages
     assert isinstance(assistant, AssistantMessage)

@@ -34,7 +34,6 @@ from schemas.openai.responses import (
     OutputFunctionCall,
     OutputItem,
     OutputMessage,
-    OutputReasoning,
     OutputText,
     ReasoningItem,
     Refusal,
@@ -104,7 +103,12 @@ def invalid_field(exc: msgspec.ValidationError, prefix: str) -> OpenAIError:
 
 def with_ids(items: list[InputItem]) -> list[InputItem]:
     """``items`` as stored: every item has an id, every message's content is a list of parts, and messages,
-    function calls and their outputs have a status (``completed`` unless they give one), as OpenAI lists them."""
+    function calls and their outputs have a status (``completed`` unless they give one), as OpenAI lists them.
+
+    What the model never reads is not kept: ``reasoning`` items (not shown to the model again) and the
+    ``annotations`` / ``logprobs`` of ``output_text`` parts. Stored items are carried into every later turn of the
+    conversation, so anything kept that the model does not read would be storage no token pays for.
+    """
     out: list[InputItem] = []
     for item in items:
         if isinstance(item, MessageItem):
@@ -112,7 +116,7 @@ def with_ids(items: list[InputItem]) -> list[InputItem]:
             if isinstance(item.content, str):
                 content = [OutputText(text=item.content) if item.role == "assistant" else InputText(text=item.content)]
             else:
-                content = item.content
+                content = [OutputText(text=p.text) if isinstance(p, OutputText) else p for p in item.content]
             out.append(
                 MessageItem(
                     role=item.role, content=content, id=item.id or item_id("msg"), status=item.status or "completed"
@@ -121,15 +125,14 @@ def with_ids(items: list[InputItem]) -> list[InputItem]:
         elif isinstance(item, FunctionCallItem | FunctionCallOutputItem):
             prefix = "fc" if isinstance(item, FunctionCallItem) else "fco"
             out.append(msgspec.structs.replace(item, id=item.id or item_id(prefix), status=item.status or "completed"))
-        elif isinstance(item, ReasoningItem) and item.id is None:
-            out.append(msgspec.structs.replace(item, id=item_id("rs")))
-        else:
+        elif not isinstance(item, ReasoningItem):
             out.append(item)
     return out
 
 
 def output_as_input(output: list[OutputItem]) -> list[InputItem]:
-    """An earlier response's output items as the input items of the next turn."""
+    """An earlier response's output items as the input items of the next turn (its reasoning is left out, as
+    :func:`with_ids` leaves it out of an input)."""
     items: list[InputItem] = []
     for out in output:
         if isinstance(out, OutputMessage):
@@ -140,8 +143,6 @@ def output_as_input(output: list[OutputItem]) -> list[InputItem]:
                     call_id=out.call_id, name=out.name, arguments=out.arguments, id=out.id, status=out.status
                 )
             )
-        elif isinstance(out, OutputReasoning):
-            items.append(ReasoningItem(id=out.id, summary=out.summary, content=out.content, status=out.status))
     return items
 
 
