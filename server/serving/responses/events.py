@@ -15,7 +15,7 @@ from typing import Literal
 
 import msgspec
 
-from schemas.openai.chat import ChatCompletionChunk
+from schemas.openai.chat import ChatCompletionChunk, ChoiceDeltaToolCall
 from schemas.openai.common import CompletionUsage
 from schemas.openai.errors import ErrorResponse
 from schemas.openai.responses import (
@@ -69,6 +69,7 @@ class TurnEvents:
         self.response: Response = turn.response("in_progress")
         self._seq = 0
         self._open: _Open | None = None
+        self._calls: dict[int, _Open] = {}  # the function calls streamed so far, by their chat tool-call index
         self._finish: str | None = None
         self._usage: CompletionUsage | None = None
 
@@ -91,16 +92,7 @@ class TurnEvents:
             if delta.content:
                 events += self._text(OutputMessage, delta.content)
             for call in delta.tool_calls or []:
-                arguments = call.function.arguments if call.function is not None else None
-                if call.id is not None:
-                    name = call.function.name if call.function is not None and call.function.name else ""
-                    events += self._close()
-                    item = OutputFunctionCall(
-                        id=item_id("fc"), call_id=call.id, name=name, arguments="", status="in_progress"
-                    )
-                    events += self._add(item)
-                if arguments:
-                    events += self._arguments(arguments)
+                events += self._call(call)
             if choice.finish_reason is not None:
                 self._finish = choice.finish_reason
         return events
@@ -153,16 +145,38 @@ class TurnEvents:
             )
         return events
 
-    def _arguments(self, fragment: str) -> list[ResponseEvent]:
-        current = self._open
-        if current is None or not isinstance(current.item, OutputFunctionCall):
-            return []  # arguments of a call never started cannot be placed (the chat stream always starts one)
-        current.text.append(fragment)
-        return [
-            self._n(FunctionCallArgumentsDelta(item_id=current.item.id, output_index=current.index, delta=fragment))
-        ]
+    def _call(self, call: ChoiceDeltaToolCall) -> list[ResponseEvent]:
+        """A piece of tool call ``call.index``. The first starts its item (closing the text or the call before it,
+        so calls follow each other as OpenAI streams them); later ones fill in an id or a name it lacked and add
+        argument fragments. A fragment for a call already closed (an upstream interleaving its calls) still reaches
+        the call's arguments, and its delta is sent."""
+        events: list[ResponseEvent] = []
+        function = call.function
+        name = function.name if function is not None and function.name else ""
+        current = self._calls.get(call.index)
+        if current is None:
+            events += self._close()
+            item = OutputFunctionCall(
+                id=item_id("fc"), call_id=call.id or "", name=name, arguments="", status="in_progress"
+            )
+            events += self._add(item)
+            current = self._calls[call.index] = self._open = _Open(item, len(self.output) - 1)
+        started = current.item
+        assert isinstance(started, OutputFunctionCall)
+        started.call_id = started.call_id or call.id or ""
+        started.name = started.name or name
+        fragment = function.arguments if function is not None else None
+        if fragment:
+            if current is self._open:
+                current.text.append(fragment)
+            else:
+                started.arguments += fragment
+            delta = FunctionCallArgumentsDelta(item_id=started.id, output_index=current.index, delta=fragment)
+            events.append(self._n(delta))
+        return events
 
     def _add(self, item: OutputItem) -> list[ResponseEvent]:
+        """Add ``item`` to the output as the item being streamed."""
         index = len(self.output)
         self.output.append(item)
         self._open = _Open(item, index)
@@ -175,8 +189,10 @@ class TurnEvents:
     def _close(self, truncated: bool = False) -> list[ResponseEvent]:
         """End the item being streamed (``incomplete`` when ``truncated``)."""
         current, self._open = self._open, None
-        if current is None:
-            return []
+        return self._end(current, truncated) if current is not None else []
+
+    def _end(self, current: _Open, truncated: bool) -> list[ResponseEvent]:
+        """The ``.done`` events of one item (``incomplete`` when ``truncated``)."""
         item, index, text = current.item, current.index, "".join(current.text)
         status: ItemStatus = "incomplete" if truncated else "completed"
         events: list[ResponseEvent] = []
