@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from litestar import Request, Response, delete, get, post
-from litestar.params import JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody
 
 from schemas.openai.responses import DeletedResponse, InputItemList, ResponseEvent, ResponsesRequest
 from schemas.openai.responses import Response as ResponseObject
@@ -91,7 +91,7 @@ def _prepare(
     operation_class=ApiOperation,
 )
 async def retrieve_response(
-    request: Request[Any, Any, Any], response_id: str, stream: bool = False
+    request: Request[Any, Any, Any], response_id: FromPath[str], stream: FromQuery[bool] = False
 ) -> Response[ResponseObject]:
     if stream:
         raise unsupported_param("stream", "Streaming a stored response again")
@@ -108,7 +108,7 @@ async def retrieve_response(
     responses=errors(*KEYED, 404),
     operation_class=ApiOperation,
 )
-async def delete_response(request: Request[Any, Any, Any], response_id: str) -> DeletedResponse:
+async def delete_response(request: Request[Any, Any, Any], response_id: FromPath[str]) -> DeletedResponse:
     await app_state(request.app).responses.delete(context_of(request.scope).caller(), response_id)
     return DeletedResponse(id=response_id)
 
@@ -122,12 +122,12 @@ async def delete_response(request: Request[Any, Any, Any], response_id: str) -> 
 )
 async def list_input_items(
     request: Request[Any, Any, Any],
-    response_id: str,
-    limit: int = 20,
-    order: Literal["asc", "desc"] = "desc",
-    after: str | None = None,
-    before: str | None = None,
-    include: list[str] | None = None,
+    response_id: FromPath[str],
+    limit: FromQuery[int] = 20,
+    order: FromQuery[Literal["asc", "desc"]] = "desc",
+    after: FromQuery[str | None] = None,
+    before: FromQuery[str | None] = None,
+    include: FromQuery[list[str] | None] = None,
 ) -> InputItemList:
     if include:
         raise unsupported_param("include")
@@ -143,7 +143,7 @@ async def list_input_items(
     responses=errors(*KEYED, 400, 404),
     operation_class=ApiOperation,
 )
-async def cancel_response(request: Request[Any, Any, Any], response_id: str) -> Response[ResponseObject]:
+async def cancel_response(request: Request[Any, Any, Any], response_id: FromPath[str]) -> Response[ResponseObject]:
     raw = await app_state(request.app).responses.cancel(context_of(request.scope).caller(), response_id)
     return Response(content=raw, media_type="application/json")  # type: ignore[arg-type]
 
