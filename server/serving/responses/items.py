@@ -76,7 +76,8 @@ def parse_input(raw: str | list[dict[str, Any]]) -> list[InputItem]:
         try:
             item = msgspec.convert(obj if "type" in obj else {**obj, "type": kind}, item_type)
         except msgspec.ValidationError as exc:
-            path = str(exc).rpartition(" - at `$")[2].rstrip("`")
+            _, at, path = str(exc).rpartition(" - at `$")
+            path = path.rstrip("`") if at else ""
             param = f"input[{i}]{path}" if path else f"input[{i}]"
             raise invalid_request(f"Invalid 'input[{i}]': {str(exc).partition(' - at ')[0]}", param) from None
         if isinstance(item, ItemReference):
