@@ -1,0 +1,263 @@
+"""Stored responses through the SDK: retrieve, delete, input items pages, the key that owns them, conversations
+continued with ``previous_response_id``, background runs and cancel, and the gateway (limits, quotas, request log,
+metrics) on ``/v1/responses``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from litestar import Litestar
+from litestar.testing import TestClient
+
+from server.app import create_app
+from server.engine.fake import FakeEngine
+from server.settings import Settings
+from tests.checks import log_rows
+from tests.conftest import bearer, role_key, sdk
+from tests.fakes.templates import PLAIN, TemplateTokenizer, templated_engine
+
+SCRIPT = ["Hel", "lo", ",", " wor", "ld", "!"]
+TEXT = "Hello, world!"
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return templated_engine(PLAIN, SCRIPT)
+
+
+@pytest.fixture
+def http(settings: Settings, engine: FakeEngine, authed: Callable[[Any], Any]) -> Iterator[TestClient[Litestar]]:
+    with authed(TestClient(create_app(settings, engine=engine))) as client:
+        yield client
+
+
+@pytest.fixture
+def client(http: TestClient[Litestar], api_key: str) -> openai.OpenAI:
+    return sdk(http, api_key)
+
+
+def rendered(engine: FakeEngine) -> list[str]:
+    tokenizer = engine.tokenizer
+    assert isinstance(tokenizer, TemplateTokenizer)
+    return tokenizer.rendered
+
+
+def wait_for(client: openai.OpenAI, response_id: str, statuses: tuple[str, ...], timeout_s: float = 10) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = client.responses.retrieve(response_id)
+        if response.status in statuses or time.monotonic() > deadline:
+            return response
+        time.sleep(0.02)
+
+
+# ---- retrieve and delete ----------------------------------------------------------------------------------------
+
+
+def test_retrieve_and_delete(client: openai.OpenAI) -> None:
+    out = client.responses.create(model="fake", input="hi", metadata={"topic": "greeting"}, user="u-1")
+    got = client.responses.retrieve(out.id)
+    assert got.model_dump() == out.model_dump()
+    assert got.metadata == {"topic": "greeting"} and got.user == "u-1"
+    client.responses.delete(out.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(out.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(out.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list(out.id)
+
+
+# ---- input items ------------------------------------------------------------------------------------------------
+
+
+def test_input_items_pages(client: openai.OpenAI, http: TestClient[Litestar]) -> None:
+    first = client.responses.create(
+        model="fake",
+        input=[
+            {"role": "developer", "content": "Answer briefly."},
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "two"},
+        ],
+    )
+    second = client.responses.create(model="fake", input="three", previous_response_id=first.id)
+    assert second.previous_response_id == first.id
+    # The conversation: the first turn's input and output, then this input (earliest first with order=asc).
+    everything = list(client.responses.input_items.list(second.id, order="asc", limit=2))  # pages through `after`
+    texts = [(item.role, item.content[0].text) for item in everything]  # type: ignore[union-attr]
+    assert texts == [
+        ("developer", "Answer briefly."),
+        ("user", "one"),
+        ("assistant", "ok"),
+        ("user", "two"),
+        ("assistant", TEXT),
+        ("user", "three"),
+    ]
+    assert everything[4].id == first.output[0].id
+    ids = [item.id for item in everything]
+    assert len(set(ids)) == 6
+
+    url = f"/v1/responses/{second.id}/input_items"
+    page = http.get(url, params={"limit": 4, "order": "asc"}).json()
+    assert page["object"] == "list" and page["has_more"] is True
+    assert [i["id"] for i in page["data"]] == ids[:4]
+    assert (page["first_id"], page["last_id"]) == (ids[0], ids[3])
+    rest = http.get(url, params={"limit": 4, "order": "asc", "after": page["last_id"]}).json()
+    assert [i["id"] for i in rest["data"]] == ids[4:] and rest["has_more"] is False
+    newest = http.get(url, params={"limit": 2}).json()  # desc by default: newest first
+    assert [i["id"] for i in newest["data"]] == ids[::-1][:2] and newest["has_more"] is True
+    assert client.responses.input_items.list(second.id, limit=1).data[0].id == ids[-1]
+    assert [i.id for i in client.responses.input_items.list(first.id, order="asc").data] == ids[:4]
+    bad = http.get(url, params={"after": "msg_unknown"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "after"
+
+
+# ---- previous_response_id ---------------------------------------------------------------------------------------
+
+
+def test_previous_turns_are_prompted_but_not_their_instructions(
+    client: openai.OpenAI, engine: FakeEngine, settings: Settings
+) -> None:
+    first = client.responses.create(model="fake", input="What is up?", instructions="Speak like a pirate.")
+    second = client.responses.create(model="fake", input="And now?", previous_response_id=first.id)
+    prompts = rendered(engine)
+    assert "Speak like a pirate." in prompts[0]
+    assert "Speak like a pirate." not in prompts[-1]
+    assert "<|im_start|>user\nWhat is up?<|im_end|>" in prompts[-1]
+    assert f"<|im_start|>assistant\n{TEXT}<|im_end|>" in prompts[-1]
+    assert prompts[-1].endswith("<|im_start|>user\nAnd now?<|im_end|>\n<|im_start|>assistant\n")
+    assert second.instructions is None
+    # The rebuilt conversation is what the turn is charged for: the chat of the same messages costs the same.
+    conversation: Any = [
+        {"role": "user", "content": "What is up?"},
+        {"role": "assistant", "content": TEXT},
+        {"role": "user", "content": "And now?"},
+    ]
+    usage = client.chat.completions.create(model="fake", messages=conversation).usage
+    assert second.usage is not None and usage is not None
+    assert (second.usage.input_tokens, second.usage.output_tokens) == (usage.prompt_tokens, usage.completion_tokens)
+    third = client.responses.create(
+        model="fake", input="Last.", previous_response_id=second.id, instructions="Speak plainly."
+    )
+    assert "Speak plainly." in rendered(engine)[-1] and "pirate" not in rendered(engine)[-1]
+    assert third.instructions == "Speak plainly."
+
+
+def test_another_key_sees_nothing(client: openai.OpenAI, http: TestClient[Litestar], settings: Settings) -> None:
+    mine = client.responses.create(model="fake", input="hi")
+    theirs = sdk(http, role_key(settings, "other"))
+    calls: list[Callable[[], Any]] = [
+        lambda: theirs.responses.retrieve(mine.id),
+        lambda: theirs.responses.delete(mine.id),
+        lambda: theirs.responses.input_items.list(mine.id),
+        lambda: theirs.responses.cancel(mine.id),
+    ]
+    for call in calls:
+        with pytest.raises(openai.NotFoundError) as err:
+            call()
+        assert err.value.code == "not_found" and mine.id in err.value.message
+    with pytest.raises(openai.NotFoundError) as err:
+        theirs.responses.create(model="fake", input="hi", previous_response_id=mine.id)
+    assert err.value.param == "previous_response_id"
+    assert client.responses.retrieve(mine.id).output_text == TEXT  # still there for its owner
+
+
+# ---- background -------------------------------------------------------------------------------------------------
+
+
+def test_background_is_queued_then_completed(client: openai.OpenAI) -> None:
+    out = client.responses.create(model="fake", input="hi", background=True)
+    assert out.status == "queued" and out.background is True and out.output == []
+    done = wait_for(client, out.id, ("completed",))
+    assert done.status == "completed" and done.output_text == TEXT and done.usage is not None
+    assert done.usage.output_tokens == len(SCRIPT) + 1
+    with pytest.raises(openai.BadRequestError):  # it has ended: nothing to cancel
+        client.responses.cancel(out.id)
+    nxt = client.responses.create(model="fake", input="more", previous_response_id=out.id)
+    assert nxt.status == "completed"
+
+
+def test_cancel_a_running_background_response(settings: Settings, authed: Callable[[Any], Any], api_key: str) -> None:
+    slow = FakeEngine(["x"] * 400, delay_s=0.02)
+    with authed(TestClient(create_app(settings, engine=slow))) as http:
+        client = sdk(http, api_key)
+        out = client.responses.create(model="fake", input="hi", background=True)
+        assert wait_for(client, out.id, ("in_progress",)).status in ("queued", "in_progress")
+        time.sleep(0.2)
+        cancelled = client.responses.cancel(out.id)
+        assert cancelled.status == "cancelled"
+        assert client.responses.retrieve(out.id).status == "cancelled"
+        assert client.responses.cancel(out.id).status == "cancelled"  # cancelling again answers the same
+        assert slow.aborted  # the engine stopped generating
+        plain = client.responses.create(model="fake", input="hi", max_output_tokens=2)
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.cancel(plain.id)
+        assert "background" in err.value.message
+
+
+# ---- the gateway ------------------------------------------------------------------------------------------------
+
+
+def test_rpm_limit_with_headers(http: TestClient[Litestar], settings: Settings) -> None:
+    client = sdk(http, role_key(settings, "rpm2", rpm=2, tpm=10_000))
+    first = client.responses.with_raw_response.create(model="fake", input="hi")
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert first.parse().output_text == TEXT
+    client.responses.create(model="fake", input="hi", background=True)
+    with pytest.raises(openai.RateLimitError) as err:
+        client.responses.create(model="fake", input="hi")
+    assert err.value.code == "rate_limit_exceeded"
+    assert err.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(err.value.response.headers["retry-after"]) >= 1
+    with pytest.raises(openai.RateLimitError):  # a refused background turn leaves nothing behind
+        client.responses.create(model="fake", input="hi", background=True)
+
+
+def test_token_quota_counts_the_rebuilt_conversation(http: TestClient[Litestar], settings: Settings) -> None:
+    client = sdk(http, role_key(settings, "metered", monthly_tokens=600))
+    long = client.responses.create(model="fake", input="x" * 300, max_output_tokens=8)
+    assert long.usage is not None and 300 < long.usage.total_tokens < 400
+    with pytest.raises(openai.RateLimitError) as err:  # ~360 earlier tokens + 8 do not fit the ~240 left
+        client.responses.create(model="fake", input="hi", max_output_tokens=8, previous_response_id=long.id)
+    assert err.value.code == "insufficient_quota"
+    alone = client.responses.create(model="fake", input="hi", max_output_tokens=8)  # the same input, alone, fits
+    assert alone.status == "completed"
+
+
+def test_request_log_and_metrics(settings: Settings, engine: FakeEngine, api_key: str) -> None:
+    with TestClient(create_app(settings, engine=engine)) as http:
+        http.headers.update(bearer(api_key))
+        client = sdk(http, api_key)
+        out = client.responses.create(model="fake", input="hi")
+        with client.responses.stream(model="fake", input="hi", max_output_tokens=3) as stream:
+            list(stream)
+        with pytest.raises(openai.NotFoundError):
+            client.responses.create(model="nope", input="hi")
+        client.responses.retrieve(out.id)
+        metrics = http.get("/metrics").text
+    assert 'llm_server_requests_total{method="POST",route="/v1/responses",status="2xx"} 2.0' in metrics
+    assert 'llm_server_requests_total{method="POST",route="/v1/responses",status="4xx"} 1.0' in metrics
+    assert out.usage is not None
+    rows = [r for r in log_rows(settings) if r["route"] == "/v1/responses"]
+    assert [(r["status"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [
+        (200, out.usage.input_tokens, out.usage.output_tokens),
+        (200, out.usage.input_tokens, 3),
+        (404, 0, 0),
+    ]
+    assert [r["finish_reason"] for r in rows[:2]] == ["stop", "length"]
+
+
+def test_streamed_turn_is_charged_and_stored_like_a_plain_one(client: openai.OpenAI, http: httpx.Client) -> None:
+    with client.responses.stream(model="fake", input="hi") as stream:
+        final = stream.get_final_response()
+    plain = client.responses.create(model="fake", input="hi")
+    assert final.usage == plain.usage
+    stored = http.get(f"/v1/responses/{final.id}").json()
+    assert stored["status"] == "completed" and stored["output"][0]["content"][0]["text"] == TEXT
