@@ -8,6 +8,7 @@ response equal to the final event's.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,8 +17,12 @@ import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
 
+from server.app import create_app
+from server.engine.fake import FakeEngine
 from server.engine.hf import HFEngine
+from server.settings import Settings
 from tests.conftest import ready_client, sdk
+from tests.fakes.templates import QWEN3_LIKE, TemplateTokenizer, templated_engine
 from tests.integration.test_openai_params import PERSON, valid_person
 
 SCRIPT = ["Hel", "lo", ",", " wor", "ld", "!"]
@@ -154,6 +159,81 @@ def test_stream_helper_and_raw_frames(client: openai.OpenAI, http: TestClient[Li
         assert data["type"] == event_line[len("event: ") :]
         names.append(data["type"])
     assert names == STREAM_ORDER
+
+
+# ---- reasoning and failures -------------------------------------------------------------------------------------
+
+
+def test_reasoning_is_its_own_item_and_not_prompted_again(
+    settings: Settings, authed: Callable[[Any], Any], api_key: str
+) -> None:
+    engine = templated_engine(QWEN3_LIKE, ["<think>", "hm", "</think>", "Hi"])
+    with authed(TestClient(create_app(settings, engine=engine))) as http:
+        client = sdk(http, api_key)
+        out = client.responses.create(model="fake", input="hi")
+        assert [item.type for item in out.output] == ["reasoning", "message"]
+        assert out.output[0].content[0].text == "hm" and out.output_text == "Hi"  # type: ignore[union-attr,index]
+        assert out.usage is not None and out.usage.output_tokens_details.reasoning_tokens == 3
+
+        events = list(client.responses.create(model="fake", input="hi", stream=True))
+        types = [e.type for e in events]
+        assert types == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.reasoning_text.delta",
+            "response.reasoning_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+        assert [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.done"] == [  # type: ignore[union-attr]
+            (0, "reasoning"),
+            (1, "message"),
+        ]
+        final = events[-1].response  # type: ignore[union-attr]
+        assert final.usage == out.usage and [i.type for i in final.output] == ["reasoning", "message"]
+
+        nxt = client.responses.create(model="fake", input="again", previous_response_id=out.id)
+        tokenizer = engine.tokenizer
+        assert isinstance(tokenizer, TemplateTokenizer)
+        assert tokenizer.rendered[-1].startswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nHi<|im_end|>")
+        assert "hm" not in tokenizer.rendered[-1]  # earlier thinking is left out of the prompt ...
+        kinds = [i.type for i in client.responses.input_items.list(nxt.id, order="asc")]
+        assert kinds == ["message", "reasoning", "message", "message"]  # ... but kept in the conversation
+
+
+def test_a_model_failure_fails_the_response(settings: Settings, authed: Callable[[Any], Any], api_key: str) -> None:
+    with authed(TestClient(create_app(settings, engine=FakeEngine(["a"] * 10, fail_after=3)))) as http:
+        client = sdk(http, api_key)
+        events = list(client.responses.create(model="fake", input="hi", stream=True))
+        assert [e.type for e in events[-5:]] == [
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "error",
+            "response.failed",
+        ]
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        failed = events[-1].response  # type: ignore[union-attr]
+        assert failed.status == "failed" and failed.error is not None and failed.error.code == "server_error"
+        assert failed.output_text == "aaa" and failed.output[0].status == "incomplete"  # type: ignore[union-attr]
+        assert client.responses.retrieve(failed.id).status == "failed"
+        with pytest.raises(openai.InternalServerError):
+            client.responses.create(model="fake", input="hi")
+        queued = client.responses.create(model="fake", input="hi", background=True)
+        deadline = time.monotonic() + 10
+        while (got := client.responses.retrieve(queued.id)).status in ("queued", "in_progress"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert got.status == "failed" and got.error is not None and got.error.code == "server_error"
 
 
 # ---- structured output (the tiny random model: only the grammar makes its noise valid JSON) ---------------------
