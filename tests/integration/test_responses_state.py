@@ -4,6 +4,7 @@ metrics) on ``/v1/responses``."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,6 +21,7 @@ from server.settings import Settings
 from tests.checks import log_rows
 from tests.conftest import bearer, role_key, sdk
 from tests.fakes.templates import PLAIN, TemplateTokenizer, templated_engine
+from tests.live import live_server
 
 SCRIPT = ["Hel", "lo", ",", " wor", "ld", "!"]
 TEXT = "Hello, world!"
@@ -241,8 +243,10 @@ def test_request_log_and_metrics(settings: Settings, engine: FakeEngine, api_key
         with pytest.raises(openai.NotFoundError):
             client.responses.create(model="nope", input="hi")
         client.responses.retrieve(out.id)
+        queued = client.responses.create(model="fake", input="hi", background=True, max_output_tokens=4)
+        assert wait_for(client, queued.id, ("incomplete",)).status == "incomplete"
         metrics = http.get("/metrics").text
-    assert 'llm_server_requests_total{method="POST",route="/v1/responses",status="2xx"} 2.0' in metrics
+    assert 'llm_server_requests_total{method="POST",route="/v1/responses",status="2xx"} 3.0' in metrics
     assert 'llm_server_requests_total{method="POST",route="/v1/responses",status="4xx"} 1.0' in metrics
     assert out.usage is not None
     rows = [r for r in log_rows(settings) if r["route"] == "/v1/responses"]
@@ -250,8 +254,9 @@ def test_request_log_and_metrics(settings: Settings, engine: FakeEngine, api_key
         (200, out.usage.input_tokens, out.usage.output_tokens),
         (200, out.usage.input_tokens, 3),
         (404, 0, 0),
+        (200, out.usage.input_tokens, 4),  # the background turn's row is written when it settles
     ]
-    assert [r["finish_reason"] for r in rows[:2]] == ["stop", "length"]
+    assert [r["finish_reason"] for r in rows] == ["stop", "length", None, "length"]
 
 
 def test_streamed_turn_is_charged_and_stored_like_a_plain_one(client: openai.OpenAI, http: httpx.Client) -> None:
@@ -261,3 +266,25 @@ def test_streamed_turn_is_charged_and_stored_like_a_plain_one(client: openai.Ope
     assert final.usage == plain.usage
     stored = http.get(f"/v1/responses/{final.id}").json()
     assert stored["status"] == "completed" and stored["output"][0]["content"][0]["text"] == TEXT
+
+
+def test_a_stream_left_early_is_not_stored(settings: Settings, api_key: str) -> None:
+    engine = FakeEngine(["x"] * 300, delay_s=0.01)
+    with (
+        live_server(create_app(settings, engine=engine)) as base,
+        httpx.Client(base_url=base, headers=bearer(api_key), timeout=10) as http,
+    ):
+        body = {"model": "fake", "input": "hi", "stream": True}
+        with http.stream("POST", "/v1/responses", json=body) as r:
+            lines = r.iter_lines()
+            created = json.loads(next(line for line in lines if line.startswith("data: "))[len("data: ") :])
+            assert next(line for line in lines if "output_text.delta" in line)
+        deadline = time.monotonic() + 5
+        while not engine.aborted:
+            assert time.monotonic() < deadline, "the engine kept generating"
+            time.sleep(0.02)
+        time.sleep(0.3)  # the turn has ended: it would be stored by now
+        response_id = created["response"]["id"]
+        assert http.get(f"/v1/responses/{response_id}").status_code == 404
+        done = http.post("/v1/responses", json={**body, "stream": False, "max_output_tokens": 2})
+        assert http.get(f"/v1/responses/{done.json()['id']}").status_code == 200
