@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from litestar import Litestar
@@ -22,7 +23,9 @@ from server.engine.base import EngineRequest
 from server.engine.fake import FakeEngine
 from server.settings import Settings
 from tests.conftest import sdk
+from tests.fakes.replies import CHAT_STREAM, chat_chunk, chat_json, sse, usage_chunk
 from tests.fakes.templated import HERMES_TEMPLATE, templated_engine
+from tests.fakes.upstream import MockUpstream, serving
 
 BASE_URL = "http://testserver.local/v1"
 WEATHER: Any = {
@@ -223,3 +226,63 @@ async def test_agents_sdk_runs_a_tool_through_the_server(app: Litestar, api_key:
     assert kinds == ["tool_call_item", "tool_call_output_item", "message_output_item"]
     assert len(result.raw_responses) == 2
     assert all(r.response_id is not None and r.response_id.startswith("resp_") for r in result.raw_responses)
+
+
+# ---- a remote model ---------------------------------------------------------------------------------------------
+
+
+def remote_tool_call(request: httpx.Request, body: dict[str, Any]) -> httpx.Response:
+    """The upstream calls ``get_weather`` until a tool result is in the conversation, then answers in text."""
+    if body["messages"][-1]["role"] == "tool":
+        if body.get("stream"):
+            return sse(*CHAT_STREAM)
+        return httpx.Response(200, json=chat_json())
+    call = {"id": "call_up1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    chunks = [
+        chat_chunk({"role": "assistant", "content": None, "tool_calls": [{"index": 0, **call}]}),
+        chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}),
+        chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}, "tool_calls"),
+        usage_chunk(),
+    ]
+    if body.get("stream"):
+        return sse(*chunks)
+    message = {**call, "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    return httpx.Response(200, json=chat_json(None, "tool_calls", tool_calls=[message]))
+
+
+def test_a_remote_model_runs_turns_as_chat_upstream(settings: Settings, api_key: str) -> None:
+    mock = MockUpstream(remote_tool_call)
+    with serving(settings, mock, api_key) as (http, _):
+        client = sdk(http, api_key)
+        first = client.responses.create(model="remote", input="Weather?", instructions="Be brief.", tools=[WEATHER])
+        call = first.output[0]
+        assert call.type == "function_call" and call.call_id == "call_up1" and call.arguments == '{"city": "Paris"}'
+        assert first.usage is not None and (first.usage.input_tokens, first.usage.output_tokens) == (11, 2)
+        sent = mock.posts[-1].body
+        assert sent["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}]
+        assert sent["tools"][0]["function"]["name"] == "get_weather" and not sent.get("stream")
+
+        events = list(
+            client.responses.create(
+                model="remote",
+                previous_response_id=first.id,
+                input=[{"type": "function_call_output", "call_id": "call_up1", "output": "warm"}],
+                tools=[WEATHER],
+                stream=True,
+            )
+        )
+        sent = mock.posts[-1].body
+        assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "tool"]  # no earlier instructions
+        assert sent["messages"][1]["tool_calls"][0]["id"] == "call_up1" and sent["messages"][2]["content"] == "warm"
+        assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+        assert [e.delta for e in events if e.type == "response.output_text.delta"] == ["Hel", "lo", "!"]
+        final = events[-1].response  # type: ignore[union-attr]
+        assert events[-1].type == "response.completed" and final.output_text == "Hello!"
+        assert final.usage is not None and final.usage.total_tokens == 13
+        assert client.responses.retrieve(final.id).output_text == "Hello!"
+
+        streamed_call = list(client.responses.create(model="remote", input="Weather?", tools=[WEATHER], stream=True))
+        deltas = [e.delta for e in streamed_call if e.type == "response.function_call_arguments.delta"]
+        assert deltas == ['{"city": ', '"Paris"}']
+        done = streamed_call[-1].response  # type: ignore[union-attr]
+        assert done.output[0].call_id == "call_up1" and done.output[0].arguments == '{"city": "Paris"}'
