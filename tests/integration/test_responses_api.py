@@ -16,6 +16,7 @@ import openai
 import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
+from pydantic import BaseModel, Field
 
 from server.app import create_app
 from server.engine.fake import FakeEngine
@@ -239,6 +240,12 @@ def test_a_model_failure_fails_the_response(settings: Settings, authed: Callable
 # ---- structured output (the tiny random model: only the grammar makes its noise valid JSON) ---------------------
 
 
+class Person(BaseModel):
+    name: str = Field(max_length=12)
+    age: int = Field(ge=0, le=120)
+    active: bool
+
+
 @pytest.fixture(scope="module")
 def tiny(engine_app: tuple[HFEngine, Litestar, str]) -> Iterator[openai.OpenAI]:
     with ready_client(engine_app) as http:
@@ -264,6 +271,8 @@ def test_json_schema_and_json_object_formats(tiny: openai.OpenAI) -> None:
         assert isinstance(json.loads(obj.output_text), dict)
     else:  # cut by max_output_tokens: still a prefix of one JSON object
         assert obj.incomplete_details is not None and obj.output_text.startswith("{")
+    parsed = tiny.responses.parse(model="tiny", input=prompt, text_format=Person, max_output_tokens=200)
+    assert isinstance(parsed.output_parsed, Person) and 0 <= parsed.output_parsed.age <= 120
     bad: Any = {"format": {"type": "json_schema", "name": "bad name!", "schema": PERSON}}
     with pytest.raises(openai.BadRequestError) as err:
         tiny.responses.create(model="tiny", input=prompt, text=bad)
