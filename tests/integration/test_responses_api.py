@@ -87,6 +87,23 @@ def test_instructions_are_a_system_message_and_echoed(client: openai.OpenAI) -> 
     assert usage_of(out)[0] > usage_of(client.responses.create(model="fake", input="hi"))[0]
 
 
+def test_sampling_and_tool_options_are_echoed(client: openai.OpenAI) -> None:
+    out = client.responses.create(
+        model="fake",
+        input="hi",
+        temperature=0.5,
+        top_p=0.9,
+        metadata={"run": "7"},
+        parallel_tool_calls=False,  # without tools as well: Responses accepts it (chat would not)
+        tool_choice="auto",
+    )
+    assert (out.temperature, out.top_p, out.metadata) == (0.5, 0.9, {"run": "7"})
+    assert out.parallel_tool_calls is False and out.tool_choice == "auto" and out.tools == []
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="fake", input="hi", tool_choice="required")
+    assert err.value.param == "tool_choice"
+
+
 def test_max_output_tokens_cut_is_incomplete(client: openai.OpenAI) -> None:
     out = client.responses.create(model="fake", input="hi", max_output_tokens=3)
     assert out.status == "incomplete" and out.incomplete_details is not None
