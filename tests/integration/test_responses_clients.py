@@ -200,7 +200,7 @@ def test_langchain_responses_api_invoke_stream_and_tools(http: TestClient[Litest
 @pytest.mark.anyio
 async def test_agents_sdk_runs_a_tool_through_the_server(app: Litestar, api_key: str) -> None:
     import agents
-    from agents import Agent, Runner, function_tool
+    from agents import Agent, ModelSettings, Runner, function_tool
     from agents.models.openai_responses import OpenAIResponsesModel
 
     agents.set_tracing_disabled(True)
@@ -220,12 +220,31 @@ async def test_agents_sdk_runs_a_tool_through_the_server(app: Litestar, api_key:
         )
         agent = Agent(name="forecaster", instructions="Use the tool.", model=model, tools=[get_weather])
         result = await Runner.run(agent, "Weather in Paris?")
-    assert seen == ["Paris"]
-    assert result.final_output == "In Paris: foggy in Paris."
-    kinds = [item.type for item in result.new_items]
-    assert kinds == ["tool_call_item", "tool_call_output_item", "message_output_item"]
-    assert len(result.raw_responses) == 2
-    assert all(r.response_id is not None and r.response_id.startswith("resp_") for r in result.raw_responses)
+        assert seen == ["Paris"]
+        assert result.final_output == "In Paris: foggy in Paris."
+        kinds = [item.type for item in result.new_items]
+        assert kinds == ["tool_call_item", "tool_call_output_item", "message_output_item"]
+        assert len(result.raw_responses) == 2
+        assert all(r.response_id is not None and r.response_id.startswith("resp_") for r in result.raw_responses)
+
+        # Streamed, with settings agents set, continuing on the server through previous_response_id.
+        settings = ModelSettings(temperature=0.2, max_tokens=64, parallel_tool_calls=False, store=True)
+        tuned = agent.clone(model_settings=settings)
+        streamed = Runner.run_streamed(tuned, "Weather in Paris?", previous_response_id=result.last_response_id)
+        deltas = [
+            event.data.delta
+            async for event in streamed.stream_events()
+            if event.type == "raw_response_event" and event.data.type == "response.output_text.delta"
+        ]
+        assert "".join(deltas) == streamed.final_output == "In Paris: foggy in Paris."
+        # The earlier turn's tool result is in the prompt (the server rebuilt the conversation): no new call.
+        assert seen == ["Paris"] and [item.type for item in streamed.new_items] == ["message_output_item"]
+        assert streamed.last_response_id is not None and streamed.last_response_id != result.last_response_id
+
+        fresh = Runner.run_streamed(tuned, "Weather in Paris?")
+        types = [event.data.type async for event in fresh.stream_events() if event.type == "raw_response_event"]
+        assert "response.function_call_arguments.delta" in types and types.count("response.completed") == 2
+        assert fresh.final_output == "In Paris: foggy in Paris." and seen == ["Paris", "Paris"]
 
 
 # ---- a remote model ---------------------------------------------------------------------------------------------
