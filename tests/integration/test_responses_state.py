@@ -4,9 +4,11 @@ metrics) on ``/v1/responses``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,11 +17,12 @@ import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
 
+from persistence import migrate
 from server.app import create_app
 from server.engine.fake import FakeEngine
 from server.settings import Settings
 from tests.checks import log_rows
-from tests.conftest import bearer, role_key, sdk
+from tests.conftest import TEST_PEPPER, add_role_key, bearer, role_key, sdk
 from tests.fakes.templates import PLAIN, TemplateTokenizer, templated_engine
 from tests.live import live_server
 
@@ -288,3 +291,28 @@ def test_a_stream_left_early_is_not_stored(settings: Settings, api_key: str) -> 
         assert http.get(f"/v1/responses/{response_id}").status_code == 404
         done = http.post("/v1/responses", json={**body, "stream": False, "max_output_tokens": 2})
         assert http.get(f"/v1/responses/{done.json()['id']}").status_code == 200
+
+
+def test_two_replicas_share_responses_and_cancel_through_postgres(postgres_url: str, tmp_path: Path) -> None:
+    s = Settings(data_dir=tmp_path, database_url=postgres_url, key_pepper=TEST_PEPPER)
+    asyncio.run(migrate.upgrade(postgres_url))
+    key = asyncio.run(add_role_key(s, "replicated"))
+    slow = FakeEngine(["x"] * 500, delay_s=0.02)
+    with (
+        TestClient(create_app(s, engine=slow)) as a_http,
+        TestClient(create_app(s, engine=FakeEngine(SCRIPT))) as b_http,
+    ):
+        a, b = sdk(a_http, key), sdk(b_http, key)
+        done = b.responses.create(model="fake", input="hi")
+        assert a.responses.retrieve(done.id).output_text == TEXT
+        follow = a.responses.create(model="fake", input="more", previous_response_id=done.id, max_output_tokens=2)
+        assert len(b.responses.input_items.list(follow.id).data) == 3
+
+        running = a.responses.create(model="fake", input="hi", background=True)
+        assert wait_for(b, running.id, ("in_progress",)).status == "in_progress"
+        cancelled = b.responses.cancel(running.id)  # B does not run it: A sees the flag and stops
+        assert cancelled.status == "cancelled"
+        assert a.responses.retrieve(running.id).status == "cancelled" and slow.aborted
+        b.responses.delete(done.id)
+        with pytest.raises(openai.NotFoundError):
+            a.responses.retrieve(done.id)
