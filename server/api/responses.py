@@ -87,7 +87,7 @@ def _prepare(
     "/v1/responses/{response_id:str}",
     summary="Retrieve a stored response",
     tags=["openai"],
-    responses=errors(*KEYED, 404),
+    responses=errors(*KEYED, 400, 404),
     operation_class=ApiOperation,
 )
 async def retrieve_response(
