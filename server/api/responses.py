@@ -105,7 +105,7 @@ async def retrieve_response(
     status_code=200,
     summary="Delete a stored response",
     tags=["openai"],
-    responses=errors(*KEYED, 404),
+    responses=errors(*KEYED, 400, 404),
     operation_class=ApiOperation,
 )
 async def delete_response(request: Request[Any, Any, Any], response_id: FromPath[str]) -> DeletedResponse:
