@@ -69,6 +69,15 @@ def test_retrieve_and_delete(client: openai.OpenAI) -> None:
     got = client.responses.retrieve(out.id)
     assert got.model_dump() == out.model_dump()
     assert got.metadata == {"topic": "greeting"} and got.user == "u-1"
+    with pytest.raises(openai.BadRequestError) as err:  # a stored response is not streamed again
+        client.responses.retrieve(out.id, stream=True)
+    assert err.value.param == "stream"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.input_items.list(out.id, include=["message.output_text.logprobs"])
+    assert err.value.param == "include"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.retrieve(out.id, include=["message.output_text.logprobs"])
+    assert err.value.param == "include"
     client.responses.delete(out.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(out.id)
