@@ -21,9 +21,11 @@ from persistence import migrate
 from server.app import create_app
 from server.engine.fake import FakeEngine
 from server.settings import Settings
+from server.wiring.state import app_state
 from tests.checks import log_rows
 from tests.conftest import TEST_PEPPER, add_role_key, bearer, role_key, sdk
 from tests.fakes.templates import PLAIN, TemplateTokenizer, templated_engine
+from tests.integration.test_shutdown import LoopSpy
 from tests.live import live_server
 
 SCRIPT = ["Hel", "lo", ",", " wor", "ld", "!"]
@@ -325,3 +327,20 @@ def test_two_replicas_share_responses_and_cancel_through_postgres(postgres_url: 
         b.responses.delete(done.id)
         with pytest.raises(openai.NotFoundError):
             a.responses.retrieve(done.id)
+
+
+def test_a_background_turn_cut_by_shutdown_is_stored_failed(
+    settings: Settings, authed: Callable[[Any], Any], api_key: str
+) -> None:
+    spy = LoopSpy(400)
+    app = create_app(settings, engine=FakeEngine(spy, delay_s=0.02))
+    with authed(TestClient(app)) as http:
+        client = sdk(http, api_key)
+        running = client.responses.create(model="fake", input="hi", background=True)
+        assert wait_for(client, running.id, ("in_progress",)).status == "in_progress"
+        spy.on_loop(app_state(app).lifecycle.begin, 0.1)  # SIGTERM with a 0.1 s grace
+        started = time.monotonic()
+    assert time.monotonic() - started < 5
+    with authed(TestClient(create_app(settings, engine=FakeEngine(SCRIPT)))) as http:
+        stored = sdk(http, api_key).responses.retrieve(running.id)
+    assert stored.status == "failed" and stored.error is not None and stored.error.code == "overloaded"
