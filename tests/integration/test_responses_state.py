@@ -236,6 +236,18 @@ def test_rpm_limit_with_headers(http: TestClient[Litestar], settings: Settings) 
         client.responses.create(model="fake", input="hi", background=True)
 
 
+def test_role_model_allowlist_and_token_cap(http: TestClient[Litestar], settings: Settings) -> None:
+    elsewhere = sdk(http, role_key(settings, "elsewhere", allowed_models=["other"]))
+    with pytest.raises(openai.PermissionDeniedError):
+        elsewhere.responses.create(model="fake", input="hi")
+    capped = sdk(http, role_key(settings, "capped", max_tokens=5))
+    with pytest.raises(openai.BadRequestError) as err:
+        capped.responses.create(model="fake", input="hi", max_output_tokens=6)
+    assert err.value.param == "max_output_tokens" and "5" in err.value.message
+    out = capped.responses.create(model="fake", input="hi")  # no max_output_tokens: the cap applies
+    assert out.status == "incomplete" and out.usage is not None and out.usage.output_tokens == 5
+
+
 def test_token_quota_counts_the_rebuilt_conversation(http: TestClient[Litestar], settings: Settings) -> None:
     client = sdk(http, role_key(settings, "metered", monthly_tokens=600))
     long = client.responses.create(model="fake", input="x" * 300, max_output_tokens=8)
