@@ -26,6 +26,7 @@ from tests.conftest import sdk
 from tests.fakes.replies import CHAT_STREAM, chat_chunk, chat_json, sse, usage_chunk
 from tests.fakes.templated import HERMES_TEMPLATE, templated_engine
 from tests.fakes.upstream import MockUpstream, serving
+from tests.integration.test_tool_formats import ANSWERS, EXPECTED
 
 BASE_URL = "http://testserver.local/v1"
 WEATHER: Any = {
@@ -144,6 +145,47 @@ def test_streamed_function_call_events(client: openai.OpenAI) -> None:
         text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
         answer = stream.get_final_response()
     assert text == answer.output_text == "In Paris: rain."
+
+
+def test_parallel_calls_and_text_before_a_call(settings: Settings, authed: Callable[[Any], Any], api_key: str) -> None:
+    answer = ["Let me check. ", *ANSWERS["hermes"]]
+
+    def script(request: EngineRequest) -> list[str]:
+        prompt = engine.tokenizer.decode(list(request.prompt_token_ids))
+        return ["Both ", "done."] if prompt.count("<|tool|>") == 2 else answer
+
+    engine = templated_engine(HERMES_TEMPLATE, script)
+    tools: Any = [WEATHER, {"type": "function", "name": "add", "parameters": {"type": "object", "properties": {}}}]
+    with authed(TestClient(create_app(settings, engine=engine))) as http:
+        client = sdk(http, api_key)
+        whole = client.responses.create(model="fake", input="Weather and sum?", tools=tools)
+        assert [item.type for item in whole.output] == ["message", "function_call", "function_call"]
+        assert whole.output_text == "Let me check."
+        calls = [(o.name, o.arguments) for o in whole.output if o.type == "function_call"]
+        assert calls == EXPECTED
+
+        events = list(client.responses.create(model="fake", input="Weather and sum?", tools=tools, stream=True))
+        added = [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.added"]
+        done = [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.done"]
+        assert added == done == [(0, "message"), (1, "function_call"), (2, "function_call")]
+        final = events[-1].response  # type: ignore[union-attr]
+        assert [(o.name, o.arguments) for o in final.output[1:]] == EXPECTED
+        assert final.output_text.strip() == whole.output_text
+        for index in (1, 2):
+            joined = "".join(
+                e.delta
+                for e in events
+                if e.type == "response.function_call_arguments.delta" and e.output_index == index
+            )
+            assert joined == final.output[index].arguments
+
+        outputs: Any = [
+            {"type": "function_call_output", "call_id": o.call_id, "output": "ok"} for o in final.output[1:]
+        ]
+        last = client.responses.create(model="fake", previous_response_id=final.id, input=outputs, tools=tools)
+        assert last.output_text == "Both done."
+        prompt = engine.tokenizer.decode(list(engine.requests[-1].prompt_token_ids))
+        assert prompt.count("<tool_call>") == 2 + 1  # both calls in one assistant turn, and the template's hint
 
 
 def test_tool_choice(client: openai.OpenAI) -> None:
