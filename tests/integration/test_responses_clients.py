@@ -235,6 +235,24 @@ def test_langchain_responses_api_invoke_stream_and_tools(http: TestClient[Litest
         streamed_call = chunk if streamed_call is None else streamed_call + chunk
     assert streamed_call is not None and streamed_call.tool_calls[0]["args"] == {"city": "Paris"}  # type: ignore[attr-defined]
 
+    # use_previous_response_id: LangChain sends only the messages after its last response, the server the rest.
+    chained = ChatOpenAI(
+        model="fake",
+        base_url=BASE_URL,
+        api_key=api_key,  # type: ignore[arg-type]
+        http_client=http,
+        max_retries=0,
+        use_responses_api=True,
+        use_previous_response_id=True,
+    ).bind_tools([WEATHER])
+    sent: list[dict[str, Any]] = []
+    http.event_hooks["request"] = [lambda request: sent.append(json.loads(request.content))]
+    first = chained.invoke("Weather in Paris?")
+    result = ToolMessage("hail", tool_call_id=first.tool_calls[0]["id"])
+    assert chained.invoke([HumanMessage("Weather in Paris?"), first, result]).text == "In Paris: hail."
+    assert sent[-1]["previous_response_id"] == first.response_metadata["id"]
+    assert [item["type"] for item in sent[-1]["input"]] == ["function_call_output"]
+
 
 # ---- the OpenAI Agents SDK --------------------------------------------------------------------------------------
 
