@@ -184,6 +184,20 @@ def test_another_key_sees_nothing(client: openai.OpenAI, http: TestClient[Litest
     assert client.responses.retrieve(mine.id).output_text == TEXT  # still there for its owner
 
 
+def test_deterministic_turns_are_served_from_the_cache(client: openai.OpenAI, engine: FakeEngine) -> None:
+    first = client.responses.create(model="fake", input="hi", temperature=0)
+    again = client.responses.create(model="fake", input="hi", temperature=0)
+    streamed = list(client.responses.create(model="fake", input="hi", temperature=0, stream=True))
+    assert len(engine.requests) == 1  # the model ran once
+    assert again.id != first.id and again.output[0].id != first.output[0].id  # a new response all the same
+    assert again.output_text == streamed[-1].response.output_text == TEXT  # type: ignore[union-attr]
+    assert again.usage == first.usage
+    # Two stored turns with the same conversation continue to the same prompt: the second continuation is cached.
+    client.responses.create(model="fake", input="more", temperature=0, previous_response_id=first.id)
+    client.responses.create(model="fake", input="more", temperature=0, previous_response_id=again.id)
+    assert len(engine.requests) == 2
+
+
 # ---- background -------------------------------------------------------------------------------------------------
 
 
