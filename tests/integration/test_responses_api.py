@@ -226,6 +226,11 @@ def test_reasoning_is_its_own_item_and_not_prompted_again(
         assert "hm" not in tokenizer.rendered[-1]  # earlier thinking is left out of the prompt ...
         kinds = [i.type for i in client.responses.input_items.list(nxt.id, order="asc")]
         assert kinds == ["message", "reasoning", "message", "message"]  # ... but kept in the conversation
+        # The client keeping the state itself (earlier output items given back as input) prompts the same.
+        chained = tokenizer.rendered[-1]
+        given: Any = [{"role": "user", "content": "hi"}, *out.output, {"role": "user", "content": "again"}]
+        manual = client.responses.create(model="fake", input=given, store=False)
+        assert tokenizer.rendered[-1] == chained and manual.usage == nxt.usage
 
 
 def test_a_model_failure_fails_the_response(settings: Settings, authed: Callable[[Any], Any], api_key: str) -> None:
