@@ -225,6 +225,15 @@ def test_cancel_a_running_background_response(settings: Settings, authed: Callab
         assert client.responses.retrieve(out.id).status == "cancelled"
         assert client.responses.cancel(out.id).status == "cancelled"  # cancelling again answers the same
         assert slow.aborted  # the engine stopped generating
+        doomed = client.responses.create(model="fake", input="hi", background=True)
+        assert wait_for(client, doomed.id, ("in_progress",)).status == "in_progress"
+        client.responses.delete(doomed.id)  # deleting a running turn stops it too
+        deadline = time.monotonic() + 5
+        while len(slow.aborted) < 2:
+            assert time.monotonic() < deadline, "the deleted turn kept running"
+            time.sleep(0.02)
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(doomed.id)
         plain = client.responses.create(model="fake", input="hi", max_output_tokens=2)
         with pytest.raises(openai.BadRequestError) as err:
             client.responses.cancel(plain.id)
