@@ -24,7 +24,7 @@ from server.wiring.state import find_app_state
 
 log = logging.getLogger("server.api")
 _encoder = msgspec.json.Encoder()
-_PATH = re.compile(r" - at `\$(.*)`$")
+_PATH = re.compile(r" - at `(?:key` in `)?\$(.*)`$")
 
 
 def param_from_path(path: str) -> str | None:

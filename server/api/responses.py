@@ -103,6 +103,7 @@ async def retrieve_response(
 ) -> Response[ResponseObject]:
     if stream:
         raise unsupported_param("stream", "Streaming a stored response again")
+    _refuse_include(request)
     state = app_state(request.app)
     raw = await state.responses.get(context_of(request.scope).caller(), response_id)
     return Response(content=raw, media_type="application/json")  # type: ignore[arg-type]
@@ -137,10 +138,15 @@ async def list_input_items(
     before: FromQuery[str | None] = None,
     include: FromQuery[list[str] | None] = None,
 ) -> InputItemList:
-    if include:
-        raise unsupported_param("include")
+    _refuse_include(request)
     items = await app_state(request.app).responses.input_items(context_of(request.scope).caller(), response_id)
     return page(items, limit=limit, order=order, after=after, before=before)
+
+
+def _refuse_include(request: Request[Any, Any, Any]) -> None:
+    """400 for ``include``, as ``include=`` or as the official SDK spells a list in a query (``include[]=``)."""
+    if any(request.query_params.getall(name, []) for name in ("include", "include[]")):
+        raise unsupported_param("include")
 
 
 @post(

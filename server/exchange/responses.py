@@ -6,9 +6,9 @@ its state is kept per key.
   conversation's input items, before the client sees its final event, so ``previous_response_id`` can name it at
   once. Every read is scoped to the key that made it: another key's response looks like a missing one (404).
 - A background turn is written ``queued`` first and answered as soon as the gateway admits it (a refusal is still a
-  429 and nothing is kept); it runs on in a task, and its final state replaces the row. ``cancel`` stops it (the
-  tokens it used are charged); a cancel made on another replica reaches it through the row's ``cancel_requested``
-  flag, which a running background turn polls.
+  429 and nothing is kept); it runs on in a task, ``in_progress`` once admitted, and its final state replaces the
+  row. ``cancel`` stops it (the tokens it used are charged); a cancel made on another replica reaches it through the
+  row's ``cancel_requested`` flag, which a running background turn polls.
 - A streamed turn whose client goes away before its end is not stored (its usage is settled all the same).
 """
 
@@ -231,8 +231,13 @@ class Responses:
                     if await self.store.cancel_requested(turn.id):
                         return
 
+        run = asyncio.ensure_future(self.exchange.run(work, caller, record, cancelled, on_admitted))
         try:
-            reply = await self.exchange.run(work, caller, record, cancelled, on_admitted)
+            either: set[asyncio.Future[Any]] = {run, admitted}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if admitted.done() and not run.done():
+                await self._progress(turn)
+            reply = await run
             assert isinstance(reply.body, ChatCompletion)
             response = turn.finished(reply.body)
         except OpenAIError as exc:
@@ -248,6 +253,9 @@ class Responses:
             log.exception("background response %s failed", turn.id)
             failure = ResponseError(code="server_error", message="The server failed while running this response.")
             response = turn.response("failed", error=failure)
+        finally:
+            if not run.done():  # this task itself was cancelled
+                run.cancel()
         with anyio.CancelScope(shield=True):
             await self._final(turn, response)
 
@@ -281,6 +289,13 @@ class Responses:
             await self._create(turn, response, caller)
         except Exception as exc:
             log.warning("response %s could not be stored (%s)", turn.id, describe_error(exc))
+
+    async def _progress(self, turn: Turn) -> None:
+        """Mark an admitted background turn ``in_progress`` (a failed write leaves it ``queued``)."""
+        try:
+            await self.store.update(turn.id, status="in_progress", response=_encode(turn.response("in_progress")))
+        except Exception as exc:
+            log.warning("background response %s: storing in_progress failed (%s)", turn.id, describe_error(exc))
 
     async def _final(self, turn: Turn, response: Response) -> None:
         """Replace a background turn's row with its final state."""

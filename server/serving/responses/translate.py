@@ -107,7 +107,8 @@ def chat_request(
     req: ResponsesRequest, messages: list[ChatMessage], tools: list[FunctionToolSpec]
 ) -> ChatCompletionRequest:
     """The chat completion request that runs this turn: ``instructions`` first (as a system message), then the
-    conversation; usage is always streamed (the final response carries it)."""
+    conversation; usage is always streamed (the final response carries it). Without tools, ``parallel_tool_calls``
+    and ``tool_choice: "auto"`` say nothing and are left out (chat refuses them without tools; Responses does not)."""
     if req.instructions is not None:
         messages = [SystemMessage(content=req.instructions), *messages]
     chat_tools: list[ChatTool] = [
@@ -125,8 +126,8 @@ def chat_request(
         temperature=req.temperature,
         top_p=req.top_p,
         tools=chat_tools or None,
-        tool_choice=tool_choice(req.tool_choice),
-        parallel_tool_calls=req.parallel_tool_calls,
+        tool_choice=tool_choice(req.tool_choice) if chat_tools or req.tool_choice != "auto" else None,
+        parallel_tool_calls=req.parallel_tool_calls if chat_tools else None,
         response_format=response_format(req.text.format if req.text is not None else None),
         user=req.user,
         stream=req.stream,
