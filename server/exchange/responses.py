@@ -72,7 +72,7 @@ class Responses:
 
     exchange: Exchange
     store: ResponseStore
-    _jobs: dict[str, _Job] = field(default_factory=dict)
+    _jobs: dict[str, _Job] = field(default_factory=dict, init=False, repr=False)
 
     # -- reading ------------------------------------------------------------------------------------------------
     async def history(self, caller: Principal, previous_response_id: str | None) -> list[InputItem]:
@@ -166,10 +166,11 @@ class Responses:
         final: list[ResponseEvent] = []
         try:
             async for chunk in chunks:
+                if final:  # nothing follows an error frame; were it to, it is not part of the response
+                    continue
                 if isinstance(chunk, ErrorResponse):
                     final = stream.fail(chunk)
                     continue
-                assert not final
                 for event in stream.push(chunk):  # type: ignore[arg-type]
                     yield event
         finally:
