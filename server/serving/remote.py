@@ -26,7 +26,7 @@ from schemas.openai.chat import ChatCompletionRequest, ToolCall
 from schemas.openai.common import CompletionUsage
 from schemas.openai.completions import CompletionRequest
 from server.models.file import RemoteModel
-from server.serving.chat_checks import check_chat
+from server.serving.chat_checks import ChatChecks, check_chat
 from server.serving.checks import Target, check_completion, check_generate, empty_prompt, generate_max_tokens
 from server.serving.common import new_id, now
 from server.serving.forward import chat_body, completion_body
@@ -211,24 +211,14 @@ def prepare_chat(
     """A chat request for ``entry``'s upstream: the local checks, then the validated body (400 as a local model)."""
     checks = check_chat(req, Target(entry.name), max_messages=max_messages)
     payload = chat_body(req, checks, entry.target_model)
-    # Messages and tools as sent, in JSON: a byte-level token covers at least one byte, and the JSON punctuation
-    # stands in for a template's few tokens per message; the estimate is a quarter of it.
-    measured = len(msgspec.json.encode([payload["messages"], payload.get("tools")]))
-    bound, estimate = measured + CHAT_TEMPLATE_TOKENS, math.ceil(measured / BYTES_PER_TOKEN)
-    n = req.n or 1
-    return _call(
-        "chat",
+    return _chat_call(
+        req,
+        checks,
         entry,
         payload,
-        bound=bound,
-        estimate=estimate,
-        prompt_text="\n".join(m["content"] or "" for m in checks.messages),
-        per_choice=per_choice_max_tokens(checks.max_tokens, max_tokens_cap, entry.max_model_len, bound, estimate),
-        choices=n,
-        explicit=checks.max_tokens is not None,
-        stream=bool(req.stream),
+        [payload["messages"], payload.get("tools")],
+        max_tokens_cap=max_tokens_cap,
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
-        deterministic=req.temperature == 0 or req.seed is not None,
     )
 
 
@@ -241,8 +231,28 @@ def prepare_responses(
     req = turn.chat
     checks = check_chat(req, Target(entry.name), max_messages=max_messages)
     payload = responses_body(turn, entry.target_model)
-    measured = len(msgspec.json.encode([payload.get("instructions"), payload["input"], payload.get("tools")]))
-    bound, estimate = measured + CHAT_TEMPLATE_TOKENS, math.ceil(measured / BYTES_PER_TOKEN)
+    measured = [payload.get("instructions"), payload["input"], payload.get("tools")]
+    return _chat_call(
+        req, checks, entry, payload, measured, max_tokens_cap=max_tokens_cap, include_usage=True, responses_wire=True
+    )
+
+
+def _chat_call(
+    req: ChatCompletionRequest,
+    checks: ChatChecks,
+    entry: RemoteModel,
+    payload: dict[str, Any],
+    measured: list[Any],
+    *,
+    max_tokens_cap: int | None,
+    include_usage: bool,
+    responses_wire: bool = False,
+) -> RemoteCall:
+    """A checked chat-shaped call, its prompt measured on ``measured`` (the conversation and tools as sent, in
+    JSON: a byte-level token covers at least one byte, and the JSON punctuation stands in for a template's few
+    tokens per message; the estimate is a quarter of it)."""
+    size = len(msgspec.json.encode(measured))
+    bound, estimate = size + CHAT_TEMPLATE_TOKENS, math.ceil(size / BYTES_PER_TOKEN)
     return _call(
         "chat",
         entry,
@@ -251,12 +261,12 @@ def prepare_responses(
         estimate=estimate,
         prompt_text="\n".join(m["content"] or "" for m in checks.messages),
         per_choice=per_choice_max_tokens(checks.max_tokens, max_tokens_cap, entry.max_model_len, bound, estimate),
-        choices=1,
+        choices=req.n or 1,
         explicit=checks.max_tokens is not None,
         stream=bool(req.stream),
-        include_usage=True,
-        deterministic=req.temperature == 0,
-        responses_wire=True,
+        include_usage=include_usage,
+        deterministic=req.temperature == 0 or req.seed is not None,
+        responses_wire=responses_wire,
     )
 
 
