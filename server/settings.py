@@ -44,6 +44,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     api_keys: str = ""
     """Comma-separated static API keys (``--api-key``), admin rights, for a single-user setup without ``keys create``;
     never stored or logged."""
+    task: Literal["auto", "generate", "embed"] = "auto"
+    """What the model does: ``generate`` (chat and completions) or ``embed`` (``/v1/embeddings``); ``auto`` embeds
+    with a sentence-transformers folder (it has ``modules.json``) and generates otherwise."""
+    pooling: Literal["auto", "mean", "cls", "last", "max"] = "auto"
+    """How an embedding model turns token states into one vector; ``auto``: its sentence-transformers pooling
+    configuration, else ``last`` (a decoder model's last token). Other choices override the configuration."""
+    normalize: bool | None = None
+    """Whether embeddings are scaled to unit length; unset: as the sentence-transformers folder says (its
+    ``Normalize`` module), and on for a decoder model with last-token pooling."""
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = "auto"
     """How tool calls are written by the model and parsed back; ``auto`` picks the format the chat template uses."""
     reasoning_parser: Literal["auto", "none", "think"] = "auto"

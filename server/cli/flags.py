@@ -104,6 +104,24 @@ def add_serve_command(sub: Any) -> argparse.ArgumentParser:
     _add(model, "--dtype", "weights' dtype; auto: bfloat16 where supported, else float32", choices=_choices("dtype"))
     _add(model, "--max-model-len", "context window used to validate requests (default: the model's)", type=int)
     _add(model, "--models-file", "TOML file of served models, local and remote (replaces --model)", metavar="FILE")
+    _add(
+        model,
+        "--task",
+        "generate (chat, completions) or embed (/v1/embeddings); auto: embed for a sentence-transformers folder",
+        choices=_choices("task"),
+    )
+    _add(
+        model,
+        "--pooling",
+        "an embedding model's pooling; auto: its sentence-transformers configuration, else the last token",
+        choices=_choices("pooling"),
+    )
+    _add(
+        model,
+        "--normalize",
+        "scale embeddings to unit length (default: as the model's configuration says)",
+        action=argparse.BooleanOptionalAction,
+    )
 
     chat = serve.add_argument_group("chat format")
     _add(

@@ -8,6 +8,7 @@ the request inside the engine within one decode step.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -309,5 +310,77 @@ class Engine(Protocol):
         Raises:
             EngineOverloaded: as for :meth:`generate`, when the whole group does not fit.
             ValueError: the requests do not share one prompt.
+        """
+        ...
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """An embedding model runtime: token ids in, one vector per input out. One instance serves one model.
+
+    Its ``info.max_model_len`` is the most tokens one input may have. Inputs are batched with other callers' in the
+    thread that owns the model (bounded by the batch settings), never on the event loop.
+    """
+
+    @property
+    def name(self) -> str:
+        """The name clients use for the model, known before it has loaded."""
+        ...
+
+    @property
+    def info(self) -> ModelInfo:
+        """What the loaded model is (only once it has loaded)."""
+        ...
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """Its tokenizer: ``encode`` adds the special tokens the model expects around an input ([CLS] ... [SEP])."""
+        ...
+
+    @property
+    def dimensions(self) -> int:
+        """Length of each vector (once loaded)."""
+        ...
+
+    @property
+    def normalized(self) -> bool:
+        """Vectors are scaled to unit length (once loaded)."""
+        ...
+
+    @property
+    def truncatable(self) -> bool:
+        """Its vectors keep their meaning cut to fewer dimensions (Matryoshka-trained), so ``dimensions`` applies."""
+        ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def failure(self) -> str | None: ...
+
+    @property
+    def num_running(self) -> int:
+        """Inputs being embedded now."""
+        ...
+
+    @property
+    def num_waiting(self) -> int:
+        """Inputs queued for the model's thread."""
+        ...
+
+    async def start(self) -> None:
+        """Load the model (off the event loop) and start its thread."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop: queued and running calls fail with :class:`EngineError`."""
+        ...
+
+    async def embed(self, inputs: Sequence[Sequence[int]]) -> list[array[float]]:
+        """One float32 vector per input, in order (each input within ``info.max_model_len`` tokens).
+
+        Raises:
+            EngineOverloaded: the queue is full or the embedder is stopping (nothing was run).
+            EngineError: the model failed.
         """
         ...

@@ -46,6 +46,12 @@ class LocalModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_f
     """Overrides ``DTYPE`` for this model."""
     max_model_len: Annotated[int, Meta(ge=16)] | None = None
     """Context window used for validation; the model's own when unset."""
+    task: Literal["auto", "generate", "embed"] | None = None
+    """Overrides ``TASK`` for this model: ``embed`` serves ``/v1/embeddings``."""
+    pooling: Literal["auto", "mean", "cls", "last", "max"] | None = None
+    """Overrides ``POOLING`` for this embedding model."""
+    normalize: bool | None = None
+    """Overrides ``NORMALIZE`` for this embedding model."""
 
 
 class RemoteModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_field="backend", tag="openai"):

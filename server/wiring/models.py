@@ -104,6 +104,9 @@ def build_models(settings: Settings) -> ServedModels:
                 device=entry.device or settings.device,
                 dtype=entry.dtype or settings.dtype,
                 max_model_len=entry.max_model_len or settings.max_model_len,
+                task=entry.task or settings.task,
+                pooling=entry.pooling or settings.pooling,
+                normalize=settings.normalize if entry.normalize is None else entry.normalize,
                 # Per model: the global REVISION/GGUF_FILE/TOKENIZER/CHAT_TEMPLATE name one model's files.
                 revision=entry.revision,
                 gguf_file=entry.gguf_file,
