@@ -23,6 +23,7 @@ from server.api.admin import admin_handlers
 from server.api.apidoc import KEY_SECURITY, SECURITY_SCHEMES, StructBoundsPlugin
 from server.api.common import read_timeout_middleware, strict_body
 from server.api.context import context_of, request_id_of
+from server.api.embeddings import EMBEDDING_HANDLERS
 from server.api.exceptions import handle_exception
 from server.api.gate import PREPARE_THREADS, screen
 from server.api.guards import require_key
@@ -31,7 +32,7 @@ from server.api.models import list_models, retrieve_model
 from server.api.native import generate_text, stream_text
 from server.api.openai import create_chat_completion, create_completion
 from server.api.responses import RESPONSES_HANDLERS
-from server.engine.base import Engine
+from server.engine.base import Embedder, Engine
 from server.exchange.exchange import Exchange
 from server.exchange.responses import Responses
 from server.exchange.shutdown import Lifecycle, shutting_down
@@ -47,7 +48,7 @@ from server.wiring.state import AppState, app_state
 def create_app(
     settings: Settings | None = None,
     *,
-    engine: Engine | None = None,
+    engine: Engine | Embedder | None = None,
     services: Services | None = None,
     models: ServedModels | None = None,
 ) -> Litestar:
@@ -66,7 +67,7 @@ def create_app(
             models = build_models(settings)
         else:
             models = ServedModels()
-            models.add(settings.served_model_name or engine.name, engine)
+            models.add(settings.served_model_name or engine.name, engine, embeds=isinstance(engine, Embedder))
     the_services = services or build_services(settings, Metrics())
     lifecycle = Lifecycle()
     exchange = Exchange(
@@ -98,6 +99,7 @@ def create_app(
             generate_text,
             stream_text,
             *RESPONSES_HANDLERS,
+            *EMBEDDING_HANDLERS,
         ],
         security=KEY_SECURITY,
     )

@@ -42,14 +42,14 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     """
     state = app_state(request.app)
     models = state.models
-    for name, engine in models.engines.items():
-        which = f"model {name!r}" if len(models.engines) > 1 else "model"
+    for name, engine in models.local.items():
+        which = f"model {name!r}" if len(models.local) > 1 else "model"
         failure = models.failures.get(name)
         if failure:
             return Response({"status": "failed", "reason": f"{which} failed to load: {failure}"}, status_code=503)
         broken = engine.failure
         if broken:
-            engine_name = f"the engine of {name!r}" if len(models.engines) > 1 else "the engine"
+            engine_name = f"the engine of {name!r}" if len(models.local) > 1 else "the engine"
             return Response({"status": "failed", "reason": f"{engine_name} failed: {broken}"}, status_code=503)
         if not engine.ready:
             return Response({"status": "loading", "reason": f"the {which} is still loading"}, status_code=503)

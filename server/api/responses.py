@@ -14,7 +14,7 @@ from server.api.common import BODY_TYPE, json_response
 from server.api.context import context_of
 from server.api.gate import gate, prepared
 from server.api.generation import disconnected_of, http_reply
-from server.engine.base import Engine
+from server.engine.base import Embedder, Engine
 from server.errors import OpenAIError, unsupported_param
 from server.exchange.remote import RemoteWork
 from server.exchange.work import Work
@@ -46,7 +46,7 @@ async def create_response(request: Request[Any, Any, Any], data: JSONBody[Respon
     context = context_of(request.scope)
     caller = context.caller()
     history = await state.responses.history(caller, body.previous_response_id)
-    engine = state.models.ready_engine(backend) if isinstance(backend, Engine) else None
+    engine = None if isinstance(backend, Upstream) else state.models.ready_engine(backend)
     turn, work = await prepared(request, lambda: _prepare(state, body, name, backend, engine, history, cap))
     if body.background:
         response, headers = await state.responses.start_background(turn, work, caller, context.record)
@@ -59,7 +59,7 @@ def _prepare(
     state: AppState,
     body: ResponsesRequest,
     name: str,
-    backend: Engine | Upstream,
+    backend: Engine | Embedder | Upstream,
     engine: Engine | None,
     history: list[Any],
     cap: int | None,

@@ -119,3 +119,11 @@ def _chain(exc: BaseException) -> list[BaseException]:
         seen.append(current)
         current = current.__cause__ or current.__context__
     return seen
+
+
+def embeds(model: str, task: str) -> bool:
+    """Whether ``model`` is served as an embedding model: ``task`` says so, or (``auto``) it is a local
+    sentence-transformers folder (it has ``modules.json``)."""
+    if task != "auto":
+        return task == "embed"
+    return (Path(model).expanduser() / "modules.json").is_file()

@@ -22,7 +22,7 @@ from schemas.openai.chat import (
 )
 from server.engine.base import Engine, EngineError
 from server.errors import invalid_request
-from server.serving.chat_checks import check_chat
+from server.serving.chat_checks import ChatChecks, check_chat
 from server.serving.checks import local_target
 from server.serving.choices import Choice, collect, engine_failure, run_choices
 from server.serving.common import (
@@ -58,29 +58,8 @@ def prepare(
     ``TOOL_CALL_PARSER`` setting) is the tool-call format (``"auto"``: the one the chat template shows).
     """
     model = engine.name  # the route resolved the request's model to this engine (404 there otherwise)
-    tool_format = model_tool_format(engine.tokenizer, tool_parser)
-    checks = check_chat(req, local_target(engine), max_messages=max_messages, tool_format=tool_format)
-    text_bytes = sum(utf8_length(m["content"]) for m in checks.messages if isinstance(m.get("content"), str))
-    check_prompt_bytes(engine, text_bytes, checks.max_tokens, "messages")
+    checks, prompt = render(engine, req, max_messages=max_messages, tool_parser=tool_parser)
     tokenizer = engine.tokenizer
-    if not tokenizer.has_chat_template:
-        raise invalid_request(
-            f"The model '{model}' has no chat template; use /v1/completions with a raw prompt.",
-            "messages",
-            "chat_template_missing",
-        )
-    try:
-        prompt = tokenizer.render_chat(
-            checks.messages,
-            add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
-            continue_final_message=req.continue_final_message,
-            tools=checks.tools.template_tools,
-            chat_template_kwargs=checks.template_kwargs,
-        )
-    except ValueError as exc:
-        raise invalid_request(
-            f"The chat template rejected the messages: {exc}", "messages", "chat_template_error"
-        ) from None
     reasoning = reasoning_for(reasoning_parser, tokenizer, prompt)
     constraint = checks.constraint
     if constraint is not None and reasoning is not None:
@@ -114,6 +93,38 @@ def prepare(
         tools=tools if tools.parses_calls else None,
         reasoning=reasoning,
     )
+
+
+def render(
+    engine: Engine, req: ChatCompletionRequest, *, max_messages: int | None, tool_parser: str = "auto"
+) -> tuple[ChatChecks, list[int]]:
+    """The checks of a chat request and its prompt's token ids, rendered through the model's chat template (what
+    ``usage.prompt_tokens`` counts; ``/tokenize`` answers with the same ids)."""
+    model = engine.name
+    tool_format = model_tool_format(engine.tokenizer, tool_parser)
+    checks = check_chat(req, local_target(engine), max_messages=max_messages, tool_format=tool_format)
+    text_bytes = sum(utf8_length(m["content"]) for m in checks.messages if isinstance(m.get("content"), str))
+    check_prompt_bytes(engine, text_bytes, checks.max_tokens, "messages")
+    tokenizer = engine.tokenizer
+    if not tokenizer.has_chat_template:
+        raise invalid_request(
+            f"The model '{model}' has no chat template; use /v1/completions with a raw prompt.",
+            "messages",
+            "chat_template_missing",
+        )
+    try:
+        prompt = tokenizer.render_chat(
+            checks.messages,
+            add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+            continue_final_message=req.continue_final_message,
+            tools=checks.tools.template_tools,
+            chat_template_kwargs=checks.template_kwargs,
+        )
+    except ValueError as exc:
+        raise invalid_request(
+            f"The chat template rejected the messages: {exc}", "messages", "chat_template_error"
+        ) from None
+    return checks, prompt
 
 
 def _tool_calls(calls: list[ParsedCall]) -> list[ToolCall]:

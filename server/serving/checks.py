@@ -61,50 +61,54 @@ def reject_unsupported_completion(req: CompletionRequest) -> None:
         raise unsupported_param("suffix")
 
 
-def prompt_list(prompt: str | list[Any], vocab_size: int | None) -> Prompts:
-    """The prompts of a request: a string, strings, token ids or lists of token ids (not mixed), at most
-    :data:`MAX_PROMPTS`; token-id prompts are checked here (not empty, ids in the vocabulary), texts by the caller."""
+def prompt_list(
+    prompt: str | list[Any], vocab_size: int | None, *, param: str = "prompt", limit: int = MAX_PROMPTS
+) -> Prompts:
+    """The prompts of a request: a string, strings, token ids or lists of token ids (not mixed), at most ``limit``;
+    token-id prompts are checked here (not empty, ids in the vocabulary), texts by the caller. ``param`` names the
+    field in errors (``input`` for embeddings)."""
     prompts: Prompts
     if isinstance(prompt, str):
         prompts = [prompt]
     elif not prompt:
-        raise invalid_request("'prompt' must not be an empty list.", "prompt", "empty_array")
+        raise invalid_request(f"'{param}' must not be an empty list.", param, "empty_array")
     elif all(isinstance(p, str) for p in prompt):
         prompts = list(prompt)
-    elif all(isinstance(p, int) for p in prompt):
+    elif all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
         prompts = [list(prompt)]
-    elif all(isinstance(p, list) for p in prompt):
+    elif all(isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt):
         prompts = [list(p) for p in prompt]
     else:
         raise invalid_request(
-            "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists.",
-            "prompt",
+            f"'{param}' must be a string, a list of strings, a list of token ids or a list of token-id lists.",
+            param,
         )
-    if len(prompts) > MAX_PROMPTS:
-        raise invalid_request(f"At most {MAX_PROMPTS} prompts per request.", "prompt")
+    if len(prompts) > limit:
+        raise invalid_request(f"At most {limit} {'prompts' if param == 'prompt' else 'inputs'} per request.", param)
     for i, ids in enumerate(prompts):
         if isinstance(ids, list):
-            check_token_ids(ids, i, len(prompts), vocab_size)
+            check_token_ids(ids, i, len(prompts), vocab_size, param)
     return prompts
 
 
-def check_token_ids(ids: list[int], index: int, count: int, vocab_size: int | None) -> None:
+def check_token_ids(ids: list[int], index: int, count: int, vocab_size: int | None, param: str = "prompt") -> None:
     """400 for an empty prompt or an id outside the vocabulary (below 0 when the vocabulary is unknown)."""
     if not ids:
-        raise empty_prompt(index, count)
+        raise empty_prompt(index, count, param)
     if vocab_size is None:
         bad = next((t for t in ids if t < 0), None)
         if bad is not None:
-            raise invalid_request(f"Token id {bad} is not a token id (ids are 0 or more).", "prompt")
+            raise invalid_request(f"Token id {bad} is not a token id (ids are 0 or more).", param)
         return
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise invalid_request(f"Token id {bad} is outside the vocabulary (0..{vocab_size - 1}).", "prompt")
+        raise invalid_request(f"Token id {bad} is outside the vocabulary (0..{vocab_size - 1}).", param)
 
 
-def empty_prompt(index: int, count: int) -> OpenAIError:
+def empty_prompt(index: int, count: int, param: str = "prompt") -> OpenAIError:
     """400 for prompt ``index`` of ``count`` that has no tokens."""
-    return invalid_request("The prompt is empty after tokenization.", "prompt" if count == 1 else f"prompt[{index}]")
+    what = "prompt" if param == "prompt" else "input"
+    return invalid_request(f"The {what} is empty after tokenization.", param if count == 1 else f"{param}[{index}]")
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from server.engine.base import (
     Constraint,
+    Embedder,
     Engine,
     SamplingParams,
 )
@@ -59,7 +60,7 @@ def resolve_max_tokens(
     return requested
 
 
-def check_prompt_bytes(engine: Engine, nbytes: int, requested: int | None, param: str) -> None:
+def check_prompt_bytes(engine: Engine | Embedder, nbytes: int, requested: int | None, param: str) -> None:
     """400 ``context_length_exceeded`` for a prompt that certainly cannot fit, judged from its UTF-8 length alone.
 
     One token stands for at most ``tokenizer.max_token_bytes`` bytes of text, so a prompt of ``nbytes`` bytes has at

@@ -96,7 +96,7 @@ async def engines(app: Litestar) -> AsyncIterator[None]:
         yield
     finally:
         loader.cancel()
-        for engine in state.models.engines.values():
+        for engine in state.models.local.values():
             await engine.stop()
 
 
@@ -122,7 +122,7 @@ PARTS: list[Lifespan] = [ratelimit_storage, database, writer, upstreams, engines
 async def _load_engines(state: AppState) -> None:
     """Start each engine in turn; the first that fails is recorded, and the runner exits non-zero on it."""
     settings, models = state.settings, state.models
-    for name, engine in models.engines.items():
+    for name, engine in models.local.items():
         source = settings.model if settings.models_file is None else name
         try:
             await engine.start()

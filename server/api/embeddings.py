@@ -1,0 +1,118 @@
+"""``/v1/embeddings`` on embedding models, and the vLLM-compatible ``/tokenize`` and ``/detokenize``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, post
+from litestar.params import JSONBody
+
+from schemas.openai.chat import ChatCompletionRequest
+from schemas.openai.embeddings import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    EmbeddingList,
+    EmbeddingRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from server.api.apidoc import WITH_BODY, ApiOperation, errors
+from server.api.common import BODY_TYPE
+from server.api.gate import gate, prepared
+from server.api.generation import respond
+from server.engine.base import Embedder, Engine
+from server.errors import invalid_request, unsupported_param
+from server.providers.upstream import Upstream
+from server.serving import chat, embeddings
+from server.serving.checks import check_token_ids
+from server.serving.common import check_prompt_bytes, utf8_length
+from server.wiring.state import app_state
+
+
+@post(
+    "/v1/embeddings",
+    status_code=200,
+    opt={BODY_TYPE: EmbeddingRequest},
+    summary="Create embeddings",
+    tags=["openai"],
+    responses=errors(*WITH_BODY, 404),
+    operation_class=ApiOperation,
+)
+async def create_embeddings(request: Request[Any, Any, Any], data: JSONBody[EmbeddingRequest]) -> EmbeddingList:
+    state = app_state(request.app)
+    name, backend = state.models.resolve(data.model)
+    embedder = state.models.ready_embedder(name, backend)
+    await gate(request, name, requested=None, param="input")
+    plan = await prepared(request, lambda: embeddings.prepare(embedder, data))
+    return await respond(request, state.exchange, plan)  # type: ignore[return-value]
+
+
+@post(
+    "/tokenize",
+    status_code=200,
+    opt={BODY_TYPE: TokenizeRequest},
+    summary="Tokenize a prompt or chat messages (vLLM-compatible)",
+    tags=["tokenizer"],
+    responses=errors(*WITH_BODY, 404),
+    operation_class=ApiOperation,
+)
+async def tokenize(request: Request[Any, Any, Any], data: JSONBody[TokenizeRequest]) -> TokenizeResponse:
+    """``prompt``: its ids as a completion counts them; ``messages``: the chat prompt's ids, exactly what a chat
+    request's ``usage.prompt_tokens`` counts (the same template, tools and ``chat_template_kwargs``)."""
+    state = app_state(request.app)
+    local = _local(state.models.resolve(data.model)[1], state)
+    if data.add_special_tokens is False:
+        raise unsupported_param("add_special_tokens", "'add_special_tokens': false")
+    if (data.prompt is None) == (data.messages is None):
+        raise invalid_request("Give exactly one of 'prompt' and 'messages'.", "prompt")
+    tokens = await prepared(request, lambda: _tokens(local, data, state.settings.max_messages))
+    return TokenizeResponse(count=len(tokens), max_model_len=local.info.max_model_len, tokens=tokens)
+
+
+def _tokens(local: Engine | Embedder, data: TokenizeRequest, max_messages: int) -> list[int]:
+    if data.prompt is not None:
+        check_prompt_bytes(local, utf8_length(data.prompt), None, "prompt")
+        return local.tokenizer.encode(data.prompt)
+    if isinstance(local, Embedder):
+        raise invalid_request("An embedding model renders no chat messages; tokenize a 'prompt'.", "messages")
+    req = ChatCompletionRequest(
+        messages=data.messages or [],
+        model=local.name,
+        tools=data.tools,
+        add_generation_prompt=data.add_generation_prompt,
+        chat_template_kwargs=data.chat_template_kwargs,
+    )
+    return chat.render(local, req, max_messages=max_messages)[1]
+
+
+@post(
+    "/detokenize",
+    status_code=200,
+    opt={BODY_TYPE: DetokenizeRequest},
+    summary="Token ids back to text (vLLM-compatible)",
+    tags=["tokenizer"],
+    responses=errors(*WITH_BODY, 404),
+    operation_class=ApiOperation,
+)
+async def detokenize(request: Request[Any, Any, Any], data: JSONBody[DetokenizeRequest]) -> DetokenizeResponse:
+    state = app_state(request.app)
+    local = _local(state.models.resolve(data.model)[1], state)
+    tokenizer = local.tokenizer
+    check_token_ids(data.tokens, 0, 1, tokenizer.vocab_size, "tokens")
+    return DetokenizeResponse(prompt=await prepared(request, lambda: tokenizer.decode(data.tokens)))
+
+
+def _local(backend: Engine | Embedder | Upstream, state: Any) -> Engine | Embedder:
+    """The in-process model (its tokenizer is here), ready; 400 for a remote one."""
+    if isinstance(backend, Upstream):
+        raise invalid_request(
+            f"The model '{backend.entry.name}' is remote: its tokenizer is not on this server.", "model"
+        )
+    models = state.models
+    if isinstance(backend, Embedder):
+        name = next(n for n, e in models.embedders.items() if e is backend)
+        return models.ready_embedder(name, backend)  # type: ignore[no-any-return]
+    return models.ready_engine(backend)  # type: ignore[no-any-return]
+
+
+EMBEDDING_HANDLERS = [create_embeddings, tokenize, detokenize]
