@@ -31,46 +31,10 @@ import httpx
 from benchmarks.common import cli, percentile, serve_process, server_env
 from benchmarks.throughput import PEPPER
 
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "a",
-    "lazy",
-    "dog",
-    "while",
-    "rain",
-    "falls",
-    "on",
-    "quiet",
-    "streets",
-    "and",
-    "people",
-    "hurry",
-    "home",
-    "with",
-    "bread",
-    "music",
-    "drifts",
-    "from",
-    "open",
-    "windows",
-    "as",
-    "engineers",
-    "debug",
-    "servers",
-    "late",
-    "into",
-    "the",
-    "night",
-    "under",
-    "pale",
-    "blue",
-    "screens",
-]
+TEXT = (
+    "the quick brown fox jumps over a lazy dog while rain falls on quiet streets and people hurry home with "
+    "bread music drifts from open windows as engineers debug servers late into the night under pale screens"
+)
 
 
 def default_model(dest: Path) -> str:
@@ -85,8 +49,8 @@ def default_model(dest: Path) -> str:
 
 def sentences(n: int, seed: int = 0) -> list[str]:
     """``n`` sentences of 8 to 40 words."""
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) for _ in range(n)]
+    rng, words = random.Random(seed), TEXT.split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(8, 40))) for _ in range(n)]
 
 
 async def run(base: str, key: str, batches: list[list[str]], concurrency: int) -> dict[str, float]:
