@@ -119,3 +119,17 @@ def _chain(exc: BaseException) -> list[BaseException]:
         seen.append(current)
         current = current.__cause__ or current.__context__
     return seen
+
+
+def embeds(model: str, task: str) -> bool:
+    """Whether ``model`` is served as an embedding model: ``task`` says so, or (``auto``) it is a local
+    sentence-transformers folder (one with a ``modules.json``). A hub id under ``auto`` is a generative model: telling
+    would need a download before the server has even started."""
+    if task != "auto":
+        return task == "embed"
+    if model.startswith("builtin:") or model.lower().endswith(".gguf"):
+        return False
+    try:
+        return (Path(model).expanduser() / "modules.json").is_file()
+    except OSError:
+        return False
