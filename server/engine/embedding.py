@@ -5,7 +5,8 @@ An :meth:`HFEmbedder.embed` call queues its inputs (admission is synchronous, so
 queue, up to ``max_batch_size`` of them, sorted by length so that a batch pads as little as possible, and keeps the
 shortest that fit ``max_batch_tokens`` (rows x padded length; one input always runs); the others go back to the
 front. One forward pass under ``torch.inference_mode()``, pooling and normalization give the vectors, which cross to
-asyncio through ``loop.call_soon_threadsafe`` once all of a call's inputs are done.
+asyncio through ``loop.call_soon_threadsafe`` once all of a call's inputs are done (see
+:mod:`server.engine.embedding_batch`).
 
 Failures stay with their batch: a failed forward pass fails the calls it served with :class:`EngineError`; only
 ``MAX_FAILED_STEPS`` failed passes in a row (the model or device is broken) end the embedder for good.
@@ -14,7 +15,6 @@ Failures stay with their batch: a failed forward pass fails the calls it served 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import threading
@@ -22,62 +22,20 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from server.engine.base import EngineError, EngineOverloaded, ModelInfo
-from server.engine.embedding_load import LoadedEmbedder, load_embedder, pool
+from server.engine.embedding_batch import Call, Item, run_batch, take_batch
+from server.engine.embedding_load import LoadedEmbedder, load_embedder
 from server.engine.hf import pick_device, pick_dtype
 from server.engine.hf_tokenizer import HFTokenizer
 from server.engine.loading import LoadOptions
 from server.engine.scheduler import MAX_FAILED_STEPS
 
 logger = logging.getLogger("server.engine")
-
-
-class _Call:
-    """One :meth:`HFEmbedder.embed` call: its vectors so far and the future its caller awaits."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
-        self.loop = loop
-        self.future: asyncio.Future[list[array[float]]] = loop.create_future()
-        self.vectors: list[array[float] | None] = [None] * size
-        self.remaining = size
-        self.cancelled = False
-
-    def done(self, index: int, vector: array[float]) -> None:
-        """Record one input's vector (worker thread); the last one resolves the future."""
-        self.vectors[index] = vector
-        self.remaining -= 1
-        if self.remaining == 0:
-            self._settle(self.vectors, None)
-
-    def fail(self, exc: EngineError) -> None:
-        self.remaining = -1
-        self._settle(None, exc)
-
-    def _settle(self, vectors: list[Any] | None, exc: EngineError | None) -> None:
-        def settle() -> None:
-            if self.future.done():
-                return
-            if exc is not None:
-                self.future.set_exception(exc)
-            else:
-                self.future.set_result(vectors or [])
-
-        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody is waiting any more
-            self.loop.call_soon_threadsafe(settle)
-
-
-@dataclass(slots=True)
-class _Item:
-    seq: int
-    token_ids: list[int]
-    call: _Call
-    index: int
 
 
 class HFEmbedder:
@@ -128,9 +86,10 @@ class HFEmbedder:
         self._info: ModelInfo | None = None
         self._device = torch.device("cpu")
         self._pad_id = 0
+        self._vocab = 0
         self._cv = threading.Condition()
-        self._queue: deque[_Item] = deque()
-        self._running: list[_Item] = []
+        self._queue: deque[Item] = deque()
+        self._running: list[Item] = []
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -217,26 +176,34 @@ class HFEmbedder:
 
         Raises:
             EngineOverloaded: the queue is full or the embedder is not running (nothing was queued).
-            ValueError: an input is empty or longer than ``info.max_model_len`` tokens.
+            ValueError: an input is empty, longer than ``info.max_model_len`` tokens or holds an id past the model's
+                vocabulary (nothing was queued).
             EngineError: the forward pass of a batch holding one of the inputs failed.
         """
         self._admit(inputs)
         if not inputs:
             return []
-        limit = self.info.max_model_len
-        for ids in inputs:
-            if not ids or len(ids) > limit:
-                raise ValueError(f"an input must have 1 to {limit} tokens, not {len(ids)}")
-        call = _Call(asyncio.get_running_loop(), len(inputs))
+        self._check(inputs)
+        call = Call(asyncio.get_running_loop(), len(inputs))
         with self._cv:
             self._admit(inputs)
-            self._queue.extend(_Item(next(self._seq), list(ids), call, i) for i, ids in enumerate(inputs))
+            self._queue.extend(Item(next(self._seq), list(ids), call, i) for i, ids in enumerate(inputs))
             self._cv.notify()
         try:
             return await call.future
         except asyncio.CancelledError:
             call.cancelled = True
+            with self._cv:
+                self._queue = deque(item for item in self._queue if item.call is not call)
             raise
+
+    def _check(self, inputs: Sequence[Sequence[int]]) -> None:
+        limit, vocab = self.info.max_model_len, self._vocab
+        for ids in inputs:
+            if not ids or len(ids) > limit:
+                raise ValueError(f"an input must have 1 to {limit} tokens, not {len(ids)}")
+            if min(ids) < 0 or max(ids) >= vocab:
+                raise ValueError(f"token ids must be in 0..{vocab - 1}")
 
     def _admit(self, inputs: Sequence[Sequence[int]]) -> None:
         if self._failure is not None:
@@ -267,6 +234,8 @@ class HFEmbedder:
         )
         pad = loaded.tokenizer.hf.pad_token_id
         self._pad_id = int(pad) if pad is not None else 0  # padded positions are masked out: any id serves
+        # An id past the embedding matrix would fail the whole batch's forward pass (and count against the model).
+        self._vocab = int(loaded.model.get_input_embeddings().num_embeddings)
         self._loaded, self._device = loaded, device
         self._info = ModelInfo(
             name=self._served_name, source=self._source, max_model_len=loaded.max_model_len, created=int(time.time())
@@ -291,7 +260,7 @@ class HFEmbedder:
             self._give_up(f"the embedder worker crashed: {type(exc).__name__}: {exc}")
             raise
 
-    def _next_batch(self) -> list[_Item] | None:
+    def _next_batch(self) -> list[Item] | None:
         """The next batch (worker thread), or ``None`` once stopping."""
         with self._cv:
             while True:
@@ -302,29 +271,22 @@ class HFEmbedder:
                 if self._queue:
                     break
                 self._cv.wait()
-            window: list[_Item] = []
-            while self._queue and len(window) < self._max_batch_size:
-                item = self._queue.popleft()
-                if not item.call.cancelled:
-                    window.append(item)
-            window.sort(key=lambda item: len(item.token_ids))
-            taken = 1  # one input always runs, whatever its length
-            while taken < len(window) and (taken + 1) * len(window[taken].token_ids) <= self._max_batch_tokens:
-                taken += 1
-            batch, rest = window[:taken], sorted(window[taken:], key=lambda item: item.seq)
+            batch, rest = take_batch(self._queue, self._max_batch_size, self._max_batch_tokens)
             self._queue.extendleft(reversed(rest))
             self._running = batch
             return batch
 
-    def _serve(self, batch: list[_Item]) -> None:
+    def _serve(self, batch: list[Item]) -> None:
         try:
-            vectors = self._forward([item.token_ids for item in batch])
+            vectors = run_batch(self._require(), [item.token_ids for item in batch], self._pad_id, self._device)
         except Exception as exc:
             logger.exception("embedding forward pass failed (%d inputs)", len(batch))
-            self._fail_batch(batch, EngineError(f"embedding failed: {type(exc).__name__}: {exc}"))
             self._failed_batches += 1
-            if self._failed_batches >= MAX_FAILED_STEPS:
-                self._give_up(f"{self._failed_batches} embedding batches in a row failed, the last with {exc}")
+            if self._failed_batches >= MAX_FAILED_STEPS:  # first, so that its callers see the embedder failed
+                last = f"{type(exc).__name__}: {exc}"
+                self._give_up(f"{self._failed_batches} embedding batches in a row failed, the last with {last}")
+            else:
+                self._fail_batch(batch, EngineError(f"embedding failed: {type(exc).__name__}: {exc}"))
             return
         self._failed_batches = 0
         with self._cv:
@@ -333,30 +295,7 @@ class HFEmbedder:
             if item.call.remaining > 0:
                 item.call.done(item.index, vector)
 
-    def _forward(self, rows: list[list[int]]) -> list[array[float]]:
-        """One padded forward pass over ``rows`` (right-padded), pooled and normalized as the model says."""
-        loaded = self._require()
-        width = max(len(ids) for ids in rows)
-        ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = 1
-        with torch.inference_mode():
-            ids, mask = ids.to(self._device), mask.to(self._device)
-            states = loaded.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            pooled = pool(states.float(), mask, loaded.spec.pooling)
-            if loaded.spec.normalize:
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
-            data = pooled.cpu().contiguous().numpy()
-        out = []
-        for row in data:
-            vector = array("f")
-            vector.frombytes(row.tobytes())
-            out.append(vector)
-        return out
-
-    def _fail_batch(self, batch: list[_Item], exc: EngineError) -> None:
+    def _fail_batch(self, batch: list[Item], exc: EngineError) -> None:
         with self._cv:
             self._running = []
         for call in {id(item.call): item.call for item in batch}.values():

@@ -150,6 +150,8 @@ def load_embedder(
     limit = max_model_len or spec.max_seq_length or positions
     if not limit:
         raise EmbeddingLoadError(f"{source}: neither its files nor the config say how long an input may be")
+    if positions and limit > positions and getattr(config, "position_embedding_type", None) == "absolute":
+        raise EmbeddingLoadError(f"{source}: max_model_len {limit} exceeds the model's {positions} positions")
     wrapper = LowerCasingTokenizer(hf_tokenizer) if spec.do_lower_case else HFTokenizer(hf_tokenizer)
     return LoadedEmbedder(
         model=model,
@@ -159,23 +161,6 @@ def load_embedder(
         dimensions=int(config.hidden_size),
         seconds=time.perf_counter() - started,
     )
-
-
-def pool(states: torch.Tensor, mask: torch.Tensor, how: Pooling) -> torch.Tensor:
-    """One vector per row of ``states`` (rows x tokens x hidden) over the tokens ``mask`` (rows x tokens) keeps.
-
-    Last-token pooling takes each row's last kept position, so it holds for left and right padding alike.
-    """
-    keep = mask.to(states.dtype).unsqueeze(-1)
-    if how == "mean":
-        return (states * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1e-9)
-    if how == "cls":
-        return states[:, 0]
-    if how == "max":
-        return states.masked_fill(keep == 0, torch.finfo(states.dtype).min).max(dim=1).values
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    last = torch.where(mask.bool(), positions, -1).max(dim=1).values
-    return states[torch.arange(states.shape[0], device=states.device), last]
 
 
 def _read_sentence_transformers(source: str, modules: Any, options: LoadOptions) -> EmbeddingSpec:

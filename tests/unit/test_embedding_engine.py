@@ -23,7 +23,8 @@ import torch
 
 from server.engine.base import Embedder, EngineError, EngineOverloaded
 from server.engine.embedding import HFEmbedder
-from server.engine.embedding_load import EmbeddingLoadError, LoadedEmbedder, pool, read_spec
+from server.engine.embedding_batch import pool
+from server.engine.embedding_load import EmbeddingLoadError, LoadedEmbedder, read_spec
 from server.engine.loading import LoadOptions, embeds
 from tests.fakes.embedders import FakeEmbedder, fake_vector
 
@@ -398,3 +399,50 @@ async def test_a_decoder_pools_each_inputs_last_real_token(tiny_model_dir: Path)
                 assert torch.allclose(torch.tensor(list(vector)), expected, atol=1e-5)
     finally:
         await embedder.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_a_cancelled_calls_inputs_leave_the_queue(minilm: HFEmbedder, gate: Gate) -> None:
+    ids = minilm.tokenizer.encode("hello")
+    gate.open.clear()
+    running = asyncio.create_task(minilm.embed([ids]))
+    await until(lambda: minilm.num_running == 1)
+    queued = asyncio.create_task(minilm.embed([ids, ids, ids]))
+    await until(lambda: minilm.num_waiting == 3)
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    assert minilm.num_waiting == 0
+    gate.open.set()
+    assert len(await running) == 1
+    assert [rows for rows, _ in gate.shapes] == [1]
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_inputs_the_model_cannot_take_are_refused_before_queuing(minilm: HFEmbedder, gate: Gate) -> None:
+    for bad in ([], [101] * 257, [101, 30522, 102], [101, -1, 102]):
+        with pytest.raises(ValueError, match=r"tokens|token ids"):
+            await minilm.embed([[101, 102], bad])
+    assert gate.shapes == [] and minilm.ready
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_max_model_len_past_absolute_positions_fails_the_load(minilm_dir: Path) -> None:
+    embedder = HFEmbedder(str(minilm_dir), served_model_name="m", device="cpu", dtype="float32", max_model_len=1000)
+    with pytest.raises(EmbeddingLoadError, match="1000 exceeds the model's 512 positions"):
+        await embedder.start()
+
+
+def test_the_factory_builds_an_embedder_for_embedding_models(minilm_dir: Path, tmp_path: Path) -> None:
+    from server.engine.factory import build_engine
+    from server.engine.hf import HFEngine
+    from server.settings import Settings
+
+    engine = build_engine(Settings(model=str(minilm_dir), data_dir=tmp_path, pooling="cls", normalize=False))
+    assert isinstance(engine, HFEmbedder)
+    assert (engine._pooling_arg, engine._normalize_arg) == ("cls", False)
+    assert isinstance(build_engine(Settings(model=str(minilm_dir), data_dir=tmp_path, task="generate")), HFEngine)
+    assert isinstance(build_engine(Settings(model="org/embedder", data_dir=tmp_path, task="embed")), HFEmbedder)
