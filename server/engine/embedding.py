@@ -22,7 +22,6 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,7 +43,6 @@ class HFEmbedder:
     Args:
         model: A hub id or a local folder.
         served_model_name: The name clients use and ``/v1/models`` lists.
-        data_dir: The server's data folder (unused by embedders; kept for the factory's uniform call).
         device: ``"auto"`` (cuda > mps > cpu) or a torch device string.
         dtype: ``"auto"`` (bfloat16 where the hardware has it natively, else float32) or a dtype name.
         max_model_len: Most tokens per input; defaults to the model's ``max_seq_length``, else its positions.
@@ -62,7 +60,6 @@ class HFEmbedder:
         model: str,
         *,
         served_model_name: str,
-        data_dir: Path | None = None,
         device: str = "auto",
         dtype: str = "auto",
         max_model_len: int | None = None,

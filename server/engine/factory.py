@@ -52,7 +52,6 @@ def _build_embedder(settings: Settings) -> Embedder:
     return HFEmbedder(
         settings.model,
         served_model_name=settings.model_name,
-        data_dir=settings.data_dir,
         device=settings.device,
         dtype=settings.dtype,
         max_model_len=settings.max_model_len,

@@ -205,7 +205,7 @@ async def test_fake_embedder_batches_concurrent_calls_and_fails_as_told() -> Non
         assert abs(math.fsum(x * x for x in results[0][0]) - 1) < 1e-6
         running = asyncio.create_task(fake.embed(ids[:1]))
         await until(lambda: fake.num_running == 1)
-        queued = asyncio.create_task(fake.embed(ids * 1 + ids[:1]))
+        queued = asyncio.create_task(fake.embed([*ids, ids[0]]))
         await until(lambda: fake.num_waiting == 4)
         with pytest.raises(EngineOverloaded):
             await fake.embed(ids[:1])
