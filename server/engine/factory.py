@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from server.engine.base import Engine
+from server.engine.base import Embedder, Engine
+from server.engine.loading import LoadOptions, embeds
 from server.settings import Settings
 
 
-def build_engine(settings: Settings) -> Engine:
-    """``builtin:echo`` -> :class:`EchoEngine`; anything else -> :class:`HFEngine`."""
+def build_engine(settings: Settings) -> Engine | Embedder:
+    """``builtin:echo`` -> :class:`EchoEngine`; an embedding model (see :func:`~server.engine.loading.embeds`) ->
+    :class:`HFEmbedder`; anything else -> :class:`HFEngine`."""
     if settings.model == "builtin:echo":
         from server.engine.echo import EchoEngine
 
@@ -17,8 +19,9 @@ def build_engine(settings: Settings) -> Engine:
             max_queue_size=settings.max_queue_size,
             token_delay_s=settings.echo_token_delay_ms / 1000,
         )
+    if embeds(settings.model, settings.task):
+        return _build_embedder(settings)
     from server.engine.hf import HFEngine
-    from server.engine.loading import LoadOptions
 
     return HFEngine(
         settings.model,
@@ -38,6 +41,29 @@ def build_engine(settings: Settings) -> Engine:
             chat_template=settings.chat_template,
             gguf_file=settings.gguf_file,
             # tqdm's carriage-return bars would break one JSON object per line.
+            progress_bars=settings.log_format == "console",
+        ),
+    )
+
+
+def _build_embedder(settings: Settings) -> Embedder:
+    from server.engine.embedding import HFEmbedder
+
+    return HFEmbedder(
+        settings.model,
+        served_model_name=settings.model_name,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        max_queue_size=settings.max_queue_size,
+        max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        pooling=settings.pooling,
+        normalize=settings.normalize,
+        load=LoadOptions(
+            revision=settings.revision,
+            tokenizer=settings.tokenizer,
+            trust_remote_code=settings.trust_remote_code,
             progress_bars=settings.log_format == "console",
         ),
     )

@@ -123,7 +123,13 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 def embeds(model: str, task: str) -> bool:
     """Whether ``model`` is served as an embedding model: ``task`` says so, or (``auto``) it is a local
-    sentence-transformers folder (it has ``modules.json``)."""
+    sentence-transformers folder (one with a ``modules.json``). A hub id under ``auto`` is a generative model: telling
+    would need a download before the server has even started."""
     if task != "auto":
         return task == "embed"
-    return (Path(model).expanduser() / "modules.json").is_file()
+    if model.startswith("builtin:") or model.lower().endswith(".gguf"):
+        return False
+    try:
+        return (Path(model).expanduser() / "modules.json").is_file()
+    except OSError:
+        return False
