@@ -36,6 +36,9 @@ from server.engine.scheduler import MAX_FAILED_STEPS
 
 logger = logging.getLogger("server.engine")
 
+GATHER_S = 0.004
+"""Longest a batch waits for more inputs while the embedder is under load (never when the last batch had one)."""
+
 
 class HFEmbedder:
     """Serves one Transformers embedding model (a sentence-transformers folder or a decoder) with batching.
@@ -85,6 +88,7 @@ class HFEmbedder:
         self._pad_id = 0
         self._vocab = 0
         self._cv = threading.Condition()
+        self._last_batch = 0
         self._queue: deque[Item] = deque()
         self._running: list[Item] = []
         self._seq = itertools.count()
@@ -268,10 +272,24 @@ class HFEmbedder:
                 if self._queue:
                     break
                 self._cv.wait()
+            if self._last_batch > 1:
+                self._gather()
             batch, rest = take_batch(self._queue, self._max_batch_size, self._max_batch_tokens)
+            self._last_batch = len(batch)
             self._queue.extendleft(reversed(rest))
             self._running = batch
             return batch
+
+    def _gather(self) -> None:
+        """Under load (the last batch had several inputs), wait up to ``GATHER_S`` for a full batch (lock held by
+        the caller; waiting releases it). The forward pass holds the GIL for much of its Python-level work, so
+        without this pause the event loop admits only a few requests per pass and the passes stay small."""
+        deadline = time.monotonic() + GATHER_S
+        while len(self._queue) < self._max_batch_size and not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cv.wait(left)
 
     def _serve(self, batch: list[Item]) -> None:
         try:
