@@ -49,8 +49,9 @@ class HFEmbedder:
         device: ``"auto"`` (cuda > mps > cpu) or a torch device string.
         dtype: ``"auto"`` (bfloat16 where the hardware has it natively, else float32) or a dtype name.
         max_model_len: Most tokens per input; defaults to the model's ``max_seq_length``, else its positions.
-        max_queue_size: Inputs allowed to wait; beyond it ``embed`` raises :class:`EngineOverloaded` (a call larger
-            than the whole queue is still admitted when nothing waits, else it could never run).
+        max_queue_size: Calls (requests) allowed to wait, whatever their number of inputs; beyond it ``embed``
+            raises :class:`EngineOverloaded`. Waiting calls share each batch in turn (see
+            :func:`~server.engine.embedding_batch.take_batch`).
         max_batch_size: Most inputs in one forward pass.
         max_batch_tokens: Most rows x padded length in one forward pass (a single input always runs).
         pooling: ``"auto"`` (the folder's Pooling module; last-token for a decoder) or mean, cls, last, max.
@@ -211,9 +212,9 @@ class HFEmbedder:
             raise EngineOverloaded(f"the embedder failed: {self._failure}")
         if not self.ready:
             raise EngineOverloaded("the embedder is not running")
-        waiting = len(self._queue)
-        if waiting and waiting + len(inputs) > self._max_queue_size:
-            raise EngineOverloaded(f"the embedding queue is full ({waiting} inputs waiting)")
+        waiting = len({id(item.call) for item in self._queue})
+        if waiting >= self._max_queue_size:
+            raise EngineOverloaded(f"the embedding queue is full ({waiting} requests waiting)")
 
     def _require(self) -> LoadedEmbedder:
         if self._loaded is None:

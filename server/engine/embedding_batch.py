@@ -62,19 +62,43 @@ class Item:
 
 
 def take_batch(queue: deque[Item], max_batch_size: int, max_batch_tokens: int) -> tuple[list[Item], list[Item]]:
-    """``(batch, rest)``: the live inputs at the front of ``queue`` (up to ``max_batch_size``, taken off it), the
-    shortest of them that fit ``max_batch_tokens`` as rows x padded length, and the others in queue order (to go back
-    to its front). One input always runs, whatever its length."""
-    window: list[Item] = []
-    while queue and len(window) < max_batch_size:
-        item = queue.popleft()
+    """``(batch, rest)``: up to ``max_batch_size`` live inputs taken off ``queue``, then those that fit
+    ``max_batch_tokens`` as rows x padded length; ``rest`` (in queue order) goes back to its front.
+
+    Inputs are taken from the waiting calls in turn, one each per round in arrival order, so a call of 2,048 inputs
+    shares each batch with the small calls behind it instead of holding the model for its whole length. Of those,
+    the oldest always runs and the others join shortest first while the batch fits (a long input cannot be
+    passed over for ever).
+    """
+    groups: dict[int, deque[Item]] = {}
+    for item in queue:
         if not item.call.cancelled:
-            window.append(item)
-    window.sort(key=lambda item: len(item.token_ids))
-    taken = 1
-    while taken < len(window) and (taken + 1) * len(window[taken].token_ids) <= max_batch_tokens:
-        taken += 1
-    return window[:taken], sorted(window[taken:], key=lambda item: item.seq)
+            groups.setdefault(id(item.call), deque()).append(item)
+    queue.clear()
+    window: list[Item] = []
+    while groups and len(window) < max_batch_size:
+        for key in list(groups):
+            group = groups[key]
+            window.append(group.popleft())
+            if not group:
+                del groups[key]
+            if len(window) == max_batch_size:
+                break
+    oldest = min(window, key=lambda item: item.seq, default=None)
+    if oldest is None:
+        return [], []
+    others = sorted((item for item in window if item is not oldest), key=lambda item: len(item.token_ids))
+    batch, width = [oldest], len(oldest.token_ids)
+    deferred: list[Item] = []
+    for item in others:
+        wider = max(width, len(item.token_ids))
+        if (len(batch) + 1) * wider <= max_batch_tokens:
+            batch.append(item)
+            width = wider
+        else:
+            deferred.append(item)
+    rest = [*deferred, *(item for group in groups.values() for item in group)]
+    return batch, sorted(rest, key=lambda item: item.seq)
 
 
 def run_batch(loaded: LoadedEmbedder, rows: list[list[int]], pad_id: int, device: torch.device) -> list[array[float]]:

@@ -13,6 +13,7 @@ import math
 import shutil
 import threading
 import zipfile
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 
 from server.engine.base import Embedder, EngineError, EngineOverloaded
 from server.engine.embedding import HFEmbedder
-from server.engine.embedding_batch import pool
+from server.engine.embedding_batch import Call, Item, pool, take_batch
 from server.engine.embedding_load import EmbeddingLoadError, LoadedEmbedder, read_spec
 from server.engine.loading import LoadOptions, embeds
 from tests.fakes.embedders import FakeEmbedder, fake_vector
@@ -317,14 +318,13 @@ async def test_a_full_queue_refuses_before_queuing(minilm_dir: Path) -> None:
         gate.open.clear()
         running = asyncio.create_task(embedder.embed([ids]))
         await until(lambda: embedder.num_running == 1)
-        queued = asyncio.create_task(embedder.embed([ids, ids]))
-        await until(lambda: embedder.num_waiting == 2)
+        queued = [asyncio.create_task(embedder.embed([ids] * 3)) for _ in range(2)]  # the queue counts calls
+        await until(lambda: embedder.num_waiting == 6)
         with pytest.raises(EngineOverloaded, match="queue is full"):
             await embedder.embed([ids])
-        assert embedder.num_waiting == 2
+        assert embedder.num_waiting == 6
         gate.open.set()
-        assert len(await queued) == 2 and len(await running) == 1
-        assert len(await embedder.embed([ids] * 5)) == 5  # larger than the queue, but nothing waits
+        assert [len(await q) for q in queued] == [3, 3] and len(await running) == 1
     finally:
         gate.open.set()
         await embedder.stop()
@@ -446,3 +446,34 @@ def test_the_factory_builds_an_embedder_for_embedding_models(minilm_dir: Path, t
     assert (engine._pooling_arg, engine._normalize_arg) == ("cls", False)
     assert isinstance(build_engine(Settings(model=str(minilm_dir), data_dir=tmp_path, task="generate")), HFEngine)
     assert isinstance(build_engine(Settings(model="org/embedder", data_dir=tmp_path, task="embed")), HFEmbedder)
+
+
+def test_waiting_calls_share_each_batch_in_turn() -> None:
+    """A call of many inputs does not hold the model: the calls behind it join each batch in turn."""
+    loop = asyncio.new_event_loop()
+    try:
+        big, small, late = Call(loop, 10), Call(loop, 2), Call(loop, 1)
+        seq = iter(range(100))
+        queue = deque(
+            [Item(next(seq), [1] * 3, big, i) for i in range(10)]
+            + [Item(next(seq), [1] * 3, small, i) for i in range(2)]
+            + [Item(next(seq), [1] * 3, late, 0)]
+        )
+        batch, rest = take_batch(queue, 4, 10_000)
+        assert sorted((item.call is big, item.index) for item in batch) == [
+            (False, 0),
+            (False, 0),
+            (True, 0),
+            (True, 1),
+        ]
+        assert {id(item.call) for item in batch} == {id(big), id(small), id(late)}
+        assert [item.seq for item in rest] == sorted(item.seq for item in rest) and len(rest) == 9
+        # The token budget defers the widest inputs, never the oldest one.
+        wide = Call(loop, 1)
+        queue = deque([Item(0, [1] * 50, wide, 0), *(Item(i, [1] * 2, Call(loop, 1), 0) for i in range(1, 4))])
+        batch, rest = take_batch(queue, 4, 99)  # 2 rows of 50 do not fit: the oldest runs alone
+        assert [item.seq for item in batch] == [0] and len(rest) == 3
+        batch, rest = take_batch(deque(rest), 4, 99)
+        assert sorted(item.seq for item in batch) == [1, 2, 3] and rest == []
+    finally:
+        loop.close()
