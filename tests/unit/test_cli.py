@@ -64,6 +64,10 @@ SERVE_FLAGS = [
     (["--dtype", "float16"], "dtype", "float16"),
     (["--max-model-len", "2048"], "max_model_len", 2048),
     (["--models-file", "models.toml"], "models_file", Path("models.toml")),
+    (["--task", "embed"], "task", "embed"),
+    (["--pooling", "mean"], "pooling", "mean"),
+    (["--normalize"], "normalize", True),
+    (["--no-normalize"], "normalize", False),
     (["--tool-call-parser", "mistral"], "tool_call_parser", "mistral"),
     (["--reasoning-parser", "think"], "reasoning_parser", "think"),
     (["--max-batch-size", "4"], "max_batch_size", 4),
@@ -95,7 +99,7 @@ def test_each_flag_sets_its_setting(argv: list[str], field: str, value: object) 
 def test_every_serve_flag_is_a_setting_and_covered_above() -> None:
     serve = add_serve_command(argparse.ArgumentParser().add_subparsers())
     flags = {a.option_strings[0] for a in serve._actions if a.option_strings} - {"-h", "--version"}
-    assert flags == {f[0][0] for f in SERVE_FLAGS} - {"--no-trust-remote-code"}
+    assert flags == {f[0][0] for f in SERVE_FLAGS} - {"--no-trust-remote-code", "--no-normalize"}
     fields = {f.name for f in msgspec.structs.fields(Settings)}
     dests = {a.dest for a in serve._actions if a.option_strings and a.dest not in ("help", "version")}
     assert dests - fields == {"api_key"}  # the one list flag, joined into API_KEYS
