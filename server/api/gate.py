@@ -46,8 +46,8 @@ async def screen(request: Request[Any, Any, Any]) -> None:
         return
     try:
         target = msgspec.json.decode(await request.body(), type=_Target)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-        return
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError):
+        return  # the strict decode answers these with a 400
     state = app_state(request.app)
     models: ServedModels = state.models
     name = target.model if target.model is not None else _default_model(body_type, models)

@@ -33,6 +33,9 @@ BASE: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/v1/generate"): {"prompt": "hi"},
     ("POST", "/v1/stream"): {"prompt": "hi"},
     ("POST", "/v1/responses"): {"model": "local", "input": "hi"},
+    ("POST", "/v1/embeddings"): {"model": "local", "input": "hi"},
+    ("POST", "/tokenize"): {"model": "local", "prompt": "hi"},
+    ("POST", "/detokenize"): {"model": "local", "tokens": [1]},
     ("POST", "/admin/keys"): {"name": "n"},
     ("POST", "/admin/keys/{key_id:str}/rotate"): {},
     ("POST", "/admin/roles"): {"name": "r"},
@@ -45,6 +48,9 @@ STRING_FIELD = {
     "/v1/generate": "prompt",
     "/v1/stream": "prompt",
     "/v1/responses": "instructions",
+    "/v1/embeddings": "input",
+    "/tokenize": "prompt",
+    "/detokenize": "model",
     "/admin/keys": "name",
     "/admin/keys/{key_id:str}/rotate": None,
     "/admin/roles": "name",
@@ -78,11 +84,11 @@ STRING_VALUES = {k for k, v in BAD_VALUES.items() if v.startswith(b'"')}
 
 
 def routes(app: Litestar) -> list[tuple[str, str]]:
-    """Every POST and PATCH route under /v1 and /admin that declares a body."""
+    """Every POST and PATCH route under /v1 and /admin (and the tokenizer routes) that declares a body."""
     found = []
     for route in app.routes:
         for method, handler in getattr(route, "route_handler_map", {}).items():
-            if method in ("POST", "PATCH") and route.path.startswith(("/v1", "/admin")):
+            if method in ("POST", "PATCH") and route.path.startswith(("/v1", "/admin", "/tokenize", "/detokenize")):
                 handler = handler[0] if isinstance(handler, tuple) else handler
                 if BODY_TYPE in handler.opt:
                     found.append((method, route.path))
