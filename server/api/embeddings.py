@@ -66,11 +66,12 @@ async def tokenize(request: Request[Any, Any, Any], data: JSONBody[TokenizeReque
         raise unsupported_param("add_special_tokens", "'add_special_tokens': false")
     if (data.prompt is None) == (data.messages is None):
         raise invalid_request("Give exactly one of 'prompt' and 'messages'.", "prompt")
-    tokens = await prepared(request, lambda: _tokens(local, data, state.settings.max_messages))
+    settings = state.settings
+    tokens = await prepared(request, lambda: _tokens(local, data, settings.max_messages, settings.tool_call_parser))
     return TokenizeResponse(count=len(tokens), max_model_len=local.info.max_model_len, tokens=tokens)
 
 
-def _tokens(local: Engine | Embedder, data: TokenizeRequest, max_messages: int) -> list[int]:
+def _tokens(local: Engine | Embedder, data: TokenizeRequest, max_messages: int, tool_parser: str) -> list[int]:
     if data.prompt is not None:
         check_prompt_bytes(local, utf8_length(data.prompt), None, "prompt")
         return local.tokenizer.encode(data.prompt)
@@ -83,7 +84,7 @@ def _tokens(local: Engine | Embedder, data: TokenizeRequest, max_messages: int) 
         add_generation_prompt=data.add_generation_prompt,
         chat_template_kwargs=data.chat_template_kwargs,
     )
-    return chat.render(local, req, max_messages=max_messages)[1]
+    return chat.render(local, req, max_messages=max_messages, tool_parser=tool_parser)[1]
 
 
 @post(

@@ -27,6 +27,7 @@ from server.wiring.models import ServedModels
 from tests.checks import assert_error, log_rows, usage_of
 from tests.conftest import bearer, role_key, sdk
 from tests.fakes.embedders import BracketingTokenizer, FakeEmbedder, fake_vector
+from tests.fakes.templates import PLAIN, templated_engine
 from tests.fakes.upstream import MockUpstream, serving
 
 MODEL = "fake-embed"
@@ -401,3 +402,21 @@ def test_metrics(http: TestClient[Litestar], client: openai.OpenAI) -> None:
     assert 'llm_server_generation_tokens_total{model_name="fake-embed"} 0.0' in metrics
     assert 'llm_server_request_duration_seconds_count{route="/v1/embeddings"} 3.0' in metrics
     assert 'llm_server_e2e_request_latency_seconds_count{model_name="fake-embed"} 2.0' in metrics
+
+
+# ---- /tokenize follows the server's settings as chat does -------------------------------------------------------
+
+
+def test_tokenize_renders_tools_with_the_configured_tool_call_parser(settings: Settings, api_key: str) -> None:
+    """A template that shows no tool-call format takes ``tools`` once ``TOOL_CALL_PARSER`` names one: ``/tokenize``
+    must count what that chat request bills, not refuse the tools."""
+    s = msgspec.structs.replace(settings, tool_call_parser="hermes")
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    body = {"model": "fake", "messages": [{"role": "user", "content": "Weather?"}], "tools": [tool]}
+    with TestClient(create_app(s, engine=templated_engine(PLAIN, ["Sunny."]))) as http:
+        http.headers.update(bearer(api_key))
+        billed = http.post("/v1/chat/completions", json=body)
+        counted = http.post("/tokenize", json=body)
+    assert billed.status_code == 200, billed.text
+    assert counted.status_code == 200, counted.text
+    assert counted.json()["count"] == billed.json()["usage"]["prompt_tokens"]
