@@ -7,6 +7,7 @@ One module-scoped app loads the model once; the reference model is loaded once b
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -181,3 +182,30 @@ def test_a_model_that_failed_to_load_is_503_on_every_route(settings: Settings, a
         ]:
             r = http.post(path, json=body)
             assert r.status_code == 503 and r.json()["error"]["code"] == "model_failed", (path, r.text)
+
+
+def test_an_id_past_the_embedding_matrix_is_400(
+    settings: Settings, api_key: str, minilm_dir: Path, tmp_path: Path
+) -> None:
+    """A tokenizer with a token the model has no embedding row for (added, never resized): the id passes the
+    tokenizer's bounds, and the embedder's own check makes it a 400 naming the input, not a 500."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "added-token"
+    shutil.copytree(minilm_dir, folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.add_tokens(["[NEW]"])
+    tokenizer.save_pretrained(str(folder))
+    models = ServedModels()
+    models.add("added", HFEmbedder(str(folder), served_model_name="added", device="cpu", dtype="float32"), embeds=True)
+    with TestClient(create_app(settings, models=models)) as http:
+        http.headers.update(bearer(api_key))
+        deadline = time.monotonic() + 60
+        while http.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline and not models.failures, models.failures
+            time.sleep(0.05)
+        for given in ("hi [NEW]", [[101, 30522, 102]]):
+            r = http.post("/v1/embeddings", json={"model": "added", "input": given})
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == "input" and "0..30521" in r.json()["error"]["message"]
+        assert http.post("/v1/embeddings", json={"model": "added", "input": "hi"}).status_code == 200
