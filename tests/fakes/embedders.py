@@ -175,7 +175,12 @@ class FakeEmbedder:
         waiting = [_Waiting(list(ids), loop.create_future()) for ids in inputs]
         self._queue.extend(waiting)
         self._wake.set()
-        return list(await asyncio.gather(*(w.future for w in waiting)))
+        try:
+            return list(await asyncio.gather(*(w.future for w in waiting)))
+        except asyncio.CancelledError:  # as the real embedder: a cancelled call's inputs leave the queue
+            mine = {id(w) for w in waiting}
+            self._queue = [w for w in self._queue if id(w) not in mine]
+            raise
 
     async def _batcher(self) -> None:
         assert self._wake is not None

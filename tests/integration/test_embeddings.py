@@ -29,6 +29,7 @@ from tests.conftest import bearer, role_key, sdk
 from tests.fakes.embedders import BracketingTokenizer, FakeEmbedder, fake_vector
 from tests.fakes.templates import PLAIN, templated_engine
 from tests.fakes.upstream import MockUpstream, serving
+from tests.live import live_server
 
 MODEL = "fake-embed"
 DIMENSIONS = 8
@@ -97,6 +98,15 @@ def test_every_input_form_embeds_its_tokens_in_order(
     assert served_vectors(out) == [vector(i) for i in expected_ids]
     tokens = sum(len(i) for i in expected_ids)
     assert (out.usage.prompt_tokens, out.usage.total_tokens) == (tokens, tokens)
+
+
+def test_the_most_inputs_user_and_unknown_fields_are_accepted(http: TestClient[Litestar]) -> None:
+    most = embed(http, input=[[104 + k % 50] for k in range(2048)])
+    assert most.status_code == 200 and len(most.json()["data"]) == 2048
+    assert [d["index"] for d in most.json()["data"]] == list(range(2048))
+    assert most.json()["data"][2047]["embedding"] == vector([104 + 2047 % 50])
+    other = embed(http, input="hi", user="user-1", encoding_format="float", dimensions=None, extra_field={"a": 1})
+    assert other.status_code == 200 and other.json()["data"][0]["embedding"] == vector(ids("hi"))
 
 
 def test_base64_is_little_endian_float32_of_the_same_vectors(http: TestClient[Litestar]) -> None:
@@ -314,6 +324,40 @@ def test_a_failing_model_is_500_and_charges_nothing(settings: Settings, api_key:
         ok = http.post("/v1/embeddings", json={"model": MODEL, "input": ["hello", "world"]}, headers=bearer(key))
         assert ok.status_code == 200
         assert usage_of(http, api_key, "failing-key")["tokens"] == ok.json()["usage"]["prompt_tokens"] == 14
+
+
+def test_a_client_that_leaves_cancels_its_wait_and_is_charged_nothing(settings: Settings, api_key: str) -> None:
+    embedder = FakeEmbedder(delay_s=1.0)
+    key = role_key(settings, "leaving")
+    with (
+        live_server(create_app(settings, engine=embedder)) as base,
+        httpx.Client(base_url=base, headers=bearer(api_key), timeout=10) as http,
+    ):
+        busy = threading.Thread(target=lambda: embed(http, input="first"))
+        busy.start()
+        wait_until(lambda: embedder.num_running == 1)
+        timed_out: list[bool] = []
+
+        def leave_early() -> None:
+            with httpx.Client(base_url=base, headers=bearer(key), timeout=0.3) as impatient:
+                try:
+                    embed(impatient, input=["left", "early"])
+                except httpx.ReadTimeout:
+                    timed_out.append(True)
+
+        impatient = threading.Thread(target=leave_early)
+        impatient.start()
+        wait_until(lambda: embedder.num_waiting == 2)
+        impatient.join()
+        assert timed_out
+        wait_until(lambda: embedder.num_waiting == 0)  # its inputs left the queue while the first ran
+        assert embedder.num_running == 1
+        busy.join()
+        assert usage_of(http, api_key, "leaving-key")["tokens"] == 0
+    assert embedder.batches == [[ids("first")]]  # never embedded
+    rows = [r for r in log_rows(settings) if r["route"] == "/v1/embeddings"]
+    left = next(r for r in rows if r["status"] != 200)
+    assert (left["status"], left["error_type"], left["model"]) == (499, "client_closed_request", MODEL)
 
 
 # ---- the gateway ------------------------------------------------------------------------------------------------
