@@ -146,6 +146,15 @@ def test_dimensions_shortens_and_renormalizes_a_truncatable_model(settings: Sett
         assert unpacked(str(encoded)) == got  # given explicitly, base64 is left to the caller to decode
 
 
+def test_dimensions_only_cuts_vectors_that_are_not_normalized(settings: Settings, api_key: str) -> None:
+    with TestClient(create_app(settings, engine=FakeEmbedder(truncatable=True, normalized=False))) as http:
+        client = sdk(http, api_key)
+        full = client.embeddings.create(model=MODEL, input="hello", encoding_format="float")
+        short = client.embeddings.create(model=MODEL, input="hello", dimensions=3, encoding_format="float")
+    doubled = [2 * x for x in vector(ids("hello"))]
+    assert full.data[0].embedding == doubled and short.data[0].embedding == doubled[:3]
+
+
 def test_dimensions_is_refused_by_a_model_not_trained_for_it(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client.embeddings.create(model=MODEL, input="hello", dimensions=4)
