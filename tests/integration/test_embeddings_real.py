@@ -10,6 +10,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +210,15 @@ def test_an_id_past_the_embedding_matrix_is_400(
             assert r.status_code == 400, r.text
             assert r.json()["error"]["param"] == "input" and "0..30521" in r.json()["error"]["message"]
         assert http.post("/v1/embeddings", json={"model": "added", "input": "hi"}).status_code == 200
+
+
+def test_concurrent_requests_get_their_own_vectors(client: openai.OpenAI, reference: Any) -> None:
+    expected = encode(reference, SENTENCES)
+    jobs = [SENTENCES[k:] + SENTENCES[:k] for k in range(len(SENTENCES))] * 2
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        outs = list(pool.map(lambda texts: client.embeddings.create(model=MODEL, input=texts), jobs))
+    for k, out in enumerate(outs):
+        rotated = expected[k % len(SENTENCES) :] + expected[: k % len(SENTENCES)]
+        for got, want in zip(vectors(out), rotated, strict=True):
+            assert cosine(got, want) > 0.999
+    assert MODEL in {m.id for m in client.models.list()}
