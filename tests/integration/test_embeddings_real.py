@@ -16,6 +16,7 @@ from typing import Any
 
 import openai
 import pytest
+import torch
 from litestar import Litestar
 from litestar.testing import TestClient
 
@@ -222,3 +223,52 @@ def test_concurrent_requests_get_their_own_vectors(client: openai.OpenAI, refere
         for got, want in zip(vectors(out), rotated, strict=True):
             assert cosine(got, want) > 0.999
     assert MODEL in {m.id for m in client.models.list()}
+
+
+def test_a_models_file_serves_embedding_and_generation_models_side_by_side(
+    minilm_dir: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, reference: Any
+) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("several")
+    models_file = folder / "models.toml"
+    models_file.write_text(
+        "\n".join(
+            [
+                f'[[models]]\nname = "chat"\nbackend = "hf"\nmodel = "{tiny_model_dir}"\ndevice = "cpu"\n'
+                'dtype = "float32"\n',
+                f'[[models]]\nname = "minilm"\nbackend = "hf"\nmodel = "{minilm_dir}"\ndevice = "cpu"\n'
+                'dtype = "float32"\n',
+                f'[[models]]\nname = "minilm-cls"\nbackend = "hf"\nmodel = "{minilm_dir}"\ndevice = "cpu"\n'
+                'dtype = "float32"\npooling = "cls"\nnormalize = false\n',
+            ]
+        )
+    )
+    settings, key = migrated_settings(folder / "data", models_file=models_file, cache_enabled=False)
+    app = create_app(settings)
+    with ready_client((None, app, key)) as http:
+        client = sdk(http, key)
+        mean = client.embeddings.create(model="minilm", input=SENTENCES[:2], encoding_format="float")
+        cls = client.embeddings.create(model="minilm-cls", input=SENTENCES[:2], encoding_format="float")
+        answer = client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0
+        )
+        with pytest.raises(openai.BadRequestError) as err:
+            client.embeddings.create(model="chat", input="hi")
+        assert err.value.code == "model_task_mismatch"
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="minilm", messages=[{"role": "user", "content": "hi"}])
+        assert err.value.code == "model_task_mismatch"
+    assert answer.usage is not None and answer.usage.completion_tokens > 0
+    for got, want in zip(vectors(mean), encode(reference, SENTENCES[:2]), strict=True):
+        assert cosine(got, want) > 0.999
+    tokenizer, model = AutoTokenizer.from_pretrained(str(minilm_dir)), AutoModel.from_pretrained(str(minilm_dir))
+    batch = tokenizer(SENTENCES[:2], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        first_tokens = model(**batch).last_hidden_state[:, 0]
+    for got, want in zip(vectors(cls), first_tokens.tolist(), strict=True):
+        assert cosine(got, want) > 0.999
+        assert math.sqrt(math.fsum(x * x for x in got)) == pytest.approx(
+            math.sqrt(math.fsum(x * x for x in want)), rel=1e-3
+        )
+        assert abs(math.sqrt(math.fsum(x * x for x in got)) - 1) > 0.1  # not normalized
