@@ -272,3 +272,29 @@ def test_a_models_file_serves_embedding_and_generation_models_side_by_side(
             math.sqrt(math.fsum(x * x for x in want)), rel=1e-3
         )
         assert abs(math.sqrt(math.fsum(x * x for x in got)) - 1) > 0.1  # not normalized
+
+
+def test_a_decoder_with_task_embed_pools_its_last_token(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from transformers import AutoModel
+
+    folder = tmp_path_factory.mktemp("decoder")
+    settings, key = migrated_settings(
+        folder, model=str(tiny_model_dir), task="embed", device="cpu", dtype="float32", cache_enabled=False
+    )
+    texts = ["a short one", "a rather longer input that needs padding beside the short one in a batch"]
+    with ready_client((None, create_app(settings), key)) as http:
+        client = sdk(http, key)
+        out = client.embeddings.create(model=settings.model_name, input=texts, encoding_format="float")
+        ids = [http.post("/tokenize", json={"prompt": t}).json()["tokens"] for t in texts]
+        body = {"model": settings.model_name, "messages": [{"role": "user", "content": "hi"}]}
+        chat = http.post("/v1/chat/completions", json=body)
+    assert chat.status_code == 400 and chat.json()["error"]["code"] == "model_task_mismatch"
+    assert out.usage.prompt_tokens == sum(len(i) for i in ids)
+    model = AutoModel.from_pretrained(str(tiny_model_dir), torch_dtype=torch.float32)
+    for got, token_ids in zip(vectors(out), ids, strict=True):
+        with torch.no_grad():
+            last = model(input_ids=torch.tensor([token_ids])).last_hidden_state[0, -1]
+        assert cosine(got, last.tolist()) > 0.999
+        assert math.sqrt(math.fsum(x * x for x in got)) == pytest.approx(1.0, abs=1e-4)
