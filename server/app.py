@@ -67,7 +67,7 @@ def create_app(
             models = build_models(settings)
         else:
             models = ServedModels()
-            models.add(settings.served_model_name or engine.name, engine, embeds=isinstance(engine, Embedder))
+            models.add(settings.served_model_name or engine.name, engine, embeds=_embeds(engine))
     the_services = services or build_services(settings, Metrics())
     lifecycle = Lifecycle()
     exchange = Exchange(
@@ -131,6 +131,12 @@ def create_app(
         ),
         state=State(state.as_state()),
     )
+
+
+def _embeds(engine: Engine | Embedder) -> bool:
+    """Whether ``engine`` is an embedding model, told by its class: ``isinstance`` against the protocol would read
+    its properties, and an engine not yet started raises from them."""
+    return callable(getattr(type(engine), "embed", None))
 
 
 async def before_request(request: Request[Any, Any, Any]) -> Response[Any] | None:

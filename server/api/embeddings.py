@@ -26,6 +26,7 @@ from server.providers.upstream import Upstream
 from server.serving import chat, embeddings
 from server.serving.checks import check_token_ids
 from server.serving.common import check_prompt_bytes, utf8_length
+from server.wiring.models import ServedModels
 from server.wiring.state import app_state
 
 
@@ -60,16 +61,17 @@ async def tokenize(request: Request[Any, Any, Any], data: JSONBody[TokenizeReque
     """``prompt``: its ids as a completion counts them; ``messages``: the chat prompt's ids, exactly what a chat
     request's ``usage.prompt_tokens`` counts (the same template, tools and ``chat_template_kwargs``)."""
     state = app_state(request.app)
-    local = _local(state.models.resolve(data.model)[1], state)
+    local = _local(*state.models.resolve(data.model), state.models)
     if data.add_special_tokens is False:
         raise unsupported_param("add_special_tokens", "'add_special_tokens': false")
     if (data.prompt is None) == (data.messages is None):
         raise invalid_request("Give exactly one of 'prompt' and 'messages'.", "prompt")
-    tokens = await prepared(request, lambda: _tokens(local, data, state.settings.max_messages))
+    settings = state.settings
+    tokens = await prepared(request, lambda: _tokens(local, data, settings.max_messages, settings.tool_call_parser))
     return TokenizeResponse(count=len(tokens), max_model_len=local.info.max_model_len, tokens=tokens)
 
 
-def _tokens(local: Engine | Embedder, data: TokenizeRequest, max_messages: int) -> list[int]:
+def _tokens(local: Engine | Embedder, data: TokenizeRequest, max_messages: int, tool_parser: str) -> list[int]:
     if data.prompt is not None:
         check_prompt_bytes(local, utf8_length(data.prompt), None, "prompt")
         return local.tokenizer.encode(data.prompt)
@@ -82,7 +84,7 @@ def _tokens(local: Engine | Embedder, data: TokenizeRequest, max_messages: int) 
         add_generation_prompt=data.add_generation_prompt,
         chat_template_kwargs=data.chat_template_kwargs,
     )
-    return chat.render(local, req, max_messages=max_messages)[1]
+    return chat.render(local, req, max_messages=max_messages, tool_parser=tool_parser)[1]
 
 
 @post(
@@ -96,23 +98,22 @@ def _tokens(local: Engine | Embedder, data: TokenizeRequest, max_messages: int) 
 )
 async def detokenize(request: Request[Any, Any, Any], data: JSONBody[DetokenizeRequest]) -> DetokenizeResponse:
     state = app_state(request.app)
-    local = _local(state.models.resolve(data.model)[1], state)
+    local = _local(*state.models.resolve(data.model), state.models)
     tokenizer = local.tokenizer
     check_token_ids(data.tokens, 0, 1, tokenizer.vocab_size, "tokens")
     return DetokenizeResponse(prompt=await prepared(request, lambda: tokenizer.decode(data.tokens)))
 
 
-def _local(backend: Engine | Embedder | Upstream, state: Any) -> Engine | Embedder:
-    """The in-process model (its tokenizer is here), ready; 400 for a remote one."""
+def _local(name: str, backend: Engine | Embedder | Upstream, models: ServedModels) -> Engine | Embedder:
+    """The in-process model (its tokenizer is here), ready; 400 for a remote one, 503 while it is not ready.
+
+    Its kind comes from the registry: ``isinstance`` against the ``Embedder`` protocol reads every property, and an
+    embedder's raise until it has loaded."""
     if isinstance(backend, Upstream):
-        raise invalid_request(
-            f"The model '{backend.entry.name}' is remote: its tokenizer is not on this server.", "model"
-        )
-    models = state.models
-    if isinstance(backend, Embedder):
-        name = next(n for n, e in models.embedders.items() if e is backend)
-        return models.ready_embedder(name, backend)  # type: ignore[no-any-return]
-    return models.ready_engine(backend)  # type: ignore[no-any-return]
+        raise invalid_request(f"The model '{name}' is remote: its tokenizer is not on this server.", "model")
+    if name in models.embedders:
+        return models.ready_embedder(name, backend)
+    return models.ready_engine(backend)
 
 
 EMBEDDING_HANDLERS = [create_embeddings, tokenize, detokenize]

@@ -128,6 +128,8 @@ class EmbedPlan:
             vectors = await self.embedder.embed(self.inputs)
         except EngineOverloaded:
             raise overloaded() from None
+        except ValueError as exc:  # the model's own bounds, past the tokenizer's (an id with no embedding row)
+            raise invalid_request(f"The input cannot be embedded: {exc}.", "input") from None
         except EngineError as exc:
             raise OpenAIError(500, "server_error", f"The embedding model failed: {exc}", code="model_error") from exc
         self.last_token_at = time.perf_counter()

@@ -59,6 +59,7 @@ class FakeEmbedder:
         dimensions: Length of each vector.
         max_model_len: Most tokens per input (``[CLS]`` and ``[SEP]`` included).
         truncatable: Whether it claims Matryoshka-trained vectors.
+        normalized: Whether its vectors are unit length; when false each is :func:`fake_vector` doubled.
         max_queue_size: Inputs allowed to wait; beyond it ``embed`` raises :class:`EngineOverloaded`.
         max_batch_size: Most inputs per batch.
         delay_s: How long each batch "runs" (lets concurrent calls queue behind it).
@@ -74,6 +75,7 @@ class FakeEmbedder:
         dimensions: int = 8,
         max_model_len: int = 512,
         truncatable: bool = False,
+        normalized: bool = True,
         max_queue_size: int = 64,
         max_batch_size: int = 32,
         delay_s: float = 0.0,
@@ -82,6 +84,7 @@ class FakeEmbedder:
         self._name = served_model_name
         self._dimensions = dimensions
         self._truncatable = truncatable
+        self._normalized = normalized
         self._max_queue_size = max_queue_size
         self._max_batch_size = max_batch_size
         self._info = ModelInfo(
@@ -115,7 +118,7 @@ class FakeEmbedder:
 
     @property
     def normalized(self) -> bool:
-        return True
+        return self._normalized
 
     @property
     def truncatable(self) -> bool:
@@ -175,7 +178,12 @@ class FakeEmbedder:
         waiting = [_Waiting(list(ids), loop.create_future()) for ids in inputs]
         self._queue.extend(waiting)
         self._wake.set()
-        return list(await asyncio.gather(*(w.future for w in waiting)))
+        try:
+            return list(await asyncio.gather(*(w.future for w in waiting)))
+        except asyncio.CancelledError:  # as the real embedder: a cancelled call's inputs leave the queue
+            mine = {id(w) for w in waiting}
+            self._queue = [w for w in self._queue if id(w) not in mine]
+            raise
 
     async def _batcher(self) -> None:
         assert self._wake is not None
@@ -200,6 +208,10 @@ class FakeEmbedder:
                 if self.fail:
                     w.future.set_exception(EngineError("injected embedding failure"))
                 else:
-                    w.future.set_result(fake_vector(w.token_ids, self._dimensions))
+                    w.future.set_result(self._vector(w.token_ids))
         finally:
             self._current = []
+
+    def _vector(self, token_ids: list[int]) -> array[float]:
+        vector = fake_vector(token_ids, self._dimensions)
+        return vector if self._normalized else array("f", (2 * x for x in vector))

@@ -189,3 +189,57 @@ def test_json_schema_output_parses_and_obeys_the_schema(http: TestClient[Litesta
     assert choice["finish_reason"] == "stop"
     value = json.loads(choice["message"]["content"])
     assert set(value) == {"city"} and isinstance(value["city"], str) and len(value["city"]) <= 12
+
+
+# ---- /tokenize and /detokenize on the real tokenizer ------------------------------------------------------------
+
+MULTILINGUAL = "Grüße aus Zürich! 東京は晴れ。Привет, мир. مرحبا بالعالم 👋🏽🚀 naïve café ; x ,y"
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_tokenize_round_trips_multilingual_text_with_emoji(http: TestClient[Litestar], hf_tokenizer: Any) -> None:
+    counted = http.post("/tokenize", json={"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": MULTILINGUAL}).json()
+    assert counted["tokens"] == hf_tokenizer.encode(MULTILINGUAL)
+    assert counted["count"] == len(counted["tokens"]) and counted["max_model_len"] == 8192
+    back = http.post("/detokenize", json={"model": "SmolLM2-135M-Instruct.Q4_1", "tokens": counted["tokens"]})
+    assert back.json() == {"prompt": MULTILINGUAL}
+    body = {"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": MULTILINGUAL, "max_tokens": 1}
+    billed = http.post("/v1/completions", json=body).json()
+    assert billed["usage"]["prompt_tokens"] == counted["count"]
+
+
+def test_tokenize_messages_counts_what_chat_bills(http: TestClient[Litestar], hf_tokenizer: Any) -> None:
+    conversations = [
+        [
+            {"role": "system", "content": "You answer briefly."},
+            {"role": "user", "content": "What is the weather in Zürich? 🌦"},
+        ],
+        [  # no system message: the template adds its own
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Name a colour."},
+        ],
+    ]
+    for messages in conversations:
+        counted = http.post("/tokenize", json={"model": "SmolLM2-135M-Instruct.Q4_1", "messages": messages}).json()
+        assert counted["max_model_len"] == 8192 and counted["count"] == len(counted["tokens"])
+        assert counted["tokens"] == template_ids(hf_tokenizer, messages)
+        assert chat(http, messages, max_tokens=1)["usage"]["prompt_tokens"] == counted["count"]
+
+
+def test_tokenize_refuses_tools_as_chat_does(http: TestClient[Litestar]) -> None:
+    """SmolLM2's template shows no tool-call format (and no tool-call parser is set): chat and ``/tokenize`` give the
+    same 400 for ``tools``."""
+    body = {"model": "SmolLM2-135M-Instruct.Q4_1", "messages": FRANCE, "tools": [WEATHER_TOOL], "max_tokens": 1}
+    billed = http.post("/v1/chat/completions", json=body)
+    counted = http.post("/tokenize", json={k: v for k, v in body.items() if k != "max_tokens"})
+    assert billed.status_code == counted.status_code == 400
+    assert billed.json()["error"] == counted.json()["error"]
+    assert counted.json()["error"]["param"] == "tools"

