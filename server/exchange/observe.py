@@ -45,5 +45,5 @@ def log_outcome(record: RequestRecord, outcome: Outcome, *, cached: bool, ok: bo
         cached=cached,
         finish_reasons=outcome.finish_reasons,
         ok=ok,
-        output_text="\n".join(outcome.texts) if store_text else None,
+        output_text="\n".join(outcome.texts) if store_text and outcome.texts else None,  # embeddings: none
     )

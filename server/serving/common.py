@@ -77,7 +77,8 @@ def check_prompt_bytes(engine: Engine | Embedder, nbytes: int, requested: int | 
             400,
             "invalid_request_error",
             f"This model's maximum context length is {window} tokens. However, your prompt is {nbytes} bytes long, "
-            f"which is at least {at_least} tokens. Please reduce the length of the messages or completion.",
+            f"which is at least {at_least} tokens. Please reduce the length of the "
+            + ("input." if param.startswith("input") else "messages or completion."),
             param=param,
             code="context_length_exceeded",
         )

@@ -438,7 +438,7 @@ def test_request_log_rows(settings: Settings, api_key: str, store_prompts: bool)
     assert all(r["method"] == "POST" and r["key_id"].startswith("key_") and r["latency_ms"] > 0 for r in rows)
     if store_prompts:
         assert rows[0]["prompt_text"] == "secret one\nsecret two" and rows[1]["prompt_text"] == "hi"
-        assert not rows[0]["output_text"]  # vectors are not text
+        assert rows[0]["output_text"] is None  # vectors are not text
     else:
         assert all(r["prompt_text"] is None and r["output_text"] is None for r in rows)
 
