@@ -34,15 +34,7 @@ def build_engine(settings: Settings) -> Engine | Embedder:
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
-        load=LoadOptions(
-            revision=settings.revision,
-            tokenizer=settings.tokenizer,
-            trust_remote_code=settings.trust_remote_code,
-            chat_template=settings.chat_template,
-            gguf_file=settings.gguf_file,
-            # tqdm's carriage-return bars would break one JSON object per line.
-            progress_bars=settings.log_format == "console",
-        ),
+        load=_load_options(settings, chat_template=settings.chat_template, gguf_file=settings.gguf_file),
     )
 
 
@@ -60,10 +52,19 @@ def _build_embedder(settings: Settings) -> Embedder:
         max_batch_tokens=settings.max_batch_tokens,
         pooling=settings.pooling,
         normalize=settings.normalize,
-        load=LoadOptions(
-            revision=settings.revision,
-            tokenizer=settings.tokenizer,
-            trust_remote_code=settings.trust_remote_code,
-            progress_bars=settings.log_format == "console",
-        ),
+        load=_load_options(settings),
+    )
+
+
+def _load_options(settings: Settings, *, chat_template: str | None = None, gguf_file: str | None = None) -> LoadOptions:
+    """What to load beyond the model's id: its revision, tokenizer and trust, and for a generation model its chat
+    template and GGUF file."""
+    return LoadOptions(
+        revision=settings.revision,
+        tokenizer=settings.tokenizer,
+        trust_remote_code=settings.trust_remote_code,
+        chat_template=chat_template,
+        gguf_file=gguf_file,
+        # tqdm's carriage-return bars would break one JSON object per line.
+        progress_bars=settings.log_format == "console",
     )
