@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+import itertools
 import json
 import os
 import re
@@ -298,3 +300,141 @@ def test_docker_compose_accepts_both_profiles() -> None:
             [*argv, "config", "-q"], env=env | extra, capture_output=True, text=True, timeout=60, check=False
         )
         assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _instructions(text: str) -> list[tuple[str, str]]:
+    """The Containerfile as (INSTRUCTION, arguments) pairs: continuation lines joined, a heredoc's body appended."""
+    out: list[tuple[str, str]] = []
+    lines = iter(text.splitlines())
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        while line.endswith("\\"):
+            line = line[:-1] + " " + next(lines).strip()
+        heredoc = re.search(r"<<-?'?(\w+)'?\s*$", line)
+        if heredoc:
+            body = []
+            for body_line in lines:
+                if body_line == heredoc.group(1):
+                    break
+                body.append(body_line)
+            line = line + "\n" + "\n".join(body)
+        keyword, _, args = line.strip().partition(" ")
+        out.append((keyword.upper(), args))
+    return out
+
+
+def _stages() -> dict[str, list[tuple[str, str]]]:
+    stages: dict[str, list[tuple[str, str]]] = {}
+    for keyword, args in _instructions((ROOT / "Containerfile").read_text()):
+        if keyword == "FROM":
+            current = stages.setdefault(args.split()[-1], [])
+        elif stages:
+            current.append((keyword, args))
+    return stages
+
+
+def _copy_sources(args: str) -> list[str]:
+    words = [w for w in args.split() if not w.startswith("--")]
+    return words[:-1]
+
+
+def _dockerignored(path: str) -> bool:
+    """Whether the .dockerignore patterns (no negations used) keep ``path`` out of the build context."""
+    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()]
+    patterns = [p for p in patterns if p and not p.startswith("#")]
+    assert not any(p.startswith("!") for p in patterns), "a negated pattern would need a real matcher here"
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pattern in patterns:
+        anywhere = pattern.startswith("**/")
+        pattern = pattern.removeprefix("**/")
+        candidates = ["/".join(parts[i : j + 1]) for i in range(len(parts)) for j in range(i, len(parts))]
+        if any(fnmatch.fnmatchcase(c, pattern) for c in (candidates if anywhere else prefixes)):
+            return True
+    return False
+
+
+def test_dockerignore_keeps_local_state_and_secrets_out_of_the_build_context() -> None:
+    for path in (".venv", ".venv/bin/python", ".git", ".git/config", ".llm-server", ".llm-server/key_pepper",
+                 ".env", "server/__pycache__/app.cpython-311.pyc", "tests/unit/test_cli.py", ".pytest_cache",
+                 ".mypy_cache", ".ruff_cache", ".coverage", "htmlcov/index.html"):  # fmt: skip
+        assert _dockerignored(path), f"{path} would be sent to the docker daemon"
+    # What the Containerfile copies from the context is still there.
+    copied = [s for stage in _stages().values() for kw, args in stage if kw == "COPY" and "--from" not in args
+              for s in _copy_sources(args)]  # fmt: skip
+    assert {"pyproject.toml", "uv.lock", "README.md", "server"} <= set(copied)
+    for source in copied:
+        assert (ROOT / source).exists() and not _dockerignored(source), source
+    assert not _dockerignored("server/app.py") and not _dockerignored("migrations/env.py")
+
+
+def test_dependency_layer_depends_only_on_the_lock_and_project_metadata() -> None:
+    builder = _stages()["builder"]
+    first_sync = next(i for i, (kw, args) in enumerate(builder) if kw == "RUN" and "uv sync" in args)
+    copies = [_copy_sources(args) for kw, args in builder[:first_sync] if kw == "COPY"]
+    assert sorted(s for c in copies for s in c) == ["pyproject.toml", "uv.lock"]
+    dependency_run = builder[first_sync][1]
+    assert "--mount=type=cache,target=/root/.cache/uv" in dependency_run
+    for sync in re.findall(r"uv sync [^\n]*", dependency_run):
+        assert "--frozen" in sync and "--no-dev" in sync and "--no-install-project" in sync, sync
+    # The project's own install (which reads README.md through hatchling) comes after its sources.
+    later = builder[first_sync + 1 :]
+    copied_later = {s for kw, args in later if kw == "COPY" for s in _copy_sources(args)}
+    assert {"README.md", "server", "schemas", "persistence", "migrations", "clients"} <= copied_later
+    project_sync = next(args for kw, args in later if kw == "RUN" and "uv sync" in args)
+    assert "--mount=type=cache,target=/root/.cache/uv" in project_sync and "--no-install-project" not in project_sync
+
+
+def test_cpu_torch_build_argument_is_declared_documented_and_used() -> None:
+    containerfile = (ROOT / "Containerfile").read_text()
+    builder = _stages()["builder"]
+    assert ("ARG", 'TORCH_INDEX=""') in builder, "empty by default: torch as locked"
+    assert "--build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu" in containerfile
+    dependency_run = next(args for kw, args in builder if kw == "RUN" and "uv sync" in args)
+    assert '--index "$TORCH_INDEX"' in dependency_run
+
+
+def test_runtime_user_cannot_write_the_code_or_the_venv() -> None:
+    runtime = _stages()["runtime"]
+    users = [args for kw, args in runtime if kw == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    for kw, args in runtime:
+        if kw == "COPY":
+            assert "--chown" not in args and "--chmod" not in args, args  # root-owned, read-only to the user
+        if kw == "RUN":
+            for chowned in re.findall(r"\bch(?:own|mod)\b[^&;\n]*", args):
+                assert chowned.split()[-1] == "/data", chowned
+    run = " ".join(args for kw, args in runtime if kw == "RUN")
+    assert re.search(r"chown \S+ /data\b", run), "the runtime user writes /data"
+    env = " ".join(args for kw, args in runtime if kw == "ENV")
+    assert "LLM_SERVER_DATA_DIR=/data" in env and "HF_HOME=/data/" in env
+
+
+def _compose_header() -> str:
+    lines = (DEPLOY / "compose.yaml").read_text().splitlines()
+    return "\n".join(line for line in itertools.takewhile(lambda line: line.startswith("#"), lines))
+
+
+def test_compose_header_lists_every_variable_it_uses() -> None:
+    used = _env_names(json.dumps(load_compose()))
+    assert {"POSTGRES_PASSWORD", "LLM_SERVER_KEY_PEPPER", "GRAFANA_ADMIN_PASSWORD", "LLM_SERVER_MODEL"} <= used
+    header = _compose_header()
+    listed = set(re.findall(r"^#   ([A-Z][A-Z0-9_]+)  ", header, re.M))
+    assert listed == used, f"listed but unused: {listed - used}; used but not listed: {used - listed}"
+    # Choosing the model, and the secrets made on the spot for a first start.
+    assert re.search(r"^#\s+LLM_SERVER_MODEL=\S+ docker compose -f deploy/compose.yaml up", header, re.M)
+    for secret in ("POSTGRES_PASSWORD", "LLM_SERVER_KEY_PEPPER", "GRAFANA_ADMIN_PASSWORD"):
+        assert f"{secret}=$(openssl rand -hex" in header, secret
+
+
+def test_compose_gpu_reservation_example_is_valid_once_uncommented() -> None:
+    text = (DEPLOY / "compose.yaml").read_text()
+    block = re.search(r"^    # deploy:\n(?:    #  .*\n)+", text, re.M)
+    assert block is not None, "no commented GPU reservation example under a service"
+    uncommented = text.replace(block.group(0), re.sub(r"^    # ", "    ", block.group(0), flags=re.M))
+    compose = yaml.safe_load(uncommented)
+    services = [name for name, svc in compose["services"].items() if "deploy" in svc]
+    assert services == ["api"]
+    (device,) = compose["services"]["api"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
