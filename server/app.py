@@ -23,6 +23,7 @@ from server.api.admin import admin_handlers
 from server.api.apidoc import KEY_SECURITY, SECURITY_SCHEMES, StructBoundsPlugin
 from server.api.common import read_timeout_middleware, strict_body
 from server.api.context import context_of, request_id_of
+from server.api.docs import DOCS_HANDLERS
 from server.api.embeddings import EMBEDDING_HANDLERS
 from server.api.exceptions import handle_exception
 from server.api.gate import PREPARE_THREADS, screen
@@ -105,7 +106,7 @@ def create_app(
     )
     cors = CORSConfig(allow_origins=settings.cors_origins) if settings.cors_origins else None
     return Litestar(
-        route_handlers=[health, readyz, metrics, v1, *admin_handlers()],
+        route_handlers=[health, readyz, metrics, v1, *admin_handlers(), *DOCS_HANDLERS],
         dependencies={
             "models": Provide(lambda: state.models, sync_to_thread=False),
             "metrics": Provide(lambda: state.metrics, sync_to_thread=False),
