@@ -18,6 +18,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components
 from litestar.types import Message, Scope
 
+from server import tracing
 from server.api.access import count_response, timing_middleware
 from server.api.admin import admin_handlers
 from server.api.apidoc import KEY_SECURITY, SECURITY_SCHEMES, StructBoundsPlugin
@@ -63,6 +64,7 @@ def create_app(
         models: Every served model (local engines and remote upstreams), instead of ``engine``.
     """
     settings = settings or load_settings()
+    tracing.configure()
     if models is None:
         if engine is None:
             models = build_models(settings)
