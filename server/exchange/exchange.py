@@ -135,7 +135,7 @@ class Exchange:
             outcome = await self._settle(work, ticket, record, key[0] if key else None, ok=work.finished and not failed)
             estimated = outcome.usage_estimated
             if span is not None:
-                trace_outcome(span, work, outcome)
+                trace_outcome(span, work, outcome, record.error_type if record is not None else None)
 
         settle = Settlement(finish, self.lifecycle, handle)
         try:

@@ -4,7 +4,7 @@ while tracing is on, the GenAI attributes and child spans of its request span.""
 from __future__ import annotations
 
 from opentelemetry import trace
-from opentelemetry.trace import Span
+from opentelemetry.trace import Span, Status, StatusCode
 
 from server import tracing
 from server.exchange.work import Work
@@ -73,11 +73,15 @@ def trace_request(work: Work) -> Span:
     return span
 
 
-def trace_outcome(span: Span, work: Work, outcome: Outcome) -> None:
+def trace_outcome(span: Span, work: Work, outcome: Outcome, error_type: str | None = None) -> None:
     """On the request ``span``: usage, finish reasons, the first-token event, and a ``queue`` and a ``generation``
-    child span for each run that reached a model, timed from the run's own clock readings. Never any text."""
+    child span for each run that reached a model, timed from the run's own clock readings; ``error_type`` (the
+    error a stream ended with, after its 200) marks it failed. Never any text."""
     if not span.is_recording() or tracing.TRACER is None:
         return
+    if error_type is not None:
+        span.set_attribute("error.type", error_type)
+        span.set_status(Status(StatusCode.ERROR))
     span.set_attribute("gen_ai.response.model", work.model)
     if isinstance(work, Plan):
         span.set_attribute("gen_ai.response.id", work.id)

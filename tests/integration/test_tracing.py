@@ -15,11 +15,14 @@ from litestar.testing import TestClient
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from server import tracing
+from server.app import create_app
 from server.engine.fake import FakeEngine
 from server.exchange.observe import FIRST_TOKEN_EVENT
 from server.settings import Settings
+from tests.fakes.embedders import FakeEmbedder
 from tests.fakes.replies import CHAT_STREAM, sse
 from tests.fakes.upstream import MSGS, MockUpstream, serving
 
@@ -199,3 +202,41 @@ def test_an_endpoint_turns_tracing_on_with_an_otlp_exporter_and_the_service_name
     finally:
         tracing.use_provider(None)
     assert tracing.TRACER is None
+
+
+def test_an_embeddings_request_is_an_embeddings_span(
+    spans: InMemorySpanExporter, settings: Settings, authed: Callable[[Any], Any]
+) -> None:
+    with authed(TestClient(create_app(settings, engine=FakeEmbedder()))) as http:
+        response = http.post("/v1/embeddings", json={"model": "fake-embed", "input": ["one", "two"]})
+        assert response.status_code == 200, response.text
+    named = by_name(spans.get_finished_spans())
+    request = named["POST /v1/embeddings"]
+    attributes = dict(request.attributes or {})
+    assert attributes["gen_ai.operation.name"] == "embeddings"
+    assert attributes["gen_ai.usage.input_tokens"] == response.json()["usage"]["prompt_tokens"]
+    assert "admission" in named
+
+
+def test_a_non_streamed_completion_is_a_text_completion_span(
+    spans: InMemorySpanExporter, make_app: Callable[..., Litestar], authed: Callable[[Any], Any]
+) -> None:
+    with authed(TestClient(make_app(FakeEngine(["a", "b"], served_model_name="fake")))) as http:
+        body = http.post("/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 2}).json()
+    request = by_name(spans.get_finished_spans())["POST /v1/completions"]
+    attributes = dict(request.attributes or {})
+    assert attributes["gen_ai.operation.name"] == "text_completion"
+    assert attributes["gen_ai.usage.output_tokens"] == body["usage"]["completion_tokens"]
+    assert attributes["gen_ai.response.finish_reasons"] == (body["choices"][0]["finish_reason"],)
+
+
+def test_a_stream_that_ends_with_an_error_frame_is_a_failed_span(
+    spans: InMemorySpanExporter, make_app: Callable[..., Litestar], authed: Callable[[Any], Any]
+) -> None:
+    with authed(TestClient(make_app(script=["a", "b", "c"], fail_after=2, served_model_name="fake"))) as http:
+        frames = stream_chat(http)
+        assert "error" in json.loads(frames[-1].removeprefix("data: "))
+    request = by_name(spans.get_finished_spans())["POST /v1/chat/completions"]
+    assert request.status.status_code is StatusCode.ERROR
+    assert (request.attributes or {})["error.type"] == "server_error"
+    assert (request.attributes or {})["http.response.status_code"] == 200
