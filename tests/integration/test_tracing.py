@@ -59,7 +59,8 @@ def stream_chat(http: TestClient[Litestar], **headers: str) -> list[str]:
 def show(finished: tuple[ReadableSpan, ...]) -> None:
     for s in sorted(finished, key=lambda s: s.start_time or 0):
         parent = f"{s.parent.span_id:016x}" if s.parent else None
-        print(f"\nspan {s.name!r} kind={s.kind.name} id={s.context.span_id:016x} parent={parent}")
+        took = ((s.end_time or 0) - (s.start_time or 0)) / 1e6
+        print(f"\nspan {s.name!r} kind={s.kind.name} id={s.context.span_id:016x} parent={parent} {took:.2f} ms")
         for key, value in (s.attributes or {}).items():
             print(f"  {key} = {value!r}")
         for event in s.events:
