@@ -18,11 +18,13 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components
 from litestar.types import Message, Scope
 
+from server import tracing
 from server.api.access import count_response, timing_middleware
 from server.api.admin import admin_handlers
 from server.api.apidoc import KEY_SECURITY, SECURITY_SCHEMES, StructBoundsPlugin
 from server.api.common import read_timeout_middleware, strict_body
 from server.api.context import context_of, request_id_of
+from server.api.docs import DOCS_HANDLERS
 from server.api.embeddings import EMBEDDING_HANDLERS
 from server.api.exceptions import handle_exception
 from server.api.gate import PREPARE_THREADS, screen
@@ -62,6 +64,7 @@ def create_app(
         models: Every served model (local engines and remote upstreams), instead of ``engine``.
     """
     settings = settings or load_settings()
+    tracing.configure()
     if models is None:
         if engine is None:
             models = build_models(settings)
@@ -105,7 +108,7 @@ def create_app(
     )
     cors = CORSConfig(allow_origins=settings.cors_origins) if settings.cors_origins else None
     return Litestar(
-        route_handlers=[health, readyz, metrics, v1, *admin_handlers()],
+        route_handlers=[health, readyz, metrics, v1, *admin_handlers(), *DOCS_HANDLERS],
         dependencies={
             "models": Provide(lambda: state.models, sync_to_thread=False),
             "metrics": Provide(lambda: state.metrics, sync_to_thread=False),

@@ -1,14 +1,15 @@
 """Every Prometheus metric (the names are a contract: dashboards use them), defined once per app on its own registry.
 
-Labels are bounded: route templates (``unmatched`` for anything unrouted), HTTP status classes, the served
-model name, role names, limit kinds, finish reasons and OpenAI error types — never a key, user or prompt.
+A fresh registry also carries the standard ``process_*`` and ``python_info`` metrics. Labels are bounded: route
+templates (``unmatched`` for anything unrouted), HTTP status classes, the served model name, role names, limit
+kinds, finish reasons and OpenAI error types — never a key, user or prompt.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 
 TTFT_BUCKETS = (
     0.01,
@@ -47,6 +48,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
+        if registry is None:  # the process's CPU, memory and file descriptors, and the Python version
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
         model = ["model_name"]
         self.requests_total = Counter(
             "llm_server_requests_total", "HTTP requests by route template, method and status class.",

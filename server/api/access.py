@@ -1,8 +1,9 @@
 """Where a request is observed: its request-log record, timing, the request metrics and the access log.
 
 :func:`timing_middleware` runs around every routed request: it opens the ``/v1`` request-log record, queues it when
-the response starts, observes the duration and writes the access log. :func:`count_response` counts every
-response, routed or not.
+the response starts, observes the duration and writes the access log; while tracing is on it also holds a generation
+request's span, current while the request runs and ended with its last body message (a stream's settlement).
+:func:`count_response` counts every response, routed or not.
 """
 
 from __future__ import annotations
@@ -13,13 +14,27 @@ from typing import Any
 
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from server import tracing
 from server.api.context import context_of, request_id_of
 from server.metrics import Metrics, status_class
 from server.records.record import RequestRecord
 from server.records.writer import BatchWriter
 
 access_log = logging.getLogger("server.access")
+
+OPERATIONS = {
+    "/v1/chat/completions": "chat",
+    "/v1/responses": "chat",
+    "/v1/completions": "text_completion",
+    "/v1/generate": "text_completion",
+    "/v1/stream": "text_completion",
+    "/v1/embeddings": "embeddings",
+}
+"""The GenAI operation of each traced route (``POST`` only): the generation routes."""
 
 
 def timing_middleware(metrics: Metrics, writer: BatchWriter) -> Any:
@@ -36,6 +51,31 @@ def timing_middleware(metrics: Metrics, writer: BatchWriter) -> Any:
             if scope["type"] != ScopeType.HTTP:
                 await app(scope, receive, send)
                 return
+            if tracing.TRACER is not None and (span := start_span(scope)) is not None:
+                await traced(span, scope, receive, send)
+                return
+            await observed(scope, receive, send)
+
+        async def traced(span: Span, scope: Scope, receive: Receive, send: Send) -> None:
+            status = 0
+
+            async def noted(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
+            token = otel_context.attach(trace.set_span_in_context(span))
+            try:
+                await observed(scope, receive, noted)
+            except BaseException as exc:
+                span.record_exception(exc)
+                raise
+            finally:
+                otel_context.detach(token)
+                end_span(span, status or 499)
+
+        async def observed(scope: Scope, receive: Receive, send: Send) -> None:
             started = time.perf_counter()
             status = 0
             record = open_record(scope)
@@ -61,6 +101,40 @@ def timing_middleware(metrics: Metrics, writer: BatchWriter) -> Any:
         return middleware
 
     return factory
+
+
+def start_span(scope: Scope) -> Span | None:
+    """The span of a generation request (``None`` for other routes): a server span, the child of the request's
+    ``traceparent`` when it has one."""
+    route = scope.get("path_template") or ""
+    operation = OPERATIONS.get(route)
+    if operation is None or scope.get("method") != "POST" or tracing.TRACER is None:
+        return None
+    carrier = {
+        k.decode("latin-1"): v.decode("latin-1")
+        for k, v in scope.get("headers", ())
+        if k in (b"traceparent", b"tracestate")
+    }
+    return tracing.TRACER.start_span(
+        f"POST {route}",
+        tracing.extract(carrier),
+        kind=SpanKind.SERVER,
+        attributes={
+            "http.request.method": "POST",
+            "http.route": route,
+            "url.path": scope["path"],
+            "gen_ai.operation.name": operation,
+            "llm_server.request_id": request_id_of(scope),
+        },
+    )
+
+
+def end_span(span: Span, status: int) -> None:
+    """End a request span with its HTTP status (an error status from 500 on, and for a failed stream)."""
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        span.set_status(Status(StatusCode.ERROR))
+    span.end()
 
 
 def open_record(scope: Scope) -> RequestRecord | None:

@@ -27,11 +27,12 @@ from typing import TypeVar
 
 import msgspec
 
+from server import tracing
 from server.admission.gateway import Gateway, Ticket
 from server.auth.principal import Principal
 from server.errors import OpenAIError
 from server.exchange.cache import CompletionCache, cache_key, encode_entry
-from server.exchange.observe import log_outcome, observe
+from server.exchange.observe import log_outcome, observe, trace_outcome, trace_request
 from server.exchange.shutdown import InFlight, Lifecycle, shutting_down
 from server.exchange.streams import Settlement, settled_events
 from server.exchange.work import Work
@@ -99,7 +100,10 @@ class Exchange:
             record.prompt_tokens = demand.tpm_prompt_tokens or demand.prompt_tokens
             if self.store_prompts:
                 record.prompt_text = work.prompt_text()
+        tracer = tracing.TRACER
+        span = trace_request(work) if tracer is not None else None
         handle = self.lifecycle.enter()
+        admission = tracer.start_span("admission") if tracer is not None else None
         try:
             ticket = await self.gateway.admit(
                 caller,
@@ -110,9 +114,14 @@ class Exchange:
                 sequences=demand.sequences,
                 rpm_tested=True,  # by the API's gate, before any work on the prompt
             )
-        except BaseException:
+        except BaseException as exc:
             self.lifecycle.leave(handle)
+            if admission is not None:
+                admission.record_exception(exc)
             raise
+        finally:
+            if admission is not None:
+                admission.end()
         headers = dict(ticket.headers)
         if admitted is not None:
             admitted(headers)
@@ -125,6 +134,8 @@ class Exchange:
             await work.close()
             outcome = await self._settle(work, ticket, record, key[0] if key else None, ok=work.finished and not failed)
             estimated = outcome.usage_estimated
+            if span is not None:
+                trace_outcome(span, work, outcome, record.error_type if record is not None else None)
 
         settle = Settlement(finish, self.lifecycle, handle)
         try:

@@ -1,10 +1,19 @@
-"""What a request that has ended leaves behind: token counters, finish reasons, latency histograms, its log row."""
+"""What a request that has ended leaves behind: token counters, finish reasons, latency histograms, its log row and,
+while tracing is on, the GenAI attributes and child spans of its request span."""
 
 from __future__ import annotations
 
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode
+
+from server import tracing
+from server.exchange.work import Work
 from server.metrics import Metrics
 from server.records.record import RequestRecord
-from server.serving.plan import Outcome
+from server.serving.plan import Outcome, Plan
+
+FIRST_TOKEN_EVENT = "gen_ai.first_token"
+"""The request span's event at the first generated token (the time to first token is its offset from the start)."""
 
 
 def observe(metrics: Metrics, model: str, outcome: Outcome) -> None:
@@ -47,3 +56,56 @@ def log_outcome(record: RequestRecord, outcome: Outcome, *, cached: bool, ok: bo
         ok=ok,
         output_text="\n".join(outcome.texts) if store_text and outcome.texts else None,  # embeddings: none
     )
+
+
+def trace_request(work: Work) -> Span:
+    """The current request span, given what the request asks for (model, max tokens, temperature, top p)."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return span
+    span.set_attribute("gen_ai.request.model", work.model)
+    if isinstance(work, Plan):
+        span.set_attribute("gen_ai.request.max_tokens", work.params.max_tokens)
+        span.set_attribute("gen_ai.request.temperature", work.params.temperature)
+        span.set_attribute("gen_ai.request.top_p", work.params.top_p)
+        if work.n != 1:
+            span.set_attribute("gen_ai.request.choice.count", work.n)
+    return span
+
+
+def trace_outcome(span: Span, work: Work, outcome: Outcome, error_type: str | None = None) -> None:
+    """On the request ``span``: usage, finish reasons, the first-token event, and a ``queue`` and a ``generation``
+    child span for each run that reached a model, timed from the run's own clock readings; ``error_type`` (the
+    error a stream ended with, after its 200) marks it failed. Never any text."""
+    if not span.is_recording() or tracing.TRACER is None:
+        return
+    if error_type is not None:
+        span.set_attribute("error.type", error_type)
+        span.set_status(Status(StatusCode.ERROR))
+    span.set_attribute("gen_ai.response.model", work.model)
+    if isinstance(work, Plan):
+        span.set_attribute("gen_ai.response.id", work.id)
+    span.set_attribute("gen_ai.usage.input_tokens", outcome.usage.prompt_tokens)
+    span.set_attribute("gen_ai.usage.output_tokens", outcome.usage.completion_tokens)
+    reasons = [r for r in outcome.finish_reasons if r is not None]
+    if reasons:
+        span.set_attribute("gen_ai.response.finish_reasons", reasons)
+    if work.cached:
+        span.set_attribute("llm_server.cache_hit", True)
+    firsts = [r.first_token_at for r in outcome.runs if r.first_token_at is not None]
+    if firsts:
+        span.add_event(FIRST_TOKEN_EVENT, timestamp=tracing.epoch_ns(min(firsts)))
+    context = trace.set_span_in_context(span)
+    for run in outcome.runs:
+        if run.admitted_at is None:
+            continue
+        started = run.started_at if run.started_at is not None else run.admitted_at
+        tracing.TRACER.start_span("queue", context, start_time=tracing.epoch_ns(run.admitted_at)).end(
+            tracing.epoch_ns(started)
+        )
+        if run.started_at is not None:
+            generation = tracing.TRACER.start_span("generation", context, start_time=tracing.epoch_ns(started))
+            if run.first_token_at is not None:
+                generation.add_event(FIRST_TOKEN_EVENT, timestamp=tracing.epoch_ns(run.first_token_at))
+            end = run.last_token_at
+            generation.end(tracing.epoch_ns(end) if end is not None else None)

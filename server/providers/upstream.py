@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from server import tracing
 from server.errors import OpenAIError, overloaded
 from server.models.file import RemoteModel
 
@@ -121,12 +122,12 @@ class Upstream:
             OpenAIError: 502/503/504 after the retries, 504 on a timeout, the upstream's 4xx in OpenAI shape.
         """
         body = msgspec.json.encode(payload)
+        headers = {"content-type": "application/json"}
+        tracing.inject(headers)  # the request span's traceparent, while tracing is on
         attempts = self.entry.retries + 1
         for attempt in range(attempts):
             last = attempt == attempts - 1
-            request = self._client.build_request(
-                "POST", path, content=body, headers={"content-type": "application/json"}
-            )
+            request = self._client.build_request("POST", path, content=body, headers=headers)
             try:
                 response = await self._client.send(request, stream=True)
             except RETRY_ERRORS as exc:
