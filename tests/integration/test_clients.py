@@ -34,9 +34,9 @@ def test_native_client(make_app: Callable[..., Litestar], authed: Callable[[Any]
 
 def test_example_scripts_run(make_app: Callable[..., Litestar], monkeypatch: pytest.MonkeyPatch, api_key: str) -> None:
     with live_server(make_app(script=["hi", " there"])) as base:
-        monkeypatch.setenv("LLM_SERVER_URL", base)
-        monkeypatch.setenv("LLM_SERVER_MODEL", "fake")
-        monkeypatch.setenv("LLM_SERVER_API_KEY", api_key)
+        monkeypatch.setenv("OPENAI_BASE_URL", base + "/v1")
+        monkeypatch.setenv("MODEL", "fake")
+        monkeypatch.setenv("OPENAI_API_KEY", api_key)
         from clients import langchain_chat, openai_sdk
 
         openai_sdk.main()
