@@ -44,3 +44,12 @@ def test_example_scripts_run(make_app: Callable[..., Litestar], monkeypatch: pyt
         out = subprocess.run(["bash", str(ROOT / "clients" / "curl.sh")], capture_output=True, text=True, check=True)
         assert '"content":"hi there"' in out.stdout
         assert "data: [DONE]" in out.stdout
+
+
+def test_examples_read_the_sdk_variables_not_the_servers() -> None:
+    """The examples are configured as the openai SDK is; ``LLM_SERVER_*`` variables configure the server."""
+    for path in [*(ROOT / "clients").glob("*.py"), ROOT / "clients" / "curl.sh"]:
+        text = path.read_text(encoding="utf-8")
+        assert "LLM_SERVER_" not in text, path.name
+    curl = (ROOT / "clients" / "curl.sh").read_text(encoding="utf-8")
+    assert "OPENAI_API_KEY" in curl and "OPENAI_BASE_URL" in curl and "${MODEL:-" in curl
