@@ -21,8 +21,8 @@ def shape(path: str) -> str:
     return re.sub(r"\{[^}]*\}", "{}", path)
 
 
-def served() -> set[tuple[str, str]]:
-    app = create_app(Settings(model="builtin:echo"))
+def served(data_dir: Path) -> set[tuple[str, str]]:
+    app = create_app(Settings(model="builtin:echo", data_dir=data_dir))
     return {
         (method, shape(route.path))
         for route in app.routes
@@ -38,8 +38,8 @@ def documented(text: str) -> set[tuple[str, str]]:
     return {(method, shape(path)) for row in rows for method, path in ROUTE.findall(row.split(" | ")[0])}
 
 
-def test_every_route_has_a_row_and_every_row_is_a_route() -> None:
-    assert documented(REFERENCE.read_text(encoding="utf-8")) == served()
+def test_every_route_has_a_row_and_every_row_is_a_route(tmp_path: Path) -> None:
+    assert documented(REFERENCE.read_text(encoding="utf-8")) == served(tmp_path)
 
 
 def test_a_row_names_each_method_and_path() -> None:
