@@ -1,6 +1,8 @@
 """The official openai SDK against a local llm-server: non-streaming and streaming chat.
 
-Run the server first (``uv run llm-server serve``), then ``uv run python -m clients.openai_sdk``.
+Run the server first (``uv run llm-server serve``), then ``uv run python -m clients.openai_sdk``. The SDK reads
+``OPENAI_API_KEY``; ``OPENAI_BASE_URL`` defaults to the local server and ``MODEL`` (the model to call) to
+``tiny-chat``.
 """
 
 from __future__ import annotations
@@ -11,11 +13,8 @@ from openai import OpenAI
 
 
 def main() -> None:
-    client = OpenAI(
-        base_url=os.environ.get("LLM_SERVER_URL", "http://127.0.0.1:8000") + "/v1",
-        api_key=os.environ.get("LLM_SERVER_API_KEY", "none"),
-    )
-    model = client.models.list().data[0].id
+    client = OpenAI(base_url=os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"))
+    model = os.environ.get("MODEL", "tiny-chat")
     reply = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=32, temperature=0
     )

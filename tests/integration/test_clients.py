@@ -34,9 +34,9 @@ def test_native_client(make_app: Callable[..., Litestar], authed: Callable[[Any]
 
 def test_example_scripts_run(make_app: Callable[..., Litestar], monkeypatch: pytest.MonkeyPatch, api_key: str) -> None:
     with live_server(make_app(script=["hi", " there"])) as base:
-        monkeypatch.setenv("LLM_SERVER_URL", base)
-        monkeypatch.setenv("LLM_SERVER_MODEL", "fake")
-        monkeypatch.setenv("LLM_SERVER_API_KEY", api_key)
+        monkeypatch.setenv("OPENAI_BASE_URL", base + "/v1")
+        monkeypatch.setenv("MODEL", "fake")
+        monkeypatch.setenv("OPENAI_API_KEY", api_key)
         from clients import langchain_chat, openai_sdk
 
         openai_sdk.main()
@@ -44,3 +44,12 @@ def test_example_scripts_run(make_app: Callable[..., Litestar], monkeypatch: pyt
         out = subprocess.run(["bash", str(ROOT / "clients" / "curl.sh")], capture_output=True, text=True, check=True)
         assert '"content":"hi there"' in out.stdout
         assert "data: [DONE]" in out.stdout
+
+
+def test_examples_read_the_sdk_variables_not_the_servers() -> None:
+    """The examples are configured as the openai SDK is; ``LLM_SERVER_*`` variables configure the server."""
+    for path in [*(ROOT / "clients").glob("*.py"), ROOT / "clients" / "curl.sh"]:
+        text = path.read_text(encoding="utf-8")
+        assert "LLM_SERVER_" not in text, path.name
+    curl = (ROOT / "clients" / "curl.sh").read_text(encoding="utf-8")
+    assert "OPENAI_API_KEY" in curl and "OPENAI_BASE_URL" in curl and "${MODEL:-" in curl
