@@ -71,7 +71,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     max_model_len: Annotated[int, Meta(ge=16)] | None = None
     """Context window used for validation; the model's own when unset."""
     data_dir: Path = Path(".llm-server")
-    """Local state: the built-in demo model (and, later, the SQLite file and generated secrets)."""
+    """Local state: the built-in demo model, the SQLite database and the generated key pepper."""
     max_batch_size: Annotated[int, Meta(ge=1)] = 32
     """Most sequences decoded together."""
     max_queue_size: Annotated[int, Meta(ge=1)] = 256

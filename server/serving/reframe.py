@@ -1,4 +1,4 @@
-"""Upstream answers re-framed into this server's exact wire format (the stream format the README documents).
+"""Upstream answers re-framed into this server's exact wire format (the stream format docs/REFERENCE.md documents).
 
 Whatever the upstream's stream looks like (a role chunk or none, empty deltas, usage inside the last chunk or
 after it), the client sees our ids, our ``created`` and our model name; one role chunk per choice first, then
