@@ -84,7 +84,7 @@ def test_the_clients_extra_is_needed_and_also_in_dev() -> None:
     # The extra's packages are what the examples import beyond the runtime (none is dead weight), and the tests
     # that run the examples find them in the dev group.
     examples = sorted((ROOT / "clients").glob("*.py"))
-    assert set(_undeclared(examples, RUNTIME)) == {"openai", "langchain_openai", "pydantic"}
+    assert set(_undeclared(examples, RUNTIME)) == {"openai", "langchain_openai"}
     assert EXTRAS["clients"] <= DEV
 
 
