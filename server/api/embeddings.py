@@ -7,7 +7,6 @@ from typing import Any
 from litestar import Request, post
 from litestar.params import JSONBody
 
-from schemas.openai.chat import ChatCompletionRequest
 from schemas.openai.embeddings import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -23,9 +22,9 @@ from server.api.generation import respond
 from server.engine.base import Embedder, Engine
 from server.errors import invalid_request, unsupported_param
 from server.providers.upstream import Upstream
-from server.serving import chat, embeddings
+from server.serving import embeddings
 from server.serving.checks import check_token_ids
-from server.serving.common import check_prompt_bytes, utf8_length
+from server.serving.tokenize import token_ids
 from server.wiring.models import ServedModels
 from server.wiring.state import app_state
 
@@ -61,30 +60,20 @@ async def tokenize(request: Request[Any, Any, Any], data: JSONBody[TokenizeReque
     """``prompt``: its ids as a completion counts them; ``messages``: the chat prompt's ids, exactly what a chat
     request's ``usage.prompt_tokens`` counts (the same template, tools and ``chat_template_kwargs``)."""
     state = app_state(request.app)
-    local = _local(*state.models.resolve(data.model), state.models)
+    name, backend = state.models.resolve(data.model)
+    local = _local(name, backend, state.models)
     if data.add_special_tokens is False:
         raise unsupported_param("add_special_tokens", "'add_special_tokens': false")
     if (data.prompt is None) == (data.messages is None):
         raise invalid_request("Give exactly one of 'prompt' and 'messages'.", "prompt")
-    settings = state.settings
-    tokens = await prepared(request, lambda: _tokens(local, data, settings.max_messages, settings.tool_call_parser))
-    return TokenizeResponse(count=len(tokens), max_model_len=local.info.max_model_len, tokens=tokens)
-
-
-def _tokens(local: Engine | Embedder, data: TokenizeRequest, max_messages: int, tool_parser: str) -> list[int]:
-    if data.prompt is not None:
-        check_prompt_bytes(local, utf8_length(data.prompt), None, "prompt")
-        return local.tokenizer.encode(data.prompt)
-    if isinstance(local, Embedder):
-        raise invalid_request("An embedding model renders no chat messages; tokenize a 'prompt'.", "messages")
-    req = ChatCompletionRequest(
-        messages=data.messages or [],
-        model=local.name,
-        tools=data.tools,
-        add_generation_prompt=data.add_generation_prompt,
-        chat_template_kwargs=data.chat_template_kwargs,
+    settings, embeds = state.settings, name in state.models.embedders
+    tokens = await prepared(
+        request,
+        lambda: token_ids(
+            local, data, embeds=embeds, max_messages=settings.max_messages, tool_parser=settings.tool_call_parser
+        ),
     )
-    return chat.render(local, req, max_messages=max_messages, tool_parser=tool_parser)[1]
+    return TokenizeResponse(count=len(tokens), max_model_len=local.info.max_model_len, tokens=tokens)
 
 
 @post(
