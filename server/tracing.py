@@ -89,9 +89,10 @@ def inject(headers: MutableMapping[str, str]) -> None:
         propagate.inject(headers)
 
 
-_EPOCH_OFFSET_NS = time.time_ns() - time.perf_counter_ns()
-
-
 def epoch_ns(perf_counter_s: float) -> int:
-    """A ``time.perf_counter()`` reading as nanoseconds since the epoch, for a span's start, end or event time."""
-    return int(perf_counter_s * 1e9) + _EPOCH_OFFSET_NS
+    """A ``time.perf_counter()`` reading as nanoseconds since the epoch, for a span's start, end or event time.
+
+    The offset between the two clocks is taken now, not once at import: the wall clock may be stepped (NTP) while
+    the server runs, and spans timed by the SDK's own ``time_ns()`` must stay on the same footing as these.
+    """
+    return time.time_ns() - time.perf_counter_ns() + int(perf_counter_s * 1e9)

@@ -241,3 +241,17 @@ def test_a_stream_that_ends_with_an_error_frame_is_a_failed_span(
     assert request.status.status_code is StatusCode.ERROR
     assert (request.attributes or {})["error.type"] == "server_error"
     assert (request.attributes or {})["http.response.status_code"] == 200
+
+
+def test_span_times_follow_a_stepped_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A perf_counter reading converts with the clocks' offset at that moment, so an NTP step mid-run moves the
+    gateway's child spans with the SDK's own ``time_ns()`` timestamps instead of leaving them seconds apart."""
+    import time
+
+    real = time.time_ns
+    start = time.perf_counter()
+    before = tracing.epoch_ns(start)
+    monkeypatch.setattr(time, "time_ns", lambda: real() + 1_400_000_000)
+    after = tracing.epoch_ns(start)
+    assert 1_390_000_000 <= after - before <= 1_410_000_000
+    assert abs(time.time_ns() - tracing.epoch_ns(time.perf_counter())) < 50_000_000
