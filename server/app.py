@@ -80,6 +80,7 @@ def create_app(
         the_services.metrics,
         lifecycle,
         store_prompts=settings.store_prompts,
+        prefix_cache_scope=settings.prefix_cache_scope,
     )
     state = AppState(
         settings=settings,

@@ -7,9 +7,12 @@ kinds, finish reasons and OpenAI error types — never a key, user or prompt.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 TTFT_BUCKETS = (
     0.01,
@@ -109,7 +112,64 @@ class Metrics:
             buckets=QUEUE_BUCKETS, registry=r,
         )  # fmt: skip
 
+        self.kv = KVCollector(registry=r)
+        """The prefix cache, KV usage and preemptions of engines that report them."""
+
     def watch_engine(self, model_name: str, running: Callable[[], float], waiting: Callable[[], float]) -> None:
         """Read the running/waiting gauges from the engine at scrape time (always exact, back to 0 when idle)."""
         self.num_requests_running.labels(model_name).set_function(running)
         self.num_requests_waiting.labels(model_name).set_function(waiting)
+
+
+class KVStats(Protocol):
+    """What an engine reports about its KV memory (the engine's ``EngineStats``)."""
+
+    @property
+    def prefix_cache_queries(self) -> int: ...
+    @property
+    def prefix_cache_hits(self) -> int: ...
+    @property
+    def prefix_cache_bytes(self) -> int: ...
+    @property
+    def kv_usage(self) -> float: ...
+    @property
+    def preemptions(self) -> int: ...
+
+
+# name, type, help, the KVStats field it reads
+KV_METRICS = (
+    ("llm_server_prefix_cache_queries", "counter", "Prompt tokens looked up in the prefix cache.",
+     "prefix_cache_queries"),
+    ("llm_server_prefix_cache_hits", "counter", "Prompt tokens found in the prefix cache (not computed again).",
+     "prefix_cache_hits"),
+    ("llm_server_prefix_cache_memory_bytes", "gauge", "Memory the prefix cache holds.", "prefix_cache_bytes"),
+    ("llm_server_kv_cache_usage_ratio", "gauge", "KV slots of the running batch over its budget (MAX_BATCH_TOKENS).",
+     "kv_usage"),
+    ("llm_server_preemptions", "counter", "Running requests evicted to fit the KV budget, to be computed again.",
+     "preemptions"),
+)  # fmt: skip
+
+
+class KVCollector(Collector):
+    """The :data:`KV_METRICS` of every watched engine, read from it at scrape time (so always exact)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._readers: dict[str, Callable[[], KVStats]] = {}
+        registry.register(self)
+
+    def watch(self, model_name: str, read: Callable[[], KVStats]) -> None:
+        self._readers[model_name] = read
+
+    def describe(self) -> list[Metric]:
+        return list(self._families({}))
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families({name: read() for name, read in list(self._readers.items())})
+
+    @staticmethod
+    def _families(stats: dict[str, KVStats]) -> Iterator[Metric]:
+        for name, kind, doc, field in KV_METRICS:
+            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, doc, labels=["model_name"])
+            for model, values in stats.items():
+                family.add_metric([model], float(getattr(values, field)))
+            yield family

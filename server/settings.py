@@ -86,6 +86,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     prefill_chunk_tokens: Annotated[int, Meta(ge=16)] = 256
     """Most prompt tokens prefilled per engine step: a running stream waits at most one such chunk plus one decode
     step between tokens (measured on a 2-core CPU with the 0.5B model: ~2.4 s at 256 in float32, ~1.3 s at 64)."""
+    prefix_cache_mb: Annotated[int, Meta(ge=0)] = 1024
+    """Memory (MiB, on the model's device) that automatic prefix caching may hold: the KV of recent prompts, in blocks
+    of 16 tokens, least recently used out first; a prompt that starts like an earlier one (a system prompt, the earlier
+    turns of a conversation) is prefilled only from where they differ. 0 turns it off."""
+    prefix_cache_scope: Literal["key", "role", "global"] = "key"
+    """Who shares cached prefixes: ``key`` (each API key its own, so no tenant can learn another's prompts from
+    ``cached_tokens`` or timing), ``role`` (the keys of one role), or ``global`` (every caller)."""
     request_max_body_size: Annotated[int, Meta(ge=1024)] = 10_000_000
     """Largest request body in bytes; larger ones get 413."""
     log_format: Literal["console", "json"] = "console"

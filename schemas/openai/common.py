@@ -41,13 +41,26 @@ class CompletionTokensDetails(msgspec.Struct, kw_only=True):
     reasoning_tokens: int
 
 
+class PromptTokensDetails(msgspec.Struct, kw_only=True):
+    """A breakdown of ``prompt_tokens``.
+
+    Attributes:
+        cached_tokens: Prompt tokens whose computation was reused from an earlier request with the same prefix
+            (the engine's prefix cache), or all of them for a response replayed from the completion cache.
+    """
+
+    cached_tokens: int
+
+
 class CompletionUsage(msgspec.Struct, kw_only=True):
     """Token counts measured with the model's tokenizer.
 
-    ``completion_tokens_details`` is present only for a model whose reasoning is parsed out of its output.
+    ``prompt_tokens_details`` is present for local models and for upstreams that report it;
+    ``completion_tokens_details`` only for a model whose reasoning is parsed out of its output.
     """
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | msgspec.UnsetType = msgspec.UNSET
     completion_tokens_details: CompletionTokensDetails | msgspec.UnsetType = msgspec.UNSET

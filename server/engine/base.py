@@ -110,11 +110,20 @@ class SamplingParams:
 
 @dataclass(frozen=True, slots=True)
 class EngineRequest:
-    """One generation request as the engine sees it."""
+    """One generation request as the engine sees it.
+
+    Attributes:
+        request_id: For logs.
+        prompt_token_ids: The prompt.
+        params: How to decode.
+        cache_scope: Requests reuse each other's cached prompt prefixes only within one scope (the gateway makes it
+            the API key, so one tenant can neither read nor time another's prompts through the cache).
+    """
 
     request_id: str
     prompt_token_ids: Sequence[int]
     params: SamplingParams
+    cache_scope: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +152,8 @@ class EngineDelta:
             token that only starts a multi-byte character adds ``""``, the one completing it adds the character).
         prompt_logprobs: On the first delta of a request that asked for prompt logprobs: one entry per prompt
             token after the first.
+        cached_tokens: On the first delta: how many of the prompt's tokens came from the prefix cache instead of
+            being computed (``None`` on later deltas, and from engines without a prefix cache).
     """
 
     token_ids: list[int] = field(default_factory=list)
@@ -151,6 +162,34 @@ class EngineDelta:
     logprobs: list[TokenLogprob] | None = None
     token_texts: list[str] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
+    cached_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """Counters and levels of an engine's KV memory, read at scrape time (see :class:`Instrumented`).
+
+    Attributes:
+        prefix_cache_queries: Prompt tokens looked up in the prefix cache, since the start.
+        prefix_cache_hits: Of those, tokens found (their prefill was skipped).
+        prefix_cache_bytes: Memory the prefix cache holds now.
+        kv_usage: The running batch's KV slots (rows x padded width, the prefill in progress included) over its
+            budget; above 1 only while one request alone is longer than the budget.
+        preemptions: Running requests evicted to fit the KV budget (they are computed again later), since the start.
+    """
+
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_bytes: int = 0
+    kv_usage: float = 0.0
+    preemptions: int = 0
+
+
+@runtime_checkable
+class Instrumented(Protocol):
+    """An engine that reports :class:`EngineStats` (the Transformers engine; test and echo engines do not)."""
+
+    def stats(self) -> EngineStats: ...
 
 
 @runtime_checkable

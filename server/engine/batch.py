@@ -23,6 +23,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DummyLayer, DynamicLayer
 
 from server.engine.base import TokenLogprob
+from server.engine.prefix_cache import Hit
 from server.engine.sampling import token_logprobs
 
 _SEQ = -2  # the sequence dimension of cached keys and values
@@ -150,21 +151,39 @@ class PrefillJob:
         *,
         prompt_logprobs: Sequence[int | None] = (),
         vocab_limit: int | None = None,
+        cached: Sequence[Hit | None] = (),
     ) -> None:
-        rows, width = len(prompts), max(len(p) for p in prompts)
+        rows = len(prompts)
+        hits = list(cached) or [None] * rows
+        skip = [0 if h is None else h.length for h in hits]
+        if any(s >= len(p) for s, p in zip(skip, prompts, strict=True)):
+            raise ValueError("a cached prefix must leave at least one prompt token to prefill")
+        if any(s and w is not None for s, w in zip(skip, prompt_logprobs, strict=False)):
+            raise ValueError("a row that reports prompt logprobs must be prefilled whole")
+        # Cached prefixes end at column ``head``; the tokens still to feed are right-aligned after it. A row with a
+        # shorter (or no) cached prefix has padding inside it: the mask hides it and positions count real tokens.
+        head = max(skip)
+        width = head + max(len(p) - s for p, s in zip(prompts, skip, strict=True))
         self.want = list(prompt_logprobs) or [None] * rows
         self.vocab_limit = vocab_limit
         self.prompt_entries: list[list[TokenLogprob] | None] = [None if w is None else [] for w in self.want]
         self.ids = torch.zeros((rows, width), dtype=torch.long, device=device)
         self.mask = torch.zeros((rows, width), dtype=torch.long, device=device)
-        for i, prompt in enumerate(prompts):
-            self.ids[i, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
-            self.mask[i, width - len(prompt) :] = 1
+        for i, (prompt, s) in enumerate(zip(prompts, skip, strict=True)):
+            rest = len(prompt) - s
+            self.ids[i, head - s : head] = torch.tensor(list(prompt[:s]), dtype=torch.long)
+            self.ids[i, width - rest :] = torch.tensor(list(prompt[s:]), dtype=torch.long)
+            self.mask[i, head - s : head] = 1
+            self.mask[i, width - rest :] = 1
         # Padding columns get position 0; they are masked out, so the value only has to be a valid index.
         self.positions = (self.mask.cumsum(dim=1) - 1).clamp_(min=0)
         self.cache = DynamicCache(config=config)
-        self.done = 0  # columns already in the cache
-        self._lengths = [len(p) for p in prompts]
+        if head:
+            _fill(self.cache, hits, head)
+        self.done = head  # columns already in the cache
+        self.cached = skip
+        """Per row, the prompt tokens that came from the prefix cache."""
+        self.prompts = [list(p) for p in prompts]
         self.fed = 0  # real (unpadded) prompt tokens fed so far
 
     @property
@@ -202,7 +221,7 @@ class PrefillJob:
             logits_to_keep=0 if every else 1,
         )
         self.done = end
-        self.fed += sum(max(0, end - max(start, self.width - n)) for n in self._lengths)
+        self.fed += int(self.mask[:, start:end].sum())
         if every:
             self._score_prompts(out.logits, start, end)
         if not self.finished:
@@ -232,6 +251,32 @@ class PrefillJob:
         batch = PaddedBatch(self.cache, self.mask)
         batch.select(keep)
         return batch
+
+
+def row_kv(cache: DynamicCache, mask: torch.Tensor, row: int, skip: int = 0) -> torch.Tensor:
+    """The keys and values of ``row``'s real tokens after its first ``skip``, as one tensor
+    ``[layers, 2, kv_heads, tokens, head_dim]`` (padding columns, wherever they are, left out)."""
+    columns = mask[row].nonzero().squeeze(1)[skip:]
+    layers = _kv_layers(cache)
+    keys = [layer.keys[row].index_select(1, columns) for layer in layers]  # type: ignore[index]
+    values = [layer.values[row].index_select(1, columns) for layer in layers]  # type: ignore[index]
+    return torch.stack([torch.stack(keys), torch.stack(values)], dim=1)
+
+
+def _fill(cache: DynamicCache, hits: Sequence[Hit | None], head: int) -> None:
+    """Put each row's cached prefix into ``cache``, right-aligned at column ``head`` (zeros before it)."""
+    kvs = [None if h is None else h.kv() for h in hits]
+    some = next(kv for kv in kvs if kv is not None)
+    layers, _, heads, _, dim = some.shape
+    full = some.new_zeros((layers, 2, len(hits), heads, head, dim))
+    for row, kv in enumerate(kvs):
+        if kv is not None:
+            full[:, :, row, :, head - kv.shape[3] :, :] = kv
+    slots = [layer for layer in cache.layers if type(layer) is DynamicLayer]
+    if len(slots) != layers:
+        raise ValueError(f"the cached prefix has {layers} layers of keys and values, the model {len(slots)}")
+    for i, layer in enumerate(slots):
+        layer.update(full[i, 0], full[i, 1])
 
 
 def _kv_layers(cache: DynamicCache) -> list[DynamicLayer]:

@@ -34,6 +34,7 @@ def build_engine(settings: Settings) -> Engine | Embedder:
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        prefix_cache_mb=settings.prefix_cache_mb,
         load=_load_options(settings, chat_template=settings.chat_template, gguf_file=settings.gguf_file),
     )
 

@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
-from server.engine.base import EngineOverloaded, EngineRequest, ModelInfo, RequestStream
+from server.engine.base import EngineOverloaded, EngineRequest, EngineStats, ModelInfo, RequestStream
 from server.engine.batch import supports_merging
 from server.engine.demo_model import demo_preset, resolve_builtin
 from server.engine.hf_load import load_pretrained
 from server.engine.hf_tokenizer import HFTokenizer
 from server.engine.loading import LoadOptions
 from server.engine.pending import Pending
+from server.engine.prefix_cache import PrefixCache
 from server.engine.sampling import Sampler
 from server.engine.scheduler import Scheduler
 from server.engine.stream import QueueStream
@@ -50,6 +51,8 @@ class HFEngine:
         max_batch_tokens: KV budget of the running batch: rows x padded width of its cache, in tokens.
         prefill_chunk_tokens: Most (padded) prompt tokens prefilled per decode step; bounds how long a new
             prompt stalls the running streams.
+        prefix_cache_mb: Memory for the KV of prompt prefixes kept for reuse (see
+            :mod:`server.engine.prefix_cache`); 0 turns prefix caching off.
         load: Revision, tokenizer, chat template, GGUF file and progress bars of the load (defaults: the model's own).
     """
 
@@ -66,6 +69,7 @@ class HFEngine:
         max_batch_size: int = 32,
         max_batch_tokens: int = 65_536,
         prefill_chunk_tokens: int = 256,
+        prefix_cache_mb: int = 1024,
         load: LoadOptions | None = None,
     ) -> None:
         self._source = model
@@ -79,6 +83,7 @@ class HFEngine:
         self._max_batch_size = max_batch_size
         self._max_batch_tokens = max_batch_tokens
         self._prefill_chunk_tokens = prefill_chunk_tokens
+        self._prefix_cache_bytes = prefix_cache_mb * 2**20
         self._model: Any = None
         self._device = torch.device("cpu")
         self._tokenizer: HFTokenizer | None = None
@@ -131,6 +136,20 @@ class HFEngine:
     def num_running(self) -> int:
         """Requests being prefilled or decoded now."""
         return 0 if self._scheduler is None else self._scheduler.num_running
+
+    def stats(self) -> EngineStats:
+        """The prefix cache's counters and memory, the running batch's KV usage and its preemptions."""
+        scheduler = self._scheduler
+        if scheduler is None:
+            return EngineStats()
+        prefix = scheduler.prefix_cache
+        return EngineStats(
+            prefix_cache_queries=0 if prefix is None else prefix.queries,
+            prefix_cache_hits=0 if prefix is None else prefix.hits,
+            prefix_cache_bytes=0 if prefix is None else prefix.bytes,
+            kv_usage=scheduler.kv_tokens / self._max_batch_tokens,
+            preemptions=scheduler.preemptions,
+        )
 
     async def start(self) -> None:
         """Load the tokenizer and model in a thread, then start the worker."""
@@ -221,6 +240,9 @@ class HFEngine:
                 self._served_name,
             )
             max_batch_size = 1
+        prefix_cache = None
+        if self._prefix_cache_bytes and max_batch_size > 1:  # the same layers that merge can be cut into blocks
+            prefix_cache = PrefixCache(self._prefix_cache_bytes)
         self._info = ModelInfo(
             name=self._served_name, source=self._source, max_model_len=int(max_len), created=int(time.time())
         )
@@ -235,6 +257,7 @@ class HFEngine:
             max_batch_size=max_batch_size,
             max_batch_tokens=self._max_batch_tokens,
             prefill_chunk_tokens=self._prefill_chunk_tokens,
+            prefix_cache=prefix_cache,
         )
         params, seconds = sum(p.numel() for p in model.parameters()) / 1e6, loaded.seconds
         weights_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20

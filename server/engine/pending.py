@@ -31,6 +31,7 @@ class Pending:
     order: int = -1  # admission order; the newest rows are preempted first
     prompt_logprobs: list[TokenLogprob] | None = None  # computed by the prefill, sent with the first delta
     prompt_reported: bool = False
+    cached_tokens: int | None = None  # prompt tokens its first prefill took from the prefix cache, until reported
     group: object | None = None  # shared by the samples of one prompt, which may share its prefill
 
     def forks(self, other: Pending) -> bool:
@@ -103,5 +104,7 @@ class Pending:
                 delta.logprobs, delta.token_texts = [], []
             if self.prompt_logprobs is not None:
                 delta.prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
+            if self.cached_tokens is not None:
+                delta.cached_tokens, self.cached_tokens = self.cached_tokens, None
             self.emit(delta)
         return finish is None and not self.aborted

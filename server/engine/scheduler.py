@@ -47,15 +47,18 @@ from typing import Any
 import torch
 
 from server.engine.base import Constraint, EngineError, EngineOverloaded, TokenLogprob
-from server.engine.batch import PaddedBatch, PrefillJob
+from server.engine.batch import PaddedBatch, PrefillJob, row_kv
 from server.engine.hf_tokenizer import HFTokenizer
 from server.engine.pending import Pending
+from server.engine.prefix_cache import Hit, PrefixCache
 from server.engine.sampling import RowError, Sampler
 
 logger = logging.getLogger("server.engine")
 
 # Admission leaves room for this many decode steps of growth, so a full batch does not preempt on the next step.
 _ADMIT_HEADROOM = 16
+# A group prefill may widen the batch by this many columns of padding between rows' cached prefixes and the rest.
+_HOLE_SLACK = 64
 MAX_FAILED_STEPS = 3
 """Consecutive steps with a failed forward pass after which the engine is marked failed (see the module docstring)."""
 
@@ -77,6 +80,7 @@ class Scheduler:
         max_batch_size: Most rows decoding together (1 for models whose cache cannot be merged).
         max_batch_tokens: KV budget of the running batch in padded token slots (see the module docstring).
         prefill_chunk_tokens: Most padded prompt tokens prefilled per step.
+        prefix_cache: Where prompt prefixes' KV is kept for reuse (``None``: every prompt is prefilled whole).
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class Scheduler:
         max_batch_size: int,
         max_batch_tokens: int,
         prefill_chunk_tokens: int,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self._model, self._tokenizer, self._sampler, self._device = model, tokenizer, sampler, device
         self._max_model_len, self._max_queue_size = max_model_len, max_queue_size
@@ -110,6 +115,8 @@ class Scheduler:
         self.failure: str | None = None
         """Why the worker gave up (set once, by the worker); ``None`` while it serves."""
         self._compilers: dict[int, Any] = {}  # grammar compilers by tokenizer identity (built on first use)
+        self.prefix_cache = prefix_cache
+        self.kv_tokens = 0  # KV slots the running batch and the prefill in progress hold (for the usage gauge)
         # Observed maxima and counters, for tests and benchmarks.
         self.peak_rows = 0
         self.peak_footprint = 0
@@ -224,6 +231,7 @@ class Scheduler:
             self._step_failed(forward_error)
         elif self._forward_ok:
             self._failed_steps = 0
+        self.kv_tokens = self._batch.footprint + (0 if self._job is None else self._job.footprint)
 
     def _forward(self, run: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
         """Run one model forward pass; its exception becomes :class:`ForwardFailed` (the engine's own failure)."""
@@ -269,6 +277,7 @@ class Scheduler:
         """Take queued requests (FIFO) that fit every bound into a new prefill job; forks of a prompt share its row."""
         taken: list[Pending] = []
         contexts: list[list[int]] = []  # one per prompt row of the job
+        hits: list[Hit | None] = []  # the cached prefix of each prompt row
         fanout: list[int] = []  # the prompt row of each taken request
         with self._cv:
             while True:
@@ -281,16 +290,20 @@ class Scheduler:
                     continue
                 fork = bool(taken) and head.forks(taken[-1])
                 context = None if fork else head.context()
-                if not self._fits(contexts, len(taken) + 1, context):
+                hit = None if context is None else self._lookup(head, context)
+                skip = 0 if hit is None else hit.length
+                if not self._fits(contexts, hits, len(taken) + 1, context, skip):
                     break
                 queue.popleft()
-                if head.order < 0:
+                if head.order < 0:  # its first admission: the prompt's cached tokens are reported with its usage
                     head.order, self._admitted = self._admitted, self._admitted + 1
+                    head.cached_tokens = skip if context is not None else taken[-1].cached_tokens
                 if head.stream is not None:
                     head.stream.mark_started()  # its queue time ends here (kept if it is preempted later)
                 taken.append(head)
                 if context is not None:
                     contexts.append(context)
+                    hits.append(hit)
                 fanout.append(len(contexts) - 1)
         if not taken:
             return False
@@ -300,22 +313,48 @@ class Scheduler:
         firsts = [taken[fanout.index(r)] for r in range(len(contexts))]
         want = [None if p.prompt_reported else p.request.params.prompt_logprobs for p in firsts]
         self._job = PrefillJob(
-            contexts, self._model.config, self._device, prompt_logprobs=want, vocab_limit=self._sampler.vocab_limit
+            contexts,
+            self._model.config,
+            self._device,
+            prompt_logprobs=want,
+            vocab_limit=self._sampler.vocab_limit,
+            cached=hits,
         )
+        if self.prefix_cache is not None:
+            for context, hit in zip(contexts, hits, strict=True):
+                self.prefix_cache.count(len(context), 0 if hit is None else hit.length)
         return True
 
-    def _fits(self, contexts: Sequence[Sequence[int]], requests: int, context: Sequence[int] | None) -> bool:
-        """Whether a job of ``requests`` requests fits: prompt rows ``contexts`` plus ``context`` (None: a fork)."""
+    def _lookup(self, pending: Pending, context: list[int]) -> Hit | None:
+        """The cached prefix ``pending``'s prefill may skip (at least its last token is always computed)."""
+        if self.prefix_cache is None:
+            return None
+        if pending.request.params.prompt_logprobs is not None and not pending.prompt_reported:
+            return None  # prompt logprobs need the logits of every prompt position: prefill it whole
+        return self.prefix_cache.match(pending.request.cache_scope, context, len(context) - 1)
+
+    def _fits(
+        self,
+        contexts: Sequence[Sequence[int]],
+        hits: Sequence[Hit | None],
+        requests: int,
+        context: Sequence[int] | None,
+        skip: int,
+    ) -> bool:
+        """Whether a job of ``requests`` requests fits: prompt rows ``contexts`` (their cached prefixes ``hits``)
+        plus ``context`` with ``skip`` cached tokens (``context`` None: a fork of the last row)."""
         rows = len(self._rows) + requests
         if rows > self._max_rows:
             return False
-        widths = [len(c) for c in contexts] + ([] if context is None else [len(context)])
-        width = max(widths)
-        if len(widths) > 1 and len(widths) * width > self._chunk:
-            return False  # only a lone prompt is chunked; a group prefills in one forward
+        lengths = [len(c) for c in contexts] + ([] if context is None else [len(context)])
+        skips = [0 if h is None else h.length for h in hits] + ([] if context is None else [skip])
+        rest = max(n - k for n, k in zip(lengths, skips, strict=True))  # columns to feed
+        width = max(skips) + rest
+        if len(lengths) > 1 and (len(lengths) * rest > self._chunk or width - max(lengths) > _HOLE_SLACK):
+            return False  # only a lone prompt is chunked; a group prefills in one forward, without wide holes
         if not self._rows and requests == 1:
             return True  # a lone request always runs
-        steps = -(-width // self._chunk)  # until it merges, while the batch grows one column per step
+        steps = -(-rest // self._chunk)  # until it merges, while the batch grows one column per step
         merged = max(self._batch.width + steps, width) + 1 + _ADMIT_HEADROOM
         return rows * merged <= self._max_tokens
 
@@ -347,6 +386,9 @@ class Scheduler:
         if logits is None:
             return
         rows, fanout = self._job_rows, self._job_fanout
+        for r in range(job.rows):  # keep the prompts' KV for requests that share a prefix with them
+            first = rows[fanout.index(r)]
+            self._remember(first.request.cache_scope, job.prompts[r], job.cache, job.mask, r)
         if len(rows) != job.rows:  # forks: one copy of their prompt row's logits each
             logits = logits.index_select(0, torch.tensor(fanout, device=logits.device))
         picks, logprobs = self._sample(logits, rows)
@@ -367,7 +409,9 @@ class Scheduler:
         logits = self._forward(lambda: self._batch.decode(self._model, tokens))
         assert logits is not None
         picks, logprobs = self._sample(logits, self._rows)
-        self._keep(self._advance(self._rows, picks, logprobs))
+        keep = self._advance(self._rows, picks, logprobs)
+        self._remember_finished(keep)
+        self._keep(keep)
 
     def _advance(
         self, rows: Sequence[Pending], picks: Sequence[int | RowError], logprobs: Sequence[TokenLogprob | None]
@@ -394,12 +438,49 @@ class Scheduler:
         evicted: list[Pending] = []
         while len(self._rows) > 1 and self._batch.size * (self._batch.width + 1) > self._max_tokens:
             newest = max(range(len(self._rows)), key=lambda i: self._rows[i].order)
-            evicted.append(self._rows[newest])
+            row = self._rows[newest]
+            batch = self._batch
+            if batch.cache is not None:  # its recomputation will find what it had in the prefix cache
+                held = int(batch.mask[newest].sum())
+                self._remember(row.request.cache_scope, row.context()[:held], batch.cache, batch.mask, newest)
+            evicted.append(row)
             self._keep([i for i in range(len(self._rows)) if i != newest])
         if evicted:
             self.preemptions += len(evicted)
             logger.info("KV budget: preempted %d row(s) to recompute later", len(evicted))
             self._requeued = deque(sorted([*self._requeued, *evicted], key=lambda p: p.order))
+
+    def _remember_finished(self, keep: list[int]) -> None:
+        """Keep the KV of rows that finished (prompt and output): a conversation's next turn starts with them."""
+        if self.prefix_cache is None or len(keep) == len(self._rows) or self._batch.cache is None:
+            return
+        kept = set(keep)
+        for i, row in enumerate(self._rows):
+            if i not in kept and not row.aborted:
+                held = int(self._batch.mask[i].sum())
+                self._remember(row.request.cache_scope, row.context()[:held], self._batch.cache, self._batch.mask, i)
+
+    def _remember(self, scope: str, tokens: list[int], cache: Any, mask: torch.Tensor, row: int) -> None:
+        """Keep the full blocks of ``tokens``, whose KV is row ``row`` of ``cache``, in the prefix cache.
+
+        Caching is an optimisation: if it fails (a model whose layers do not share one KV shape), it is turned off
+        with a warning and the request goes on.
+        """
+        cache_ = self.prefix_cache
+        if cache_ is None or cache_.disabled is not None:
+            return
+        digests, first = cache_.missing_from(scope, tokens)
+        if first >= len(digests):
+            cache_.store(tokens, digests, first, mask.new_zeros(0))  # all there: only touch them
+            return
+        try:
+            size = cache_.block_tokens
+            kv = row_kv(cache, mask, row, skip=first * size)[:, :, :, : (len(digests) - first) * size]
+            cache_.store(tokens, digests, first, kv)
+        except Exception as exc:
+            logger.warning("prefix caching is off for this model: its KV could not be stored (%s)", exc)
+            cache_.disabled = str(exc)
+            cache_.clear()
 
     def _sample(
         self, logits: torch.Tensor, rows: Sequence[Pending]
@@ -415,6 +496,7 @@ class Scheduler:
 
     def _reset_batch(self) -> None:
         self._batch, self._rows = PaddedBatch.empty(self._device), []
+        self.kv_tokens = 0
 
     def _drop_job(self) -> None:
         self._job, self._job_rows, self._job_fanout = None, [], []

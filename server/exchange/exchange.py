@@ -68,6 +68,7 @@ class Exchange:
         metrics: The Prometheus metrics.
         lifecycle: The process's shutdown state.
         store_prompts: Request-log rows keep prompt and output text.
+        prefix_cache_scope: Who shares the engine's cached prompt prefixes: ``key``, ``role`` or ``global``.
     """
 
     gateway: Gateway
@@ -76,6 +77,7 @@ class Exchange:
     metrics: Metrics
     lifecycle: Lifecycle
     store_prompts: bool = False
+    prefix_cache_scope: str = "key"
 
     async def run(
         self,
@@ -138,6 +140,7 @@ class Exchange:
                 trace_outcome(span, work, outcome, record.error_type if record is not None else None)
 
         settle = Settlement(finish, self.lifecycle, handle)
+        work.isolate(prefix_scope(caller, self.prefix_cache_scope))
         try:
             if (found := await self._lookup(work, caller, headers)) is not None:
                 key.append(found)
@@ -186,6 +189,13 @@ class Exchange:
             entry = encode_entry(work.cache_entry())
             self.writer.add_cache(key, ticket.principal.key_id, work.model, entry, self.cache.ttl_s)
         return outcome
+
+
+def prefix_scope(caller: Principal, share: str) -> str:
+    """The scope within which ``caller``'s requests reuse cached prompt prefixes (kinds never collide)."""
+    if share == "global":
+        return ""
+    return f"role:{caller.role.name}" if share == "role" else f"key:{caller.key_id}"
 
 
 async def _to_the_end(work: Work) -> msgspec.Struct:

@@ -63,6 +63,9 @@ class RemoteWork:
     def replay(self, entry: CacheEntry) -> bool:
         return remote.replay(self.call, entry)
 
+    def isolate(self, scope: str) -> None:
+        """An upstream keeps its own prefix cache; nothing of it is shared through this server."""
+
     def open(self) -> Awaitable[None] | None:
         return self._send()
 

@@ -58,6 +58,11 @@ class Work(Protocol):
         """Fill the results from a cached entry instead of running (``False``: the entry does not fit)."""
         ...
 
+    def isolate(self, scope: str) -> None:
+        """Share the model's cached prompt prefixes only with work of ``scope`` (called before :meth:`open`; a no-op
+        where nothing is cached across requests)."""
+        ...
+
     def open(self) -> Awaitable[None] | None:
         """Start generating (engine rows admitted, or the upstream request sent and its headers read).
 

@@ -70,6 +70,7 @@ class Choice:
     covered_chars: int = 0
     # A reasoning model's reasoning tokens, counted from the engine's own deltas (None: output is not split).
     reasoning: ReasoningCounter | None = None
+    cached_tokens: int = 0  # prompt tokens the engine reused from its prefix cache (reported with the first delta)
 
     @property
     def text(self) -> str:
@@ -126,12 +127,13 @@ def admit(
     stops: list[str],
     *,
     n: int = 1,
+    cache_scope: str = "",
 ) -> list[Choice]:
     """Submit ``n`` engine requests per prompt (choice ``p * n + s``); all or nothing (503 when the queue is full).
 
     The ``n`` samples of a prompt go to the engine as one group (:meth:`Engine.generate_group`), which prefills the
     prompt once. Sample ``s`` of a seeded request runs with :func:`derived_seed`, so every choice is reproducible
-    alone.
+    alone. ``cache_scope`` bounds which requests' cached prompt prefixes the engine may reuse for them.
     """
     choices: list[Choice] = []
     want_logprobs = params.logprobs is not None
@@ -141,6 +143,7 @@ def admit(
                 EngineRequest(
                     request_id=f"{request_id}-{p * n + sample}",
                     prompt_token_ids=ids,
+                    cache_scope=cache_scope,
                     params=params
                     if sample == 0
                     else dataclasses.replace(params, seed=derived_seed(params.seed, sample)),
@@ -190,6 +193,8 @@ async def run_choice(choice: Choice) -> AsyncIterator[ChoiceEvent]:
                 choice.reasoning.feed(delta)
             if delta.prompt_logprobs is not None:
                 choice.prompt_logprobs = delta.prompt_logprobs
+            if delta.cached_tokens is not None:
+                choice.cached_tokens = delta.cached_tokens
             text = delta.text
             finish = delta.finish_reason
             if matcher is not None:

@@ -119,6 +119,9 @@ class EmbedPlan:
     def replay(self, entry: CacheEntry) -> bool:
         return False
 
+    def isolate(self, scope: str) -> None:
+        """Embedding keeps nothing between requests."""
+
     def open(self) -> None:
         self.admitted_at = time.perf_counter()
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
-from schemas.openai.common import CompletionTokensDetails, CompletionUsage
+from schemas.openai.common import CompletionTokensDetails, CompletionUsage, PromptTokensDetails
 from server.engine.base import Engine, SamplingParams, Tokenizer
 from server.serving.choices import Choice, admit
 from server.serving.common import new_id, now
@@ -166,6 +166,8 @@ class Plan:
     """How a reasoning model's output is split (``None``: it is not); adds ``reasoning_tokens`` to the usage."""
     choices: list[Choice] = field(default_factory=list)
     cached: bool = False
+    cache_scope: str = ""
+    """Whose cached prompt prefixes the engine may reuse for it (see :meth:`isolate`)."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -188,10 +190,27 @@ class Plan:
         return self.deterministic and self.params.logprobs is None and self.params.prompt_logprobs is None
 
     @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens reused rather than computed: each prompt once (its ``n`` samples share one prefill), all of
+        them for a completion-cache hit."""
+        if self.cached:
+            return self.prompt_tokens
+        by_prompt: dict[int, int] = {}
+        for c in self.choices:
+            p = c.index // self.n
+            by_prompt[p] = max(by_prompt.get(p, 0), c.cached_tokens)
+        return sum(by_prompt.values())
+
+    @property
     def usage(self) -> CompletionUsage:
         completion = sum(c.completion_tokens for c in self.choices)
         prompt = self.prompt_tokens
-        usage = CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        usage = CompletionUsage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens),
+        )
         if self.reasoning is not None:
             usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=self.reasoning_tokens)
         return usage
@@ -262,9 +281,15 @@ class Plan:
         ]
         return True
 
+    def isolate(self, scope: str) -> None:
+        """Reuse the engine's cached prompt prefixes only of requests with the same ``scope``."""
+        self.cache_scope = scope
+
     def open(self) -> None:
         """Admit every prompt ``n`` times to the engine, at once (503 ``overloaded`` when its queue is full)."""
-        self.choices = admit(self.engine, self.id, self.prompts, self.params, self.stops, n=self.n)
+        self.choices = admit(
+            self.engine, self.id, self.prompts, self.params, self.stops, n=self.n, cache_scope=self.cache_scope
+        )
         if self.reasoning is not None:
             for choice in self.choices:
                 choice.reasoning = ReasoningCounter(self.reasoning)

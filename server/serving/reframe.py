@@ -26,7 +26,7 @@ from schemas.openai.chat import (
     ChunkChoice,
     ToolCall,
 )
-from schemas.openai.common import CompletionTokensDetails, CompletionUsage
+from schemas.openai.common import CompletionTokensDetails, CompletionUsage, PromptTokensDetails
 from schemas.openai.completions import Completion, CompletionChoice, CompletionLogprobs
 from server.errors import OpenAIError
 from server.serving.remote import RESPONSES_PATH, RemoteCall
@@ -91,6 +91,10 @@ def _usage(value: Any) -> CompletionUsage | None:
     if prompt is None or completion is None:
         return None
     usage = CompletionUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    prompt_details = value.get("prompt_tokens_details")
+    cached = _count(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else None
+    if cached is not None and cached <= prompt:  # the upstream's prefix cache, passed on as it reported it
+        usage.prompt_tokens_details = PromptTokensDetails(cached_tokens=cached)
     details = value.get("completion_tokens_details")
     reasoning = _count(details.get("reasoning_tokens")) if isinstance(details, dict) else None
     if reasoning is not None:  # a reasoning model's count, passed on as the upstream gave it

@@ -23,7 +23,7 @@ import msgspec
 
 from schemas.native.generate import GenerateRequest
 from schemas.openai.chat import ChatCompletionRequest, ToolCall
-from schemas.openai.common import CompletionUsage
+from schemas.openai.common import CompletionUsage, PromptTokensDetails
 from schemas.openai.completions import CompletionRequest
 from server.models.file import RemoteModel
 from server.serving.chat_checks import ChatChecks, check_chat
@@ -366,7 +366,10 @@ def replay(call: RemoteCall, entry: CacheEntry) -> bool:
     completion = sum(r.pieces for r in results.values())
     call.results = results
     call.upstream_usage = CompletionUsage(
-        prompt_tokens=entry.prompt_tokens, completion_tokens=completion, total_tokens=entry.prompt_tokens + completion
+        prompt_tokens=entry.prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=entry.prompt_tokens + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=entry.prompt_tokens),  # nothing was computed again
     )
     call.cached = True
     return True

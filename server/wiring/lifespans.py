@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from litestar import Litestar
 
 from persistence import migrate
+from server.engine.base import Instrumented
 from server.engine.loading import load_failure_reason as engine_load_failure_reason
 from server.exchange.shutdown import CANCEL_MARGIN_S
 from server.wiring.datadir import prepare_data_dir
@@ -127,6 +128,8 @@ async def _load_engines(state: AppState) -> None:
         try:
             await engine.start()
             state.metrics.watch_engine(name, _reader(engine, "num_running"), _reader(engine, "num_waiting"))
+            if isinstance(engine, Instrumented):
+                state.metrics.kv.watch(name, engine.stats)
         except Exception as exc:  # readiness reports it; `llm-server serve` then exits non-zero
             revision = settings.revision if settings.models_file is None else None
             reason = load_failure_reason(source, exc, revision=revision)

@@ -41,7 +41,8 @@ def test_sse_bytes_are_frozen(make_app: Callable[..., Litestar], authed: Callabl
         f'data: {head}"choices":[{{"index":0,"delta":{{"content":" there"}},"logprobs":null,"finish_reason":null}}],'
         '"usage":null}\n\n'
         f'data: {head}"choices":[{{"index":0,"delta":{{}},"logprobs":null,"finish_reason":"stop"}}],"usage":null}}\n\n'
-        f'data: {head}"choices":[],"usage":{{"prompt_tokens":52,"completion_tokens":3,"total_tokens":55}}}}\n\n'
+        f'data: {head}"choices":[],"usage":{{"prompt_tokens":52,"completion_tokens":3,"total_tokens":55,'
+        '"prompt_tokens_details":{"cached_tokens":0}}}\n\n'
         "data: [DONE]\n\n"
     )
     assert normalise(r.text) == expected
@@ -112,7 +113,12 @@ def test_generate_and_native_stream(client: TestClient[Litestar]) -> None:
         "model": "fake",
         "output": "Hello,",
         "finish_reason": "length",
-        "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5},
+        "usage": {
+            "prompt_tokens": 2,
+            "completion_tokens": 3,
+            "total_tokens": 5,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        },
         "cached": False,
     }
     r = client.post("/v1/stream", json={"prompt": "ab", "stop": " wor"})

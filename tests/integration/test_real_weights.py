@@ -191,6 +191,78 @@ def test_json_schema_output_parses_and_obeys_the_schema(http: TestClient[Litesta
     assert set(value) == {"city"} and isinstance(value["city"], str) and len(value["city"]) <= 12
 
 
+# ---- automatic prefix caching ---------------------------------------------------------------------------------
+
+TRAVEL_SYSTEM = (
+    "You are the assistant of a small travel agency. Answer in one short sentence, be friendly, and never invent "
+    "prices. The agency sells trips to Portugal, Spain, Italy, Greece and Japan, by train or by plane. "
+) * 6
+
+
+def test_prefix_cache_is_exact_on_a_multi_turn_conversation_and_reports_cached_tokens(
+    http: TestClient[Litestar], model: Any, hf_tokenizer: Any, real_app: tuple[HFEngine, Litestar, str]
+) -> None:
+    """Greedy float32 answers with the prefix cache equal ``generate`` without one, turn after turn, while most of each
+    prompt (the shared system prompt, the earlier turns) is reported as cached."""
+    engine = real_app[0]
+    before = engine.stats()
+    questions = [
+        ["Which country has the best beaches?", "And by train?", "How long does it take?"],
+        ["Is Japan nice in autumn?", "What should I pack?", "Thank you!"],
+    ]
+    for conversation, turns in enumerate(questions):
+        messages = [{"role": "system", "content": TRAVEL_SYSTEM}]
+        for turn, question in enumerate(turns):
+            messages.append({"role": "user", "content": question})
+            expected = text_of(hf_tokenizer, reference(model, hf_tokenizer, messages, max_new_tokens=20))
+            result = chat(http, messages, max_tokens=20)
+            answer = result["choices"][0]["message"]["content"]
+            assert answer == expected, (conversation, turn)
+            usage = result["usage"]
+            cached = usage["prompt_tokens_details"]["cached_tokens"]
+            if conversation or turn:  # the system prompt (and the earlier turns) were computed before
+                assert cached >= 0.8 * usage["prompt_tokens"], (conversation, turn, usage)
+            messages.append({"role": "assistant", "content": answer})
+    after = engine.stats()
+    assert after.prefix_cache_hits > before.prefix_cache_hits
+    assert after.prefix_cache_queries > before.prefix_cache_queries
+
+
+def test_streamed_usage_and_the_responses_api_report_cached_tokens(http: TestClient[Litestar]) -> None:
+    messages = [{"role": "system", "content": TRAVEL_SYSTEM}, {"role": "user", "content": "Hello!"}]
+    chat(http, messages, max_tokens=4)
+    body = {"model": "SmolLM2-135M-Instruct.Q4_1", "messages": messages, "temperature": 0, "max_tokens": 4}
+    body |= {"stream": True, "stream_options": {"include_usage": True}}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    frames = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+    usage = frames[-1]["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= 0.8 * usage["prompt_tokens"]
+    first = http.post(
+        "/v1/responses",
+        json={
+            "model": "SmolLM2-135M-Instruct.Q4_1",
+            "instructions": TRAVEL_SYSTEM,
+            "input": "Hi",
+            "max_output_tokens": 4,
+        },
+    )
+    assert first.status_code == 200, first.text
+    second = http.post(
+        "/v1/responses",
+        json={
+            "model": "SmolLM2-135M-Instruct.Q4_1",
+            "instructions": TRAVEL_SYSTEM,
+            "input": "And again?",
+            "previous_response_id": first.json()["id"],
+            "max_output_tokens": 4,
+        },
+    )
+    assert second.status_code == 200, second.text
+    details = second.json()["usage"]
+    assert details["input_tokens_details"]["cached_tokens"] >= 0.8 * details["input_tokens"]
+
+
 # ---- /tokenize and /detokenize on the real tokenizer ------------------------------------------------------------
 
 MULTILINGUAL = "Grüße aus Zürich! 東京は晴れ。Привет, мир. مرحبا بالعالم 👋🏽🚀 naïve café ; x ,y"

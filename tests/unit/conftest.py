@@ -13,9 +13,18 @@ from server.engine.scheduler import Scheduler
 
 @pytest.fixture
 async def chunked_engine(tiny_model_dir: Path, tmp_path: Path) -> AsyncIterator[HFEngine]:
-    """The tiny model on the HF engine (float32) with 32-token prefill chunks, so longer prompts take several steps."""
+    """The tiny model on the HF engine (float32) with 32-token prefill chunks, so longer prompts take several steps.
+
+    Without a prefix cache: its tests count the prompt tokens each prefill computes (the cache's own tests are in
+    ``test_prefix_engine.py``).
+    """
     eng = HFEngine(
-        str(tiny_model_dir), served_model_name="tiny", data_dir=tmp_path, dtype="float32", prefill_chunk_tokens=32
+        str(tiny_model_dir),
+        served_model_name="tiny",
+        data_dir=tmp_path,
+        dtype="float32",
+        prefill_chunk_tokens=32,
+        prefix_cache_mb=0,
     )
     await eng.start()
     yield eng

@@ -126,7 +126,13 @@ async def test_a_local_answer_settles_once_with_its_usage_and_fills_the_record()
     h, e = Harness(), await engine(script=["a", "b", "c"])
     reply, record = await h.run(plan(e, max_new_tokens=8))
     body = msgspec.to_builtins(reply.body)
-    assert body["output"] == "abc" and body["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+    assert body["output"] == "abc"
+    assert body["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 4,
+        "total_tokens": 9,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert h.settled == [9]  # exactly once, with what was used (the end-of-sequence token included)
     assert (record.model, record.prompt_tokens, record.completion_tokens) == ("fake", 5, 4)
     assert record.finish_reason == "stop" and record.error_type is None and record.prompt_text == "hello"

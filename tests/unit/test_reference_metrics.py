@@ -12,7 +12,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from server.metrics import Metrics
+from server.metrics import KV_METRICS, Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "docs" / "REFERENCE.md"
@@ -25,6 +25,8 @@ def defined() -> dict[str, tuple[str, tuple[str, ...]]]:
         if isinstance(value, MetricWrapperBase):
             name = value._name + ("_total" if value._type == "counter" else "")
             found[name] = (value._type, tuple(value._labelnames))
+    for name, kind, _, _ in KV_METRICS:  # read from the engines at scrape time by one collector
+        found[name + ("_total" if kind == "counter" else "")] = (kind, ("model_name",))
     return found
 
 

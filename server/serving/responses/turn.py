@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from schemas.openai.chat import ChatCompletion, ChatCompletionMessage, ChatCompletionRequest
-from schemas.openai.common import CompletionTokensDetails, CompletionUsage
+from schemas.openai.common import CompletionTokensDetails, CompletionUsage, PromptTokensDetails
 from schemas.openai.responses import (
     FunctionToolSpec,
     IncompleteDetails,
@@ -171,9 +171,11 @@ def usage_of(usage: CompletionUsage) -> ResponseUsage:
     """Chat usage in the Responses shape (the whole conversation counts as input)."""
     details = usage.completion_tokens_details
     reasoning = details.reasoning_tokens if isinstance(details, CompletionTokensDetails) else 0
+    prompt_details = usage.prompt_tokens_details
+    cached = prompt_details.cached_tokens if isinstance(prompt_details, PromptTokensDetails) else 0
     return ResponseUsage(
         input_tokens=usage.prompt_tokens,
-        input_tokens_details=InputTokensDetails(cached_tokens=0),
+        input_tokens_details=InputTokensDetails(cached_tokens=cached),
         output_tokens=usage.completion_tokens,
         output_tokens_details=OutputTokensDetails(reasoning_tokens=reasoning),
         total_tokens=usage.total_tokens,
