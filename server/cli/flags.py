@@ -147,6 +147,13 @@ def add_serve_command(sub: Any) -> argparse.ArgumentParser:
     _add(batching, "--max-batch-size", "most sequences decoded together (default 32)", type=int)
     _add(batching, "--max-batch-tokens", "KV budget of the running batch, rows x cache width (default 65536)", type=int)
     _add(batching, "--prefill-chunk-tokens", "most prompt tokens prefilled per engine step (default 256)", type=int)
+    _add(batching, "--prefix-cache-mb", "memory for reusing prompt prefixes' KV, MiB; 0: off (default 1024)", type=int)
+    _add(
+        batching,
+        "--prefix-cache-scope",
+        "who shares cached prefixes: key, role or global (default key)",
+        choices=_choices("prefix_cache_scope"),
+    )
     _add(batching, "--max-queue-size", "requests waiting for a batch slot; past it 503 (default 256)", type=int)
     _add(
         batching,

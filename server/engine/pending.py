@@ -32,6 +32,7 @@ class Pending:
     prompt_logprobs: list[TokenLogprob] | None = None  # computed by the prefill, sent with the first delta
     prompt_reported: bool = False
     cached_tokens: int | None = None  # prompt tokens its first prefill took from the prefix cache, until reported
+    digests: tuple[int, list[bytes]] | None = None  # its context's prefix-cache block names, by context length - 1
     group: object | None = None  # shared by the samples of one prompt, which may share its prefill
 
     def forks(self, other: Pending) -> bool:

@@ -93,16 +93,22 @@ class PrefixCache:
             out.append(parent)
         return out
 
-    def match(self, scope: str, tokens: Sequence[int], limit: int) -> Hit | None:
+    def match(
+        self, scope: str, tokens: Sequence[int], limit: int, digests: Sequence[bytes] | None = None
+    ) -> Hit | None:
         """The longest cached prefix of ``tokens`` within its first ``limit`` tokens (whole blocks), or ``None``.
 
-        Matching touches the blocks it returns (they become the most recently used). It does not count a query:
-        the scheduler calls :meth:`count` once the request is actually prefilled.
+        ``digests`` are the names of those blocks when the caller kept them from an earlier lookup (a request waiting
+        at the head of the queue is looked up every step). Matching touches the blocks it returns (they become the
+        most recently used). It does not count a query: the scheduler calls :meth:`count` once the request is
+        actually prefilled.
         """
         if self.disabled is not None or not self._blocks:
             return None
         size, found = self.block_tokens, []
-        for b, digest in enumerate(self.digests(scope, tokens, max(0, limit) // size)):
+        if digests is None:
+            digests = self.digests(scope, tokens, max(0, limit) // size)
+        for b, digest in enumerate(digests):
             block = self._blocks.get(digest)
             if block is None or block.tokens != tuple(tokens[b * size : (b + 1) * size]):
                 break

@@ -34,6 +34,11 @@ included; when growth would still overflow it, the newest rows are preempted: th
 at the front of the queue to be prefilled again from prompt + generated tokens (vLLM's recompute preemption; a
 preempted fork is prefilled again alone). A single row always runs, even past the budget, so any request that fits
 the context can finish. Every fork counts as a row.
+
+Prefix caching (:mod:`server.engine.reuse`): a request is looked up when it reaches the head of the queue and its
+prefill starts after its longest cached prefix; rows of one prefill may skip different lengths (padding then sits
+between a row's cached part and the rest, hidden by the mask). Each request's first delta says how many of its
+prompt tokens were skipped. Prompts, preempted rows and finished rows are kept for later requests.
 """
 
 from __future__ import annotations
@@ -47,10 +52,11 @@ from typing import Any
 import torch
 
 from server.engine.base import Constraint, EngineError, EngineOverloaded, TokenLogprob
-from server.engine.batch import PaddedBatch, PrefillJob, row_kv
+from server.engine.batch import PaddedBatch, PrefillJob
 from server.engine.hf_tokenizer import HFTokenizer
 from server.engine.pending import Pending
 from server.engine.prefix_cache import Hit, PrefixCache
+from server.engine.reuse import Reuse
 from server.engine.sampling import RowError, Sampler
 
 logger = logging.getLogger("server.engine")
@@ -115,7 +121,7 @@ class Scheduler:
         self.failure: str | None = None
         """Why the worker gave up (set once, by the worker); ``None`` while it serves."""
         self._compilers: dict[int, Any] = {}  # grammar compilers by tokenizer identity (built on first use)
-        self.prefix_cache = prefix_cache
+        self._reuse = Reuse(prefix_cache)
         self.kv_tokens = 0  # KV slots the running batch and the prefill in progress hold (for the usage gauge)
         # Observed maxima and counters, for tests and benchmarks.
         self.peak_rows = 0
@@ -125,6 +131,11 @@ class Scheduler:
         self.prefilled_tokens = 0  # prompt (and recomputed) tokens fed to prefill forwards, padding excluded
 
     # -- any thread ---------------------------------------------------------------------------------------------
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The prefix cache (``None``: off); its counters may be read from any thread."""
+        return self._reuse.cache
+
     @property
     def num_waiting(self) -> int:
         return len(self._waiting) + len(self._requeued)
@@ -290,7 +301,7 @@ class Scheduler:
                     continue
                 fork = bool(taken) and head.forks(taken[-1])
                 context = None if fork else head.context()
-                hit = None if context is None else self._lookup(head, context)
+                hit = None if context is None else self._reuse.lookup(head, context)
                 skip = 0 if hit is None else hit.length
                 if not self._fits(contexts, hits, len(taken) + 1, context, skip):
                     break
@@ -320,18 +331,8 @@ class Scheduler:
             vocab_limit=self._sampler.vocab_limit,
             cached=hits,
         )
-        if self.prefix_cache is not None:
-            for context, hit in zip(contexts, hits, strict=True):
-                self.prefix_cache.count(len(context), 0 if hit is None else hit.length)
+        self._reuse.count(contexts, hits)
         return True
-
-    def _lookup(self, pending: Pending, context: list[int]) -> Hit | None:
-        """The cached prefix ``pending``'s prefill may skip (at least its last token is always computed)."""
-        if self.prefix_cache is None:
-            return None
-        if pending.request.params.prompt_logprobs is not None and not pending.prompt_reported:
-            return None  # prompt logprobs need the logits of every prompt position: prefill it whole
-        return self.prefix_cache.match(pending.request.cache_scope, context, len(context) - 1)
 
     def _fits(
         self,
@@ -388,7 +389,7 @@ class Scheduler:
         rows, fanout = self._job_rows, self._job_fanout
         for r in range(job.rows):  # keep the prompts' KV for requests that share a prefix with them
             first = rows[fanout.index(r)]
-            self._remember(first.request.cache_scope, job.prompts[r], job.cache, job.mask, r)
+            self._reuse.keep(first.request.cache_scope, job.prompts[r], job.cache, job.mask, r)
         if len(rows) != job.rows:  # forks: one copy of their prompt row's logits each
             logits = logits.index_select(0, torch.tensor(fanout, device=logits.device))
         picks, logprobs = self._sample(logits, rows)
@@ -410,7 +411,8 @@ class Scheduler:
         assert logits is not None
         picks, logprobs = self._sample(logits, self._rows)
         keep = self._advance(self._rows, picks, logprobs)
-        self._remember_finished(keep)
+        kept = set(keep)  # a finished row's prompt and answer: the next turn of its conversation starts with them
+        self._reuse.keep_rows(self._batch, self._rows, [i for i in range(len(self._rows)) if i not in kept])
         self._keep(keep)
 
     def _advance(
@@ -438,49 +440,13 @@ class Scheduler:
         evicted: list[Pending] = []
         while len(self._rows) > 1 and self._batch.size * (self._batch.width + 1) > self._max_tokens:
             newest = max(range(len(self._rows)), key=lambda i: self._rows[i].order)
-            row = self._rows[newest]
-            batch = self._batch
-            if batch.cache is not None:  # its recomputation will find what it had in the prefix cache
-                held = int(batch.mask[newest].sum())
-                self._remember(row.request.cache_scope, row.context()[:held], batch.cache, batch.mask, newest)
-            evicted.append(row)
+            self._reuse.keep_rows(self._batch, self._rows, [newest])  # its recomputation will find what it had
+            evicted.append(self._rows[newest])
             self._keep([i for i in range(len(self._rows)) if i != newest])
         if evicted:
             self.preemptions += len(evicted)
             logger.info("KV budget: preempted %d row(s) to recompute later", len(evicted))
             self._requeued = deque(sorted([*self._requeued, *evicted], key=lambda p: p.order))
-
-    def _remember_finished(self, keep: list[int]) -> None:
-        """Keep the KV of rows that finished (prompt and output): a conversation's next turn starts with them."""
-        if self.prefix_cache is None or len(keep) == len(self._rows) or self._batch.cache is None:
-            return
-        kept = set(keep)
-        for i, row in enumerate(self._rows):
-            if i not in kept and not row.aborted:
-                held = int(self._batch.mask[i].sum())
-                self._remember(row.request.cache_scope, row.context()[:held], self._batch.cache, self._batch.mask, i)
-
-    def _remember(self, scope: str, tokens: list[int], cache: Any, mask: torch.Tensor, row: int) -> None:
-        """Keep the full blocks of ``tokens``, whose KV is row ``row`` of ``cache``, in the prefix cache.
-
-        Caching is an optimisation: if it fails (a model whose layers do not share one KV shape), it is turned off
-        with a warning and the request goes on.
-        """
-        cache_ = self.prefix_cache
-        if cache_ is None or cache_.disabled is not None:
-            return
-        digests, first = cache_.missing_from(scope, tokens)
-        if first >= len(digests):
-            cache_.store(tokens, digests, first, mask.new_zeros(0))  # all there: only touch them
-            return
-        try:
-            size = cache_.block_tokens
-            kv = row_kv(cache, mask, row, skip=first * size)[:, :, :, : (len(digests) - first) * size]
-            cache_.store(tokens, digests, first, kv)
-        except Exception as exc:
-            logger.warning("prefix caching is off for this model: its KV could not be stored (%s)", exc)
-            cache_.disabled = str(exc)
-            cache_.clear()
 
     def _sample(
         self, logits: torch.Tensor, rows: Sequence[Pending]

@@ -73,6 +73,8 @@ SERVE_FLAGS = [
     (["--max-batch-size", "4"], "max_batch_size", 4),
     (["--max-batch-tokens", "4096"], "max_batch_tokens", 4096),
     (["--prefill-chunk-tokens", "64"], "prefill_chunk_tokens", 64),
+    (["--prefix-cache-mb", "0"], "prefix_cache_mb", 0),
+    (["--prefix-cache-scope", "global"], "prefix_cache_scope", "global"),
     (["--max-queue-size", "9"], "max_queue_size", 9),
     (["--max-sequences-per-key", "3"], "max_sequences_per_key", 3),
     (["--api-key", "k" * 16], "api_keys", "k" * 16),
