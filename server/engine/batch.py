@@ -253,30 +253,66 @@ class PrefillJob:
         return batch
 
 
-def row_kv(cache: DynamicCache, mask: torch.Tensor, row: int, skip: int = 0) -> torch.Tensor:
-    """The keys and values of ``row``'s real tokens after its first ``skip``, as one tensor
-    ``[layers, 2, kv_heads, tokens, head_dim]`` (padding columns, wherever they are, left out)."""
-    columns = mask[row].nonzero().squeeze(1)[skip:]
-    layers = _kv_layers(cache)
-    keys = [layer.keys[row].index_select(1, columns) for layer in layers]  # type: ignore[index]
-    values = [layer.values[row].index_select(1, columns) for layer in layers]  # type: ignore[index]
-    return torch.stack([torch.stack(keys), torch.stack(values)], dim=1)
+class RowBlocks:
+    """Cuts the KV of one row of a cache into prefix-cache blocks ``[2, layers, kv_heads, block, head_dim]``.
+
+    Each block is one fresh tensor, filled by one ``stack`` per keys and values straight from the cache's layers, so
+    storing a block copies its bytes once (copies are what a long prompt's store costs).
+
+    Args:
+        cache: The cache holding the row.
+        mask: Its ``[rows, width]`` mask: the row's real columns are where it is 1 (padding may sit anywhere).
+        row: Which row.
+        block: Tokens per block.
+    """
+
+    def __init__(self, cache: DynamicCache, mask: torch.Tensor, row: int, block: int) -> None:
+        self._layers = _kv_layers(cache)
+        self._row, self._block = row, block
+        self._columns = mask[row].nonzero().squeeze(1)  # the row's real columns, in order
+
+    def __call__(self, index: int) -> torch.Tensor:
+        """Block ``index`` of the row's real tokens (its tokens ``index * block`` to ``(index + 1) * block``)."""
+        columns = self._columns[index * self._block : (index + 1) * self._block]
+        start, size = int(columns[0]), len(columns)
+        contiguous = int(columns[-1]) - start + 1 == size  # true but where a cached prefix and the rest meet
+        first = self._layers[0].keys
+        assert first is not None
+        out = first.new_empty((2, len(self._layers), first.shape[1], size, first.shape[3]))
+        for side in (0, 1):
+            parts = []
+            for layer in self._layers:
+                t = layer.keys if side == 0 else layer.values
+                assert t is not None
+                parts.append(t[self._row, :, start : start + size] if contiguous else t[self._row][:, columns])
+            torch.stack(parts, out=out[side])
+        return out
 
 
 def _fill(cache: DynamicCache, hits: Sequence[Hit | None], head: int) -> None:
-    """Put each row's cached prefix into ``cache``, right-aligned at column ``head`` (zeros before it)."""
-    kvs = [None if h is None else h.kv() for h in hits]
-    some = next(kv for kv in kvs if kv is not None)
-    layers, _, heads, _, dim = some.shape
-    full = some.new_zeros((layers, 2, len(hits), heads, head, dim))
-    for row, kv in enumerate(kvs):
-        if kv is not None:
-            full[:, :, row, :, head - kv.shape[3] :, :] = kv
+    """Put each row's cached prefix into ``cache``, right-aligned at column ``head`` (zeros before it).
+
+    One allocation for every layer and one copy of each block; the layers' keys and values are views of it.
+    """
+    shape = next(h for h in hits if h is not None).blocks[0].kv.shape  # [2, layers, kv_heads, block, head_dim]
+    sample = next(h for h in hits if h is not None).blocks[0].kv
+    _, layers, heads, _, dim = shape
+    full = sample.new_empty((2, layers, len(hits), heads, head, dim))
+    for row, hit in enumerate(hits):
+        length = 0 if hit is None else hit.length
+        if length < head:
+            full[:, :, row, :, : head - length].zero_()
+        at = head - length
+        for block in () if hit is None else hit.blocks:
+            size = block.kv.shape[3]
+            full[:, :, row, :, at : at + size].copy_(block.kv)
+            at += size
     slots = [layer for layer in cache.layers if type(layer) is DynamicLayer]
     if len(slots) != layers:
         raise ValueError(f"the cached prefix has {layers} layers of keys and values, the model {len(slots)}")
     for i, layer in enumerate(slots):
-        layer.update(full[i, 0], full[i, 1])
+        layer.lazy_initialization(full[0, i], full[1, i])
+        layer.keys, layer.values = full[0, i], full[1, i]
 
 
 def _kv_layers(cache: DynamicCache) -> list[DynamicLayer]:

@@ -4,7 +4,7 @@ A prompt is cut into blocks of ``block_tokens`` tokens. Each full block is named
 blocks before it (BLAKE2b over the parent's digest and the block's token ids), so a name stands for the whole prefix
 up to that block, and the root is salted with the request's *scope*: requests of one scope (the gateway makes it the
 API key) share prefixes, other scopes never see them. A block holds the keys and values of its tokens for every
-layer, ``[layers, 2, kv_heads, block_tokens, head_dim]``, copied out of the batch that computed them, and its token
+layer, ``[2, layers, kv_heads, block_tokens, head_dim]``, copied out of the batch that computed them, and its token
 ids, compared on every hit so that even a digest collision cannot hand one prompt another's KV.
 
 A lookup walks the chain from the root and stops at the first block it lacks; the request is then prefilled only
@@ -23,7 +23,7 @@ import hashlib
 import logging
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +39,7 @@ class Block:
     """The KV of one block of tokens and the token ids it stands for."""
 
     tokens: tuple[int, ...]
-    kv: torch.Tensor  # [layers, 2, kv_heads, block_tokens, head_dim]
+    kv: torch.Tensor  # [2, layers, kv_heads, block_tokens, head_dim]: keys, then values
 
     @property
     def nbytes(self) -> int:
@@ -57,7 +57,8 @@ class Hit:
         return sum(len(b.tokens) for b in self.blocks)
 
     def kv(self) -> torch.Tensor:
-        """``[layers, 2, kv_heads, length, head_dim]``: the blocks joined."""
+        """``[2, layers, kv_heads, length, head_dim]``: the blocks joined (for tests; the engine copies them one by
+        one into the batch)."""
         return torch.cat([b.kv for b in self.blocks], dim=3)
 
 
@@ -130,9 +131,11 @@ class PrefixCache:
         first = next((i for i, d in enumerate(digests) if d not in self._blocks), len(digests))
         return digests, first
 
-    def store(self, tokens: Sequence[int], digests: Sequence[bytes], first: int, kv: torch.Tensor) -> int:
-        """Keep the blocks of ``tokens`` named ``digests`` from block ``first`` on, whose KV
-        ``[layers, 2, kv_heads, n, head_dim]`` starts at block ``first``; return how many new blocks were kept.
+    def store(
+        self, tokens: Sequence[int], digests: Sequence[bytes], first: int, block_kv: Callable[[int], torch.Tensor]
+    ) -> int:
+        """Keep the blocks of ``tokens`` named ``digests`` from block ``first`` on; return how many new blocks were
+        kept. ``block_kv(b)`` gives block ``b``'s KV as a tensor of its own (it is called only for blocks kept).
 
         Blocks already stored are touched instead of copied. The chain is cut where it would no longer fit the
         budget whole, and eviction never takes a block of the chain being stored (a chain whose root made room for
@@ -149,8 +152,7 @@ class PrefixCache:
             elif b < first:
                 break  # evicted since the caller looked: the rest would hang off a missing parent
             else:
-                at = (b - first) * size
-                block = Block(tuple(tokens[b * size : (b + 1) * size]), kv[:, :, :, at : at + size].clone())
+                block = Block(tuple(tokens[b * size : (b + 1) * size]), block_kv(b))
                 if held + block.nbytes > self.budget_bytes:
                     break
                 held += block.nbytes

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from server.engine.batch import PaddedBatch, row_kv
+from server.engine.batch import PaddedBatch, RowBlocks
 from server.engine.pending import Pending
 from server.engine.prefix_cache import Hit, PrefixCache
 
@@ -69,13 +69,8 @@ class Reuse:
         if store is None or store.disabled is not None:
             return
         digests, first = store.missing_from(scope, tokens)
-        if first >= len(digests):
-            store.store(tokens, digests, first, mask.new_zeros(0))  # all there: only touch them
-            return
         try:
-            size = store.block_tokens
-            kv = row_kv(cache, mask, row, skip=first * size)[:, :, :, : (len(digests) - first) * size]
-            store.store(tokens, digests, first, kv)
+            store.store(tokens, digests, first, RowBlocks(cache, mask, row, store.block_tokens))
         except Exception as exc:
             logger.warning("prefix caching is off for this model: its KV could not be stored (%s)", exc)
             store.disabled = str(exc)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
+from server.engine.batch import RowBlocks
 from server.engine.prefix_cache import PrefixCache
 
 LAYERS, HEADS, DIM, BLOCK = 2, 2, 4, 4
@@ -12,17 +14,31 @@ BLOCK_BYTES = LAYERS * 2 * HEADS * BLOCK * DIM * 4  # float32
 
 
 def kv_for(tokens: list[int]) -> torch.Tensor:
-    """Fake KV whose values encode each token and its position, so a wrong block shows up in the numbers."""
-    out = torch.zeros(LAYERS, 2, HEADS, len(tokens), DIM)
+    """Fake KV ``[2, layers, heads, tokens, dim]`` whose values encode each token, its position, layer and side, so
+    a wrong block shows up in the numbers."""
+    out = torch.zeros(2, LAYERS, HEADS, len(tokens), DIM)
     for pos, tok in enumerate(tokens):
         out[:, :, :, pos, 0] = tok
         out[:, :, :, pos, 1] = pos
+    for layer in range(LAYERS):
+        out[:, layer, :, :, 2] = layer
+    out[1, :, :, :, 3] = 1
     return out
+
+
+def cache_of(kv: torch.Tensor, columns: list[int], width: int) -> tuple[DynamicCache, torch.Tensor]:
+    """A one-row cache ``width`` wide holding ``kv``'s tokens at ``columns`` (padding elsewhere) and its mask."""
+    keys = torch.full((2, LAYERS, 1, HEADS, width, DIM), -1.0)
+    keys[:, :, 0, :, columns] = kv
+    mask = torch.zeros(1, width, dtype=torch.long)
+    mask[0, columns] = 1
+    return DynamicCache([(keys[0, layer], keys[1, layer]) for layer in range(LAYERS)]), mask
 
 
 def put(cache: PrefixCache, tokens: list[int], scope: str = "a") -> int:
     digests, first = cache.missing_from(scope, tokens)
-    return cache.store(tokens, digests, first, kv_for(tokens)[:, :, :, first * BLOCK :])
+    kv = kv_for(tokens)
+    return cache.store(tokens, digests, first, lambda b: kv[:, :, :, b * BLOCK : (b + 1) * BLOCK].clone())
 
 
 def test_a_stored_prefix_is_found_in_whole_blocks_and_its_kv_is_the_stored_one() -> None:
@@ -110,10 +126,26 @@ def test_stored_blocks_own_their_memory() -> None:
     tokens = list(range(8))
     kv = kv_for(tokens)
     digests, first = cache.missing_from("a", tokens)
-    cache.store(tokens, digests, first, kv)
-    kv.zero_()  # the batch's tensors are reused or freed after the prefill
+    batch, mask = cache_of(kv, list(range(len(tokens))), len(tokens))
+    cache.store(tokens, digests, first, RowBlocks(batch, mask, 0, BLOCK))
+    for layer in batch.layers:  # the batch's tensors are reused or freed after the prefill
+        assert layer.keys is not None and layer.values is not None
+        layer.keys.zero_()
+        layer.values.zero_()  # the batch's tensors are reused or freed after the prefill
     hit = cache.match("a", [*tokens, 1], limit=8)
     assert hit is not None and torch.equal(hit.kv(), kv_for(tokens))
+
+
+def test_a_rows_blocks_skip_its_padding_wherever_it_is() -> None:
+    tokens = list(range(50, 60))
+    kv = kv_for(tokens)
+    # Left padding, a cached part of 4 tokens, a hole of 3 columns, then the rest: as a group prefill lays rows out.
+    columns = [2, 3, 4, 5, 9, 10, 11, 12, 13, 14]
+    batch, mask = cache_of(kv, columns, 15)
+    blocks = RowBlocks(batch, mask, 0, BLOCK)
+    assert torch.equal(blocks(0), kv[:, :, :, 0:4])
+    assert torch.equal(blocks(1), kv[:, :, :, 4:8])  # across the hole
+    assert blocks(0).is_contiguous() and blocks(0).untyped_storage().nbytes() == BLOCK_BYTES
 
 
 def test_bad_sizes_are_refused() -> None:
