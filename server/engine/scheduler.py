@@ -387,9 +387,6 @@ class Scheduler:
         if logits is None:
             return
         rows, fanout = self._job_rows, self._job_fanout
-        for r in range(job.rows):  # keep the prompts' KV for requests that share a prefix with them
-            first = rows[fanout.index(r)]
-            self._reuse.keep(first.request.cache_scope, job.prompts[r], job.cache, job.mask, r)
         if len(rows) != job.rows:  # forks: one copy of their prompt row's logits each
             logits = logits.index_select(0, torch.tensor(fanout, device=logits.device))
         picks, logprobs = self._sample(logits, rows)
@@ -398,6 +395,9 @@ class Scheduler:
             if entries is not None:
                 row.prompt_logprobs, row.prompt_reported = list(entries), True
         keep = self._advance(rows, picks, logprobs)
+        for r in range(job.rows):  # the prompts' KV, for requests that share a prefix (after the first tokens went out)
+            first = rows[fanout.index(r)]
+            self._reuse.keep(first.request.cache_scope, job.prompts[r], job.cache, job.mask, r)
         self._batch.extend(job.into_batch([fanout[i] for i in keep]))  # a forked prompt row is copied per fork
         self._rows += [rows[i] for i in keep]
         self._drop_job()

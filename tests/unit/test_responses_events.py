@@ -22,7 +22,7 @@ from schemas.openai.chat import (
     ToolCall,
     UserMessage,
 )
-from schemas.openai.common import CompletionTokensDetails, CompletionUsage
+from schemas.openai.common import CompletionTokensDetails, CompletionUsage, PromptTokensDetails
 from schemas.openai.errors import ErrorBody, ErrorResponse
 from schemas.openai.responses import (
     ContentPartAdded,
@@ -52,6 +52,7 @@ from schemas.openai.responses import (
 from server.serving.responses.events import TurnEvents
 from server.serving.responses.items import output_as_input, parse_input, with_ids
 from server.serving.responses.turn import Turn, begin_turn, new_response_id, output_of, usage_of
+from server.serving.responses.upstream import chat_usage
 
 USAGE = CompletionUsage(
     prompt_tokens=11,
@@ -199,6 +200,23 @@ def test_usage_without_reasoning_details_counts_no_reasoning_tokens() -> None:
     usage = usage_of(CompletionUsage(prompt_tokens=2, completion_tokens=3, total_tokens=5))
     assert usage.output_tokens_details.reasoning_tokens == 0
     assert usage.input_tokens_details.cached_tokens == 0
+
+
+def test_cached_prompt_tokens_become_cached_input_tokens_both_ways() -> None:
+    chat = CompletionUsage(
+        prompt_tokens=40,
+        completion_tokens=3,
+        total_tokens=43,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=32),
+    )
+    assert usage_of(chat).input_tokens_details.cached_tokens == 32
+    upstream = {
+        "input_tokens": 40,
+        "output_tokens": 3,
+        "total_tokens": 43,
+        "input_tokens_details": {"cached_tokens": 32},
+    }
+    assert chat_usage(upstream)["prompt_tokens_details"] == {"cached_tokens": 32}
 
 
 # ---- events --------------------------------------------------------------------------------------------------------

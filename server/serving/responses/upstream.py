@@ -174,6 +174,9 @@ def chat_usage(usage: Any) -> Any:
         "completion_tokens": usage.get("output_tokens"),
         "total_tokens": usage.get("total_tokens"),
     }
+    cached = usage.get("input_tokens_details")
+    if isinstance(cached, dict) and "cached_tokens" in cached:
+        out["prompt_tokens_details"] = {"cached_tokens": cached["cached_tokens"]}
     details = usage.get("output_tokens_details")
     if isinstance(details, dict) and "reasoning_tokens" in details:
         out["completion_tokens_details"] = {"reasoning_tokens": details["reasoning_tokens"]}
