@@ -230,12 +230,8 @@ def main() -> None:
                 rounds[server.name]["closed"].append(closed_loop(server, args.requests, args.concurrency))
             if args.paced_rate:
                 for server in order:
-                    rounds[server.name]["paced"].append(
-                        paced(server, args.requests, args.concurrency, args.paced_rate)
-                    )
-    results = {
-        name: {kind: median_of(rs) for kind, rs in passes.items() if rs} for name, passes in rounds.items()
-    }
+                    rounds[server.name]["paced"].append(paced(server, args.requests, args.concurrency, args.paced_rate))
+    results = {name: {kind: median_of(rs) for kind, rs in passes.items() if rs} for name, passes in rounds.items()}
     print_table(results, args)
     print(
         json.dumps(
