@@ -15,7 +15,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, func, insert, literal, select
+from sqlalchemy import BigInteger, and_, bindparam, case, func, insert, select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from persistence._sql import delete_in_chunks, dialect_insert, dialect_name, own_transaction, rowcount
@@ -70,6 +71,19 @@ async def reserve_usage(
         max_requests_per_month is not None and max_requests_per_month < 1
     ):
         return False
+    if dialect_name(session) == "postgresql":
+        limited = (max_tokens_per_month is not None, max_requests_per_month is not None)
+        stmt = _pg_reservation(*limited, marked=write_id is not None)
+        params = {
+            "key_id": key_id,
+            "month": month,
+            "tokens": tokens,
+            "max_tokens": max_tokens_per_month,
+            "max_requests": max_requests_per_month,
+            "write_id": write_id,
+            "now": utcnow(),
+        }
+        return await own_transaction(session, lambda: _scalar_is_one(session, stmt, params))
     conditions = []
     if max_tokens_per_month is not None:
         conditions.append(UsageMonthly.tokens + tokens <= max_tokens_per_month)
@@ -84,16 +98,6 @@ async def reserve_usage(
             where=and_(*conditions) if conditions else None,
         )
     )
-    if dialect_name(session) == "postgresql":
-        # One statement: the marker is inserted only when the upsert changed the row. A marker already there (an
-        # undo came first, see undo_reservation) fails the whole statement, so the reservation never lands.
-        reserved = upsert.returning(UsageMonthly.key_id).cte("reserved")
-        counted: Any = select(func.count()).select_from(reserved)
-        if write_id is not None:
-            marker = select(literal(write_id, AppliedWrite.id.type), literal(utcnow(), AppliedWrite.created_at.type))
-            marked = insert(AppliedWrite).from_select(["id", "created_at"], marker.select_from(reserved)).cte("marked")
-            counted = counted.add_cte(marked)
-        return await own_transaction(session, lambda: _scalar_is_one(session, counted))
 
     async def work() -> bool:
         made = rowcount(await session.execute(upsert)) == 1  # not RETURNING on SQLite: see _claim
@@ -104,8 +108,47 @@ async def reserve_usage(
     return await own_transaction(session, work)
 
 
-async def _scalar_is_one(session: AsyncSession, stmt: Any) -> bool:
-    return bool((await session.execute(stmt)).scalar_one() == 1)
+async def _scalar_is_one(session: AsyncSession, stmt: Any, params: dict[str, Any]) -> bool:
+    return bool((await session.execute(stmt, params)).scalar_one() == 1)
+
+
+_PG_RESERVATIONS: dict[tuple[bool, bool, bool], Any] = {}
+"""The PostgreSQL reservation statements, one per combination of limits, built once with every value a bound
+parameter: building the statement and its cache key anew on each request cost more than running it."""
+
+
+def _pg_reservation(limit_tokens: bool, limit_requests: bool, *, marked: bool) -> Any:
+    """The one-statement reservation on PostgreSQL: the conditional upsert and, when it changed the row, the
+    ``applied_writes`` marker (a marker already there, an undo that came first, fails the whole statement so the
+    reservation never lands); it selects how many rows the upsert changed (0 or 1)."""
+    key = (limit_tokens, limit_requests, marked)
+    if (found := _PG_RESERVATIONS.get(key)) is not None:
+        return found
+    tokens = bindparam("tokens", type_=BigInteger())
+    conditions = []
+    if limit_tokens:
+        conditions.append(UsageMonthly.tokens + tokens <= bindparam("max_tokens", type_=BigInteger()))
+    if limit_requests:
+        conditions.append(UsageMonthly.requests + 1 <= bindparam("max_requests", type_=BigInteger()))
+    upsert = (
+        postgresql.insert(UsageMonthly)
+        .values(key_id=bindparam("key_id"), month=bindparam("month"), tokens=tokens, requests=1)
+        .on_conflict_do_update(
+            index_elements=["key_id", "month"],
+            set_={"tokens": UsageMonthly.tokens + tokens, "requests": UsageMonthly.requests + 1},
+            where=and_(*conditions) if conditions else None,
+        )
+    )
+    reserved = upsert.returning(UsageMonthly.key_id).cte("reserved")
+    counted: Any = select(func.count()).select_from(reserved)
+    if marked:
+        marker = select(
+            bindparam("write_id", type_=AppliedWrite.id.type), bindparam("now", type_=AppliedWrite.created_at.type)
+        )
+        marks = insert(AppliedWrite).from_select(["id", "created_at"], marker.select_from(reserved)).cte("marked")
+        counted = counted.add_cte(marks)
+    _PG_RESERVATIONS[key] = counted
+    return counted
 
 
 async def undo_reservation(session: AsyncSession, write_id: str, key_id: str, month: str, tokens: int) -> bool:

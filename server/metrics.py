@@ -8,7 +8,7 @@ kinds, finish reasons and OpenAI error types — never a key, user or prompt.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -51,6 +51,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[object, ...], Any] = {}
         if registry is None:  # the process's CPU, memory and file descriptors, and the Python version
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
@@ -114,6 +115,18 @@ class Metrics:
 
         self.kv = KVCollector(registry=r)
         """The prefix cache, KV usage and preemptions of engines that report them."""
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, remembered: a hot path's labelled child without the lookup and validation.
+
+        The label values of the hot paths are bounded sets (models, routes, methods, status classes, finish
+        reasons), and children are never removed, so the cache stays small and never goes stale.
+        """
+        key = (id(metric), *values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def watch_engine(self, model_name: str, running: Callable[[], float], waiting: Callable[[], float]) -> None:
         """Read the running/waiting gauges from the engine at scrape time (always exact, back to 0 when idle)."""

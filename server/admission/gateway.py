@@ -27,7 +27,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from server.admission.ratelimit import RateLimiter, StorageUnavailable, Window, duration
+from server.admission.ratelimit import (
+    ADMITTED,
+    NO_SLOT,
+    NO_TOKENS,
+    RateLimiter,
+    StorageUnavailable,
+    Window,
+    duration,
+)
 from server.admission.sequences import SequenceBudget
 from server.auth.principal import Principal
 from server.errors import OpenAIError, invalid_request
@@ -195,23 +203,28 @@ class Gateway:
         tpm_cost = counted + max_new_tokens if explicit_max else counted + min(max_new_tokens, TPM_ESTIMATE)
         ticket = Ticket(principal, current_month(), reserved, tpm_cost, quota_reserved=False, slot=False)
         limiter_ok = True
+        slots = role.max_concurrency
+        status = ADMITTED
         try:
             rpm = None if rpm_tested else role.rpm
             if rpm is not None and not await self.limiter.test("requests", key_id, rpm, 1):
                 raise await self._rate_limited(principal, "requests", rpm, 1)
-            if role.tpm is not None and not await self.limiter.test("tokens", key_id, role.tpm, tpm_cost):
-                raise await self._rate_limited(principal, "tokens", role.tpm, tpm_cost)
+            if role.tpm is not None or slots is not None:
+                # The slot only if the sequences fit too (taken below), so a request refused for its sequences
+                # takes no slot; tested and taken in one step (one round trip on Redis).
+                fits = self.sequences is None or self.sequences.held(key_id) + sequences <= self.sequences.limit
+                status = await self.limiter.test_tokens_take_slot(key_id, role.tpm, tpm_cost, slots if fits else None)
+                ticket.slot = status == ADMITTED and fits and slots is not None
         except StorageUnavailable as exc:
             limiter_ok = False
             self._storage_down(exc)
-        self._take_sequences(ticket, sequences)
+        if status == NO_TOKENS:
+            assert role.tpm is not None
+            raise await self._rate_limited(principal, "tokens", role.tpm, tpm_cost)
         try:
-            if limiter_ok and role.max_concurrency is not None:
-                try:
-                    await self._take_slot(ticket)
-                except StorageUnavailable as exc:
-                    limiter_ok = False
-                    self._storage_down(exc)
+            self._take_sequences(ticket, sequences)
+            if status == NO_SLOT:
+                self._no_slot(role.name, slots)
             await self._reserve_quota(ticket)
             if limiter_ok:
                 await self._hit_windows(ticket)
@@ -220,19 +233,16 @@ class Gateway:
             raise
         return ticket
 
-    async def _take_slot(self, ticket: Ticket) -> None:
-        role, key_id = ticket.principal.role, ticket.principal.key_id
-        assert role.max_concurrency is not None
-        if not await self.limiter.acquire_slot(key_id, role.max_concurrency):
-            self._metrics.rate_limited_total.labels(role.name, "concurrency").inc()
-            raise OpenAIError(
-                429,
-                "requests",
-                f"Too many concurrent requests for this key (limit {role.max_concurrency}); retry when one finishes.",
-                code="rate_limit_exceeded",
-                headers={"retry-after": "1", "retry-after-ms": "1000"},
-            )
-        ticket.slot = True
+    def _no_slot(self, role_name: str, limit: int | None) -> None:
+        """429: every concurrency slot of the key is taken."""
+        self._metrics.rate_limited_total.labels(role_name, "concurrency").inc()
+        raise OpenAIError(
+            429,
+            "requests",
+            f"Too many concurrent requests for this key (limit {limit}); retry when one finishes.",
+            code="rate_limit_exceeded",
+            headers={"retry-after": "1", "retry-after-ms": "1000"},
+        )
 
     def _take_sequences(self, ticket: Ticket, sequences: int) -> None:
         budget = self.sequences
@@ -270,16 +280,19 @@ class Gateway:
         ticket.quota_reserved = True
 
     async def _hit_windows(self, ticket: Ticket) -> None:
-        role, key_id = ticket.principal.role, ticket.principal.key_id
+        role, principal = ticket.principal.role, ticket.principal
         try:
-            # Tested a moment ago; a hit fails only if a concurrent request won the race for the last room.
-            if role.rpm is not None and not await self.limiter.hit("requests", key_id, role.rpm, 1):
-                raise await self._rate_limited(ticket.principal, "requests", role.rpm, 1)
-            if role.tpm is not None:
-                if not await self.limiter.hit("tokens", key_id, role.tpm, ticket.tpm_counted):
-                    raise await self._rate_limited(ticket.principal, "tokens", role.tpm, ticket.tpm_counted)
-                ticket.tpm_hit = True
-            ticket.headers = await self.headers(ticket.principal)
+            # Tested a moment ago; a hit fails only if a concurrent request won the race for the last room. The
+            # windows read after the hits give the headers (all of it one round trip on Redis).
+            refused, requests, tokens = await self.limiter.hit_windows(
+                principal.key_id, role.rpm, role.tpm, ticket.tpm_counted
+            )
+            if refused == "requests" and role.rpm is not None:
+                raise await self._rate_limited(principal, "requests", role.rpm, 1)
+            if refused == "tokens" and role.tpm is not None:
+                raise await self._rate_limited(principal, "tokens", role.tpm, ticket.tpm_counted)
+            ticket.tpm_hit = role.tpm is not None
+            ticket.headers = rate_headers(requests, tokens)
         except StorageUnavailable as exc:
             self._storage_down(exc)
 

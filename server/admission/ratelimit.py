@@ -20,12 +20,18 @@ from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
 
+from server.admission import scripts
+
 log = logging.getLogger("server.admission")
 T = TypeVar("T")
 
 NAMESPACE = "llm-server"
 # A concurrency counter outlives any request; it only expires to heal slots leaked by a crashed replica.
 CONCURRENCY_TTL_S = 3600
+EXPIRY_S = 60
+"""The requests and tokens windows span a minute."""
+ADMITTED, NO_TOKENS, NO_SLOT = 1, 2, 3
+"""What :meth:`RateLimiter.test_tokens_take_slot` answers."""
 _UNBOUNDED = 2**62  # a limit that no window count reaches: the sliding-window entry then always counts
 STORAGE_TIMEOUT_S = 2.0
 """Longest wait for one storage (Redis) call before :class:`StorageUnavailable`."""
@@ -95,6 +101,16 @@ class RateLimiter:
             if "redis" in uri.split("://", 1)[0]:
                 options["key_prefix"] = key_prefix
             self.storage = storage_from_string(uri, **options)
+        self._hit_script: Any = None
+        self._test_script: Any = None
+        bridge: Any = getattr(self.storage, "bridge", None)
+        # One Redis server (not a cluster: a script's keys would lie in different slots) through limits' coredis
+        # bridge: several steps of admission in one round trip each (server.admission.scripts).
+        if type(self.storage).__name__ == "RedisStorage" and hasattr(bridge, "get_connection"):
+            connection = bridge.get_connection()
+            self._hit_script = connection.register_script(scripts.HIT_WINDOWS)
+            self._test_script = connection.register_script(scripts.TEST_TOKENS_TAKE_SLOT)
+            self._prefixed = bridge.prefixed_key
         self._rpm = MovingWindowRateLimiter(self.storage)
         self._tpm = SlidingWindowCounterRateLimiter(self.storage)
         self._retry_at = 0.0  # monotonic time before which the storage is not tried (after a failure)
@@ -172,6 +188,62 @@ class RateLimiter:
         item = RateLimitItemPerMinute(limit)
         key = item.key_for(NAMESPACE, kind, key_id)
         await self._call(self.storage.acquire_sliding_window_entry(key, _UNBOUNDED, item.get_expiry(), cost))
+
+    async def hit_windows(
+        self, key_id: str, rpm: int | None, tpm: int | None, tokens: int
+    ) -> tuple[str | None, Window | None, Window | None]:
+        """Hit the requests window (cost 1), then the tokens window (``tokens``), then read both for the headers.
+
+        Returns:
+            The kind refused (``"requests"``: nothing hit; ``"tokens"``: the requests hit stands, as with two
+            :meth:`hit` calls) or ``None``, and the windows that apply as they are after the hits. On Redis one
+            round trip, atomic (four calls before).
+        """
+        if self._hit_script is None:
+            if rpm is not None and not await self.hit("requests", key_id, rpm, 1):
+                return "requests", None, None
+            if tpm is not None and not await self.hit("tokens", key_id, tpm, tokens):
+                return "tokens", None, None
+            req = await self.window("requests", key_id, rpm) if rpm else None
+            tok = await self.window("tokens", key_id, tpm) if tpm else None
+            return None, req, tok
+        tokens_key = self._sliding_key(key_id, tpm)
+        now = time.time()
+        keys = [self._prefixed(self._key("requests", key_id, rpm)), f"{tokens_key}/-1", tokens_key]
+        args = [now, EXPIRY_S, rpm or 0, tpm or 0, tokens]
+        out = await self._call(self._hit_script.execute(keys, args))
+        status = int(out[0])
+        if status != 1:
+            return ("requests" if status == 2 else "tokens"), None, None
+        req = Window(rpm, *scripts.moving_window(rpm, EXPIRY_S, out[1], out[2], now)) if rpm else None
+        tok = Window(tpm, *scripts.sliding_window(tpm, EXPIRY_S, out[3:7])) if tpm else None
+        return None, req, tok
+
+    async def test_tokens_take_slot(self, key_id: str, tpm: int | None, tokens: int, slots: int | None) -> int:
+        """Test the tokens window for ``tokens`` (consumes nothing), then take one of ``slots`` concurrency slots.
+
+        Returns:
+            :data:`ADMITTED` (the slot, if ``slots`` is given, is taken), :data:`NO_TOKENS` or :data:`NO_SLOT`
+            (nothing taken). On Redis one round trip, atomic.
+        """
+        if self._test_script is None:
+            if tpm is not None and not await self.test("tokens", key_id, tpm, tokens):
+                return NO_TOKENS
+            if slots is not None and not await self.acquire_slot(key_id, slots):
+                return NO_SLOT
+            return ADMITTED
+        tokens_key = self._sliding_key(key_id, tpm)
+        keys = [f"{tokens_key}/-1", tokens_key, self._prefixed(f"{NAMESPACE}/concurrency/{key_id}")]
+        args = [EXPIRY_S, tpm or 0, tokens, slots or 0, CONCURRENCY_TTL_S]
+        return int(await self._call(self._test_script.execute(keys, args)))
+
+    @staticmethod
+    def _key(kind: str, key_id: str, limit: int | None) -> str:
+        return RateLimitItemPerMinute(limit or 1).key_for(NAMESPACE, kind, key_id)
+
+    def _sliding_key(self, key_id: str, limit: int | None) -> str:
+        """The current counter of a tokens window on Redis, as limits names it (``{key}``; ``{key}/-1`` before)."""
+        return str(self._prefixed(f"{{{self._key('tokens', key_id, limit)}}}"))
 
     async def acquire_slot(self, key_id: str, limit: int) -> bool:
         """Take one of ``limit`` concurrent slots of ``key_id``."""

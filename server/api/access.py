@@ -95,7 +95,7 @@ def timing_middleware(metrics: Metrics, writer: BatchWriter) -> Any:
             finally:
                 elapsed = time.perf_counter() - started
                 route = scope.get("path_template") or "unmatched"
-                metrics.request_duration_seconds.labels(route).observe(elapsed)
+                metrics.child(metrics.request_duration_seconds, route).observe(elapsed)
                 log_access(scope, route, status or 499, elapsed)
 
         return middleware
@@ -161,7 +161,8 @@ def count_response(metrics: Metrics) -> Any:
     async def hook(message: Message, scope: Scope) -> None:
         if message["type"] == "http.response.start":
             route = scope.get("path_template") or "unmatched"
-            metrics.requests_total.labels(route, scope.get("method", ""), status_class(message["status"])).inc()
+            method, status = str(scope.get("method", "")), status_class(message["status"])
+            metrics.child(metrics.requests_total, route, method, status).inc()
 
     return hook
 

@@ -170,9 +170,9 @@ class Exchange:
         entry = await self.cache.get(key)
         if entry is not None and work.replay(entry):
             headers["x-cache"] = "HIT"
-            self.metrics.cache_hits_total.labels(work.model).inc()
+            self.metrics.child(self.metrics.cache_hits_total, work.model).inc()
         else:
-            self.metrics.cache_misses_total.labels(work.model).inc()
+            self.metrics.child(self.metrics.cache_misses_total, work.model).inc()
         return key
 
     async def _settle(

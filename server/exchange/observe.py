@@ -20,16 +20,16 @@ def observe(metrics: Metrics, model: str, outcome: Outcome) -> None:
     """Finish reasons, and for generations that reached a model their tokens and latencies, labelled ``model``."""
     for finish in outcome.finish_reasons:
         if finish is not None:
-            metrics.request_success_total.labels(model, finish).inc()
+            metrics.child(metrics.request_success_total, model, finish).inc()
     if not outcome.runs:  # a cache hit, or nothing reached the model
         return
-    metrics.prompt_tokens_total.labels(model).inc(outcome.usage.prompt_tokens)
-    metrics.generation_tokens_total.labels(model).inc(outcome.usage.completion_tokens)
+    metrics.child(metrics.prompt_tokens_total, model).inc(outcome.usage.prompt_tokens)
+    metrics.child(metrics.generation_tokens_total, model).inc(outcome.usage.completion_tokens)
     ttft, itl, e2e, queue = (
-        metrics.time_to_first_token_seconds.labels(model),
-        metrics.inter_token_latency_seconds.labels(model),
-        metrics.e2e_request_latency_seconds.labels(model),
-        metrics.request_queue_time_seconds.labels(model),
+        metrics.child(metrics.time_to_first_token_seconds, model),
+        metrics.child(metrics.inter_token_latency_seconds, model),
+        metrics.child(metrics.e2e_request_latency_seconds, model),
+        metrics.child(metrics.request_queue_time_seconds, model),
     )
     for run in outcome.runs:
         admitted = run.admitted_at

@@ -21,7 +21,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from persistence.config import make_engine_config
+from persistence.config import create_engine, make_engine_config
 
 T = TypeVar("T")
 
@@ -142,8 +142,14 @@ class Database:
         self._write_lock = asyncio.Lock() if url.startswith("sqlite") else None
         self._abandoned: set[asyncio.Task[Any]] = set()
         self._autocommit: AsyncEngine | None = None
+        self._unpinged: AsyncEngine | None = None
         if url.startswith("postgresql"):
             self._autocommit = self.config.get_engine().execution_options(isolation_level="AUTOCOMMIT")
+            # For run(..., pinged=False): a pool of its own whose connections are not pinged before each use (a
+            # round trip); its callers retry once when the connection they were handed turns out dead.
+            self._unpinged = create_engine(url, connect_timeout_s=timeout_s, pool_pre_ping=False).execution_options(
+                isolation_level="AUTOCOMMIT"
+            )
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -158,6 +164,7 @@ class Database:
         timeout_s: float | None = None,
         write: bool = False,
         single_statement: bool = False,
+        pinged: bool = True,
     ) -> T:
         """Run ``fn(session)`` in a fresh session within the timeout; commit on success.
 
@@ -165,6 +172,9 @@ class Database:
         ``single_statement=True`` promises that ``fn`` runs one statement that is atomic by itself: on PostgreSQL it
         then runs in autocommit mode, without the ``BEGIN`` and ``COMMIT`` round trips (and without a transaction
         left open on the server if the connection is cut before ``COMMIT``); elsewhere it is a transaction as usual.
+        ``pinged=False`` (with ``single_statement``, PostgreSQL) runs it on a connection of a second pool that is not
+        pinged first: a round trip less, but a connection the server closed meanwhile fails the statement
+        (``DatabaseUnavailable`` caused by an invalidated connection, :func:`connection_was_dead`); retry it once.
 
         Raises:
             DatabaseUnavailable: the database did not answer within the timeout, refused the connection, lost it,
@@ -174,7 +184,8 @@ class Database:
 
         async def go() -> T:
             if single_statement and self._autocommit is not None:
-                async with AsyncSession(self._autocommit, expire_on_commit=False) as session:
+                bind = self._autocommit if pinged or self._unpinged is None else self._unpinged
+                async with AsyncSession(bind, expire_on_commit=False) as session:
                     return await fn(session)
             async with self.session() as session:
                 result = await fn(session)
@@ -227,6 +238,18 @@ class Database:
         if self._abandoned:
             await asyncio.wait(set(self._abandoned), timeout=self.timeout_s)
         await self.config.get_engine().dispose()
+        if self._unpinged is not None:
+            await self._unpinged.dispose()
+
+
+def connection_was_dead(exc: BaseException) -> bool:
+    """Whether ``exc`` (from :meth:`Database.run`) came from a connection the driver found closed, now discarded."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if getattr(seen, "connection_invalidated", False):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def _forget(tasks: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:

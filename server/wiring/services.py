@@ -16,7 +16,7 @@ from server.auth.principal import Authenticator
 from server.auth.static import StaticKeys, is_static_key_id
 from server.exchange.cache import CompletionCache
 from server.metrics import Metrics
-from server.records.database import Database, DatabaseUnavailable
+from server.records.database import Database, DatabaseUnavailable, connection_was_dead
 from server.records.units import new_write_id
 from server.records.writer import BatchWriter
 from server.settings import Settings
@@ -65,24 +65,34 @@ def build_services(settings: Settings, metrics: Metrics, *, ratelimit_key_prefix
         # One autocommit statement that also records write_id when it reserves. If the answer is lost (a timeout,
         # a dropped connection, the request cancelled meanwhile), it may still have committed: the writer then
         # gives it back if, and only if, it did (the client was refused, so the reservation must not stand).
-        write_id = new_write_id("r")
+        # The connection is not pinged first (a round trip per request): one found dead is retried once, on a new
+        # one, with a new write_id (the first one's undo settles whether it had landed).
+        async def once(write_id: str) -> bool:
+            try:
+                return await db.run(
+                    lambda s: store.reserve_usage(
+                        s,
+                        key_id,
+                        month,
+                        tokens,
+                        max_tokens_per_month=max_tokens,
+                        max_requests_per_month=max_requests,
+                        write_id=write_id,
+                    ),
+                    write=True,
+                    single_statement=True,
+                    pinged=False,
+                )
+            except BaseException:
+                writer.add_undo(write_id, key_id, month, tokens)
+                raise
+
         try:
-            return await db.run(
-                lambda s: store.reserve_usage(
-                    s,
-                    key_id,
-                    month,
-                    tokens,
-                    max_tokens_per_month=max_tokens,
-                    max_requests_per_month=max_requests,
-                    write_id=write_id,
-                ),
-                write=True,
-                single_statement=True,
-            )
-        except BaseException:
-            writer.add_undo(write_id, key_id, month, tokens)
-            raise
+            return await once(new_write_id("r"))
+        except DatabaseUnavailable as exc:
+            if not connection_was_dead(exc):
+                raise
+        return await once(new_write_id("r"))
 
     limiter = RateLimiter(settings.ratelimit_storage_uri, key_prefix=ratelimit_key_prefix)
     sequences = SequenceBudget(settings.sequences_per_key)

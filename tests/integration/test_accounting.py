@@ -65,6 +65,7 @@ class LostAnswers(Database):
         timeout_s: float | None = None,
         write: bool = False,
         single_statement: bool = False,
+        pinged: bool = True,
     ) -> T:
         if self.lose > 0 and write and (single_statement or not self.reservations_only):
             type(self).lose -= 1
@@ -79,7 +80,7 @@ class LostAnswers(Database):
                 raise AssertionError("unreachable")
 
             fn = then_hang
-        return await super().run(fn, timeout_s=timeout_s, write=write, single_statement=single_statement)
+        return await super().run(fn, timeout_s=timeout_s, write=write, single_statement=single_statement, pinged=pinged)
 
 
 def losing(when: str, *, reservations_only: bool = False) -> type[LostAnswers]:

@@ -14,6 +14,7 @@ from server.engine.fake import FakeEngine
 from server.metrics import Metrics
 from server.settings import Settings
 from server.wiring.services import build_services
+from server.wiring.state import app_state
 from tests.conftest import TEST_PEPPER, add_role_key
 from tests.integration.test_gateway import _concurrent_quota
 
@@ -95,3 +96,43 @@ def test_two_replicas_on_one_postgres_never_overshoot_a_quota(postgres_url: str,
     statuses = asyncio.run(go())
     assert statuses.count(200) == 10
     assert statuses.count(429) == 40
+
+
+def test_a_reservation_on_a_dead_connection_is_retried_once(postgres_url: str, tmp_path: Any) -> None:
+    """Reservations skip the pool's ping (a round trip per request): a pooled connection that has died fails the
+    first attempt, which is retried on a new one, so the request succeeds and is counted exactly once."""
+    s = Settings(data_dir=tmp_path, database_url=postgres_url, key_pepper=TEST_PEPPER)
+    asyncio.run(migrate.upgrade(postgres_url))
+    key = asyncio.run(add_role_key(s, "metered", monthly_requests=100, monthly_tokens=100_000))
+    app = create_app(s, engine=FakeEngine(["a", "b"]))
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": "fake", "messages": MSGS, "max_tokens": 5}
+    with TestClient(app) as http:
+        assert http.post("/v1/chat/completions", json=body, headers=headers).status_code == 200
+        db = app_state(app).services.db
+        assert db._unpinged is not None
+        pool: Any = db._unpinged.sync_engine.pool
+        idle = list(pool._pool._queue._queue)  # the reservation's connection, back in its pool (asyncio.Queue)
+        assert idle
+        for record in idle:
+            http.blocking_portal.call(record.dbapi_connection._connection.close)  # dies behind the pool's back
+        r = http.post("/v1/chat/completions", json=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert http.post("/v1/chat/completions", json=body, headers=headers).status_code == 200
+        assert http.blocking_portal.call(app_state(app).services.writer.flush)
+    usage = asyncio.run(_usage(s))
+    assert (usage.requests, usage.tokens) == (3, 3 * r.json()["usage"]["total_tokens"])
+
+
+async def _usage(s: Settings) -> Any:
+    from persistence import store
+    from server.admission.gateway import current_month
+    from server.records.database import Database
+
+    db = Database(s.database)
+    try:
+        rows = await db.run(lambda session: store.get_usage(session, None, current_month()))
+    finally:
+        await db.close()
+    assert len(rows) == 1
+    return rows[0]

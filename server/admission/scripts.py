@@ -1,0 +1,176 @@
+"""Several limit operations in one Redis round trip, on the very data structures ``limits`` keeps.
+
+Each script below is the concatenation of ``limits``' own Lua scripts for the operations it replaces (same keys,
+same algorithms, same order), so a window written by one is read correctly by the other, and running them as one
+script makes the sequence atomic where it used to be several round trips. The window figures are turned into
+``(remaining, reset_s)`` by the formulas of ``limits``' strategies (:func:`moving_window`, :func:`sliding_window`).
+
+- :data:`HIT_WINDOWS`: hit the requests window (moving window, cost 1), then, if it had room, the tokens window
+  (sliding-window counter, the request's cost), then read both windows for the ``x-ratelimit-*`` headers: four
+  round trips before.
+- :data:`TEST_TOKENS_TAKE_SLOT`: test the tokens window (consumes nothing) and, if it has room, take a concurrency
+  slot: two round trips before (three for a key's first slot).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+# Moving window (limits: acquire_moving_window.lua, then moving_window.lua) and sliding-window counter (limits:
+# acquire_sliding_window.lua, then sliding_window.lua), with the arguments named.
+_SLIDING_SHIFT = """
+local function shift(prev, cur, expiry_ms)
+    local ttl = tonumber(redis.call('pttl', cur))
+    if ttl > 0 and ttl < expiry_ms then
+        redis.call('rename', cur, prev)
+        redis.call('set', cur, 0, 'PX', ttl + expiry_ms)
+    end
+end
+local function sliding(prev, cur, expiry_ms)
+    local pc = tonumber(redis.call('get', prev)) or 0
+    local pt = tonumber(redis.call('pttl', prev)) or 0
+    local cc = tonumber(redis.call('get', cur)) or 0
+    local ct = tonumber(redis.call('pttl', cur)) or 0
+    if pt < 0 then pt = 0 end
+    if ct < 0 then ct = 0 end
+    return pc, pt, cc, ct
+end
+"""
+
+HIT_WINDOWS = (
+    _SLIDING_SHIFT
+    + """
+-- KEYS: requests list, tokens previous, tokens current. ARGV: now (s), expiry (s), rpm (0: none), tpm (0: none), cost.
+local now = tonumber(ARGV[1])
+local expiry = tonumber(ARGV[2])
+local rpm = tonumber(ARGV[3])
+local tpm = tonumber(ARGV[4])
+local amount = tonumber(ARGV[5])
+local expiry_ms = expiry * 1000
+local out = {1, tostring(now), 0, 0, 0, 0, 0}
+if rpm > 0 then
+    local entry = redis.call('lindex', KEYS[1], rpm - 1)
+    if entry and tonumber(entry) >= now - expiry then
+        return {2}
+    end
+    redis.call('lpush', KEYS[1], now)
+    redis.call('ltrim', KEYS[1], 0, rpm - 1)
+    redis.call('expire', KEYS[1], expiry)
+end
+if tpm > 0 then
+    if amount > tpm then
+        return {3}
+    end
+    shift(KEYS[2], KEYS[3], expiry_ms)
+    local pc, pt, cc, ct = sliding(KEYS[2], KEYS[3], expiry_ms)
+    if math.floor(pc * pt / expiry_ms) + cc + amount > tpm then
+        return {3}
+    end
+    if redis.call('exists', KEYS[3]) == 1 then
+        redis.call('incrby', KEYS[3], amount)
+    else
+        redis.call('set', KEYS[3], amount, 'PX', expiry_ms * 2)
+    end
+end
+if rpm > 0 then
+    -- the oldest entry still in the window, by binary search (limits: moving_window.lua)
+    local target = now - expiry
+    local low, high, index = 0, rpm - 1, nil
+    while low <= high do
+        local mid = math.floor((low + high) / 2)
+        local val = tonumber(redis.call('lindex', KEYS[1], mid))
+        if val and val >= target then
+            index = mid
+            low = mid + 1
+        else
+            high = mid - 1
+        end
+    end
+    if index then
+        out[2] = tostring(tonumber(redis.call('lindex', KEYS[1], index)))
+        out[3] = index + 1
+    end
+end
+if tpm > 0 then
+    shift(KEYS[2], KEYS[3], expiry_ms)
+    out[4], out[5], out[6], out[7] = sliding(KEYS[2], KEYS[3], expiry_ms)
+end
+return out
+"""
+)
+"""Returns ``{1, oldest, count, previous count, previous pttl, current count, current pttl}`` after hitting both
+windows, or ``{2}`` (the requests window is full: nothing hit) or ``{3}`` (the tokens window is: only the requests
+window was hit, as when the two hits were separate calls)."""
+
+TEST_TOKENS_TAKE_SLOT = (
+    _SLIDING_SHIFT
+    + """
+-- KEYS: tokens previous, tokens current, concurrency counter.
+-- ARGV: expiry (s), tpm (0: none), cost, slots (0: none), counter ttl (s).
+local expiry_ms = tonumber(ARGV[1]) * 1000
+local tpm = tonumber(ARGV[2])
+local amount = tonumber(ARGV[3])
+local slots = tonumber(ARGV[4])
+if tpm > 0 then
+    if amount > tpm then
+        return 2
+    end
+    shift(KEYS[1], KEYS[2], expiry_ms)
+    local pc, pt, cc, ct = sliding(KEYS[1], KEYS[2], expiry_ms)
+    -- limits' test: weighted count < limit - cost + 1, the weighted count not rounded
+    if not (pc * pt / expiry_ms + cc < tpm - amount + 1) then
+        return 2
+    end
+end
+if slots > 0 then
+    local value = redis.call('incrby', KEYS[3], 1)
+    if value == 1 then
+        redis.call('expire', KEYS[3], ARGV[5])
+    end
+    if value > slots then
+        value = redis.call('incrby', KEYS[3], -1)
+        if value == -1 then
+            redis.call('expire', KEYS[3], ARGV[5])
+        end
+        return 3
+    end
+end
+return 1
+"""
+)
+"""Returns 1 (the tokens fit; the slot, if asked for, is taken), 2 (the tokens window has no room: nothing taken)
+or 3 (no slot free: nothing taken)."""
+
+
+def moving_window(limit: int, expiry: int, oldest: Any, count: Any, now: float | None = None) -> tuple[int, float]:
+    """The requests window (remaining, seconds to reset) from its oldest entry and count.
+
+    As limits' ``MovingWindowRateLimiter.get_window_stats`` computes it.
+    """
+    reset = float(oldest) + expiry
+    remaining = limit - int(count)
+    return max(0, remaining), max(0.0, reset - (now or time.time()))
+
+
+def sliding_window(limit: int, expiry: int, counts: list[Any]) -> tuple[int, float]:
+    """The tokens window (remaining, seconds to reset) from its counters.
+
+    As limits' ``SlidingWindowCounterRateLimiter.get_window_stats`` computes it.
+
+    ``counts``: previous count, previous pttl (ms), current count, current pttl (ms), as the script returns them.
+    """
+    previous_count, current_count = int(counts[0] or 0), int(counts[2] or 0)
+    previous_expires_in = max(0.0, float(counts[1] or 0)) / 1000
+    current_expires_in = max(0.0, float(counts[3] or 0)) / 1000
+    weighted = previous_count * previous_expires_in / expiry + current_count
+    remaining = max(0, limit - math.floor(weighted))
+    if not (previous_count or current_count):
+        return remaining, 0.0
+    previous_reset_in, current_reset_in = math.inf, math.inf
+    if previous_count:
+        previous_reset_in = previous_expires_in % (expiry / previous_count)
+    if current_count:
+        current_reset_in = current_expires_in % expiry
+    return remaining, max(0.0, min(previous_reset_in, current_reset_in))

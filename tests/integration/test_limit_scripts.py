@@ -1,0 +1,103 @@
+"""The combined limit steps (one Redis script each) keep limits' own semantics: the same answers as the separate
+calls on the memory storage, and windows that limits' own readers agree with (``LLM_SERVER_TEST_REDIS_URL``)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import pytest
+
+from server.admission.ratelimit import ADMITTED, NO_SLOT, NO_TOKENS, RateLimiter
+from tests.integration.test_scaleout import _cleanup_redis
+
+
+def limiter_for(storage: str, request: pytest.FixtureRequest) -> tuple[RateLimiter, str | None, str]:
+    if storage == "memory":
+        return RateLimiter("async+memory://"), None, ""
+    url: str = request.getfixturevalue("redis_url")
+    prefix = f"llmtest-{secrets.token_hex(6)}"
+    return RateLimiter("async+" + url, key_prefix=prefix), url, prefix
+
+
+def circular_gap(a: float, b: float, period: float = 60.0) -> float:
+    gap = abs(a - b) % period
+    return min(gap, period - gap)
+
+
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+def test_hit_windows_hits_both_and_reports_what_limits_reads(storage: str, request: pytest.FixtureRequest) -> None:
+    limiter, url, prefix = limiter_for(storage, request)
+    scripted = storage == "redis"
+    assert (limiter._hit_script is not None) is scripted
+
+    async def go() -> None:
+        try:
+            for i in range(3):
+                refused, req, tok = await limiter.hit_windows("k1", 3, 100, 30)
+                assert refused is None and req is not None and tok is not None
+                # What the hit reports is what limits' own readers see right after it.
+                again_req = await limiter.window("requests", "k1", 3)
+                again_tok = await limiter.window("tokens", "k1", 100)
+                assert (req.limit, req.remaining) == (again_req.limit, again_req.remaining) == (3, 2 - i)
+                assert (tok.limit, tok.remaining) == (again_tok.limit, again_tok.remaining) == (100, 100 - 30 * (i + 1))
+                assert abs(req.reset_s - again_req.reset_s) < 0.5 and 59 < req.reset_s < 60.01
+                # limits' formula takes the counter's time to live modulo the window: 60 s read in the same
+                # millisecond as the hit is 0, a moment later 59.99; either way the same instant.
+                assert circular_gap(tok.reset_s, again_tok.reset_s) < 0.5
+            # The requests window is full: refused, nothing hit (the tokens window keeps its 90).
+            assert await limiter.hit_windows("k1", 3, 100, 5) == ("requests", None, None)
+            assert (await limiter.window("tokens", "k1", 100)).remaining == 10
+            # The tokens window has no room: refused; the requests hit stands, as with two separate hits.
+            assert await limiter.hit_windows("k2", 10, 100, 101) == ("tokens", None, None)
+            assert (await limiter.hit_windows("k2", 10, 100, 60))[0] is None
+            assert await limiter.hit_windows("k2", 10, 100, 41) == ("tokens", None, None)
+            assert (await limiter.window("requests", "k2", 10)).remaining == 7
+            assert (await limiter.window("tokens", "k2", 100)).remaining == 40
+            # Only the windows that apply.
+            refused, req, tok = await limiter.hit_windows("k3", None, 50, 10)
+            assert refused is None and req is None and tok is not None and tok.remaining == 40
+            refused, req, tok = await limiter.hit_windows("k3", 5, None, 10)
+            assert refused is None and tok is None and req is not None and req.remaining == 4
+            # A window hit by the script is read and hit as one by limits' own calls.
+            assert await limiter.test("requests", "k1", 3, 1) is False
+            assert await limiter.hit("tokens", "k1", 100, 10) is True
+            assert await limiter.hit("tokens", "k1", 100, 1) is False
+        finally:
+            limiter.close()
+            if url is not None:
+                await _cleanup_redis(url, prefix)
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+def test_test_tokens_take_slot_takes_nothing_when_it_refuses(storage: str, request: pytest.FixtureRequest) -> None:
+    limiter, url, prefix = limiter_for(storage, request)
+
+    async def go() -> None:
+        try:
+            assert await limiter.test_tokens_take_slot("k", 100, 40, 2) == ADMITTED
+            assert await limiter.test_tokens_take_slot("k", 100, 40, 2) == ADMITTED
+            assert await limiter.in_use("k") == 2
+            assert await limiter.test_tokens_take_slot("k", 100, 40, 2) == NO_SLOT
+            assert await limiter.in_use("k") == 2
+            await limiter.release_slot("k")
+            # A test consumes nothing: the tokens window is still empty, so 100 fit, 101 never do.
+            assert await limiter.test_tokens_take_slot("k", 100, 101, 2) == NO_TOKENS
+            assert await limiter.in_use("k") == 1
+            assert await limiter.test_tokens_take_slot("k", 100, 100, None) == ADMITTED
+            assert await limiter.in_use("k") == 1
+            # After hits the test sees the window as limits' own test does.
+            assert await limiter.hit("tokens", "k", 100, 70)
+            assert await limiter.test_tokens_take_slot("k", 100, 31, None) == NO_TOKENS
+            assert await limiter.test("tokens", "k", 100, 31) is False
+            assert await limiter.test_tokens_take_slot("k", 100, 30, 2) == ADMITTED
+            assert await limiter.in_use("k") == 2
+            assert await limiter.test_tokens_take_slot("k", None, 10**9, None) == ADMITTED
+        finally:
+            limiter.close()
+            if url is not None:
+                await _cleanup_redis(url, prefix)
+
+    asyncio.run(go())
