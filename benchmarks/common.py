@@ -50,13 +50,16 @@ def serve(env: dict[str, str], timeout_s: float = 600.0) -> Iterator[str]:
 
 
 @contextmanager
-def serve_process(env: dict[str, str], timeout_s: float = 600.0) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Like :func:`serve`, also yielding the process (for its memory)."""
+def serve_process(
+    env: dict[str, str], timeout_s: float = 600.0, *, python: str = sys.executable, root: Path = ROOT
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Like :func:`serve`, also yielding the process (for its memory); ``python`` and ``root`` may name another
+    checkout's interpreter and folder (a baseline served side by side)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--port", str(port)],
+        [python, "-m", "server", "serve", "--port", str(port)],
         env=env,
-        cwd=ROOT,
+        cwd=root,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

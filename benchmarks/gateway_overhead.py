@@ -34,8 +34,6 @@ import statistics
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -44,7 +42,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import ROOT, free_port, percentile, server_env
+from benchmarks.common import ROOT, percentile, serve_process, server_env
 
 PEPPER = "bench-pepper-0123456789abcdef"
 HUGE = "1000000000"
@@ -158,33 +156,9 @@ def prepare(server: Server) -> None:
 @contextmanager
 def serving(server: Server, timeout_s: float = 300.0) -> Iterator[Server]:
     """Serve ``server`` on a free port until the block ends."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [server.python, "-m", "server", "serve", "--port", str(port)],
-        env=server.env,
-        cwd=server.root,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    server.base, server.pid = f"http://127.0.0.1:{port}", proc.pid
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{server.name}: serve exited with {proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"{server.base}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{server.name}: not ready")
-            time.sleep(0.1)
+    with serve_process(server.env, timeout_s, python=server.python, root=server.root) as (base, proc):
+        server.base, server.pid = base, proc.pid
         yield server
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
