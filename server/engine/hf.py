@@ -233,7 +233,8 @@ class HFEngine:
             raise ValueError(f"{self._source}: the config has no max_position_embeddings; pass max_model_len")
         self._model, self._device = model, device
         max_batch_size = self._max_batch_size
-        if max_batch_size > 1 and not supports_merging(model.config):
+        mergeable = supports_merging(model.config)
+        if max_batch_size > 1 and not mergeable:
             logger.warning(
                 "%s has sliding-window or linear-attention layers, whose caches cannot be merged into a padded "
                 "batch: serving one request at a time (max_batch_size 1)",
@@ -241,7 +242,7 @@ class HFEngine:
             )
             max_batch_size = 1
         prefix_cache = None
-        if self._prefix_cache_bytes and max_batch_size > 1:  # the same layers that merge can be cut into blocks
+        if self._prefix_cache_bytes and mergeable:  # the layers whose caches merge are the ones cut into blocks
             prefix_cache = PrefixCache(self._prefix_cache_bytes)
         self._info = ModelInfo(
             name=self._served_name, source=self._source, max_model_len=int(max_len), created=int(time.time())

@@ -328,6 +328,7 @@ async def test_sliding_window_models_fall_back_to_one_row(
         await eng.start()
     try:
         assert "serving one request at a time" in caplog.text
+        assert sched(eng).prefix_cache is None  # a sliding window's cache cannot be cut into blocks either
         requests = [request(f"w{i}", n, temperature=0.0, max_tokens=12, ignore_eos=True) for i, n in enumerate((5, 40))]
         expected = await alone(eng, requests)
         together = await asyncio.gather(*(collect(eng, r) for r in requests))

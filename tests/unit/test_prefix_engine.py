@@ -220,3 +220,15 @@ async def test_memory_stays_within_the_budget_and_the_kv_gauge_returns_to_zero(
         assert stats.kv_usage == 0.0
     finally:
         await eng.stop()
+
+
+async def test_one_row_at_a_time_still_reuses_prefixes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    common: dict[str, Any] = {"served_model_name": "tiny", "data_dir": tmp_path, "dtype": "float32"}
+    eng = HFEngine(str(tiny_model_dir), max_batch_size=1, prefix_cache_mb=64, **common)
+    await eng.start()
+    try:
+        prompt = [*SYSTEM, 5, 6]
+        assert (await run(eng, req("once", prompt))).cached == 0
+        assert (await run(eng, req("twice", prompt))).cached == 64
+    finally:
+        await eng.stop()
