@@ -51,8 +51,24 @@ ReserveFn = Callable[[str, str, int, int | None, int | None], Awaitable[bool]]
 
 
 def current_month(now: float | None = None) -> str:
-    """``YYYY-MM`` in UTC."""
-    return datetime.fromtimestamp(time.time() if now is None else now, UTC).strftime("%Y-%m")
+    """``YYYY-MM`` in UTC (remembered until the month ends: every admission asks)."""
+    global _month_seen
+    at = time.time() if now is None else now
+    start, end, month = _month_seen
+    if start <= at < end:
+        return month
+    day = datetime.fromtimestamp(at, UTC)
+    first = day.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    following = (
+        first.replace(year=first.year + 1, month=1) if first.month == 12 else first.replace(month=first.month + 1)
+    )
+    month = first.strftime("%Y-%m")
+    _month_seen = (first.timestamp(), following.timestamp(), month)
+    return month
+
+
+_month_seen: tuple[float, float, str] = (0.0, 0.0, "")
+"""The month :func:`current_month` answered last: its first and following month's first second, and its name."""
 
 
 @dataclass(slots=True)

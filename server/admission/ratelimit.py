@@ -1,8 +1,10 @@
-"""Short-window limits (RPM, TPM, per-key concurrency) over a ``limits`` storage: memory or Redis, same code.
+"""Short-window limits (RPM, TPM, per-key concurrency) in this process or in a ``limits`` storage (Redis).
 
 RPM uses a moving window (exact; one entry per request). TPM uses a sliding-window counter (two counters per
-key, so large token costs stay cheap). Concurrency is a counter in the same storage, so replicas sharing Redis
-share it too.
+key, so large token costs stay cheap). Concurrency is a counter in the same place, so replicas sharing Redis
+share it too. In one process (``memory://``) the windows are :class:`server.admission.local.LocalWindows`, the
+same algorithms without a storage's locks and awaits; on Redis they are ``limits``' own structures, several steps
+at a time in one script (:mod:`server.admission.scripts`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from limits import RateLimitItemPerMinute
-from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
 
 from server.admission import scripts
+from server.admission.local import LocalWindows
 
 log = logging.getLogger("server.admission")
 T = TypeVar("T")
@@ -41,25 +43,9 @@ RETRY_AFTER_FAILURE_S = 1.0
 most once, and the storage is tried again (and used, once it answers) after this pause."""
 
 
-class SweepingMemoryStorage(MemoryStorage):
-    """limits' memory storage, sweeping expired entries at most once a second.
-
-    The stock storage starts a sweep task after every operation, and each sweep hops to a worker thread per
-    key: on the request path that cost more than all the limit checks together. Expiry stays exact (entries
-    are filtered by time when read); only the memory clean-up is batched.
-    """
-
-    SWEEP_INTERVAL_S = 1.0
-    _last_sweep = 0.0
-
-    # Overrides a private method of limits' memory storage (pyproject bounds limits to the minor series tested).
-
-    async def _MemoryStorage__schedule_expiry(self) -> None:
-        now = time.monotonic()
-        if now - self._last_sweep < self.SWEEP_INTERVAL_S:
-            return
-        self._last_sweep = now
-        await super()._MemoryStorage__schedule_expiry()  # type: ignore[misc]
+def _local_key(kind: str, key_id: str, limit: int) -> str:
+    """A window's key in this process; the limit is part of it, as in ``limits`` (a changed limit starts afresh)."""
+    return f"{kind}/{key_id}/{limit}"
 
 
 class StorageUnavailable(Exception):
@@ -93,12 +79,13 @@ class RateLimiter:
     """
 
     def __init__(self, uri: str, *, key_prefix: str = "LIMITS") -> None:
-        self.remote = uri.split("://", 1)[0] not in ("memory", "async+memory")
-        if not self.remote:
-            self.storage: Any = SweepingMemoryStorage()
-        else:
+        scheme = uri.split("://", 1)[0]
+        self.remote = scheme not in ("memory", "async+memory")
+        self.local = None if self.remote else LocalWindows(EXPIRY_S)
+        self.storage: Any = None
+        if self.remote:
             options: dict[str, Any] = {"wrap_exceptions": True}
-            if "redis" in uri.split("://", 1)[0]:
+            if "redis" in scheme:
                 options["key_prefix"] = key_prefix
             self.storage = storage_from_string(uri, **options)
         self._hit_script: Any = None
@@ -111,8 +98,8 @@ class RateLimiter:
             self._hit_script = connection.register_script(scripts.HIT_WINDOWS)
             self._test_script = connection.register_script(scripts.TEST_TOKENS_TAKE_SLOT)
             self._prefixed = bridge.prefixed_key
-        self._rpm = MovingWindowRateLimiter(self.storage)
-        self._tpm = SlidingWindowCounterRateLimiter(self.storage)
+        self._rpm = None if self.storage is None else MovingWindowRateLimiter(self.storage)
+        self._tpm = None if self.storage is None else SlidingWindowCounterRateLimiter(self.storage)
         self._retry_at = 0.0  # monotonic time before which the storage is not tried (after a failure)
         self._down_since: float | None = None  # start of the current outage, for the log
 
@@ -121,8 +108,6 @@ class RateLimiter:
         return self._tpm if kind == "tokens" else self._rpm
 
     async def _call(self, coro: Awaitable[T]) -> T:
-        if not self.remote:  # in-process: cannot hang, and a timeout task per call is not free
-            return await coro
         if time.monotonic() < self._retry_at:
             close = getattr(coro, "close", None)
             if close is not None:
@@ -153,6 +138,14 @@ class RateLimiter:
 
     async def window(self, kind: str, key_id: str, limit: int) -> Window:
         """Current state of the ``kind`` (``requests``/``tokens``) window without consuming anything."""
+        local = self.local
+        if local is not None:
+            key = _local_key(kind, key_id, limit)
+            if kind == "tokens":
+                remaining, reset_s = scripts.sliding_window_stats(limit, EXPIRY_S, *local.sliding_window(key))
+            else:
+                remaining, reset_s = scripts.moving_window(limit, EXPIRY_S, *local.moving_window(key))
+            return Window(limit=limit, remaining=remaining, reset_s=reset_s)
         item = RateLimitItemPerMinute(limit)
         limiter = self._strategy(kind)
         reset_time, remaining = await self._call(limiter.get_window_stats(item, NAMESPACE, kind, key_id))
@@ -160,18 +153,29 @@ class RateLimiter:
 
     async def test(self, kind: str, key_id: str, limit: int, cost: int) -> bool:
         """Whether ``cost`` fits now (consumes nothing)."""
-        item = RateLimitItemPerMinute(limit)
-        limiter = self._strategy(kind)
         if cost > limit:
             return False
+        local = self.local
+        if local is not None:
+            key = _local_key(kind, key_id, limit)
+            if kind == "tokens":
+                previous, previous_ttl, current, _ = local.sliding_window(key)
+                return previous * previous_ttl / EXPIRY_S + current < limit - cost + 1
+            return local.moving_window(key)[1] < limit - cost + 1
+        item = RateLimitItemPerMinute(limit)
+        limiter = self._strategy(kind)
         return bool(await self._call(limiter.test(item, NAMESPACE, kind, key_id, cost=cost)))
 
     async def hit(self, kind: str, key_id: str, limit: int, cost: int) -> bool:
         """Consume ``cost`` if it fits; a refused hit consumes nothing (moving / sliding windows)."""
-        item = RateLimitItemPerMinute(limit)
-        limiter = self._strategy(kind)
         if cost > limit:
             return False
+        local = self.local
+        if local is not None:
+            key = _local_key(kind, key_id, limit)
+            return local.acquire_sliding(key, limit, cost) if kind == "tokens" else local.acquire(key, limit, cost)
+        item = RateLimitItemPerMinute(limit)
+        limiter = self._strategy(kind)
         return bool(await self._call(limiter.hit(item, NAMESPACE, kind, key_id, cost=cost)))
 
     async def add(self, kind: str, key_id: str, limit: int, cost: int) -> None:
@@ -184,6 +188,9 @@ class RateLimiter:
         if kind != "tokens":
             raise ValueError(f"only the tokens window takes an unconditional count, not {kind!r}")
         if cost <= 0:
+            return
+        if self.local is not None:
+            self.local.acquire_sliding(_local_key(kind, key_id, limit), _UNBOUNDED, cost)
             return
         item = RateLimitItemPerMinute(limit)
         key = item.key_for(NAMESPACE, kind, key_id)
@@ -248,6 +255,11 @@ class RateLimiter:
     async def acquire_slot(self, key_id: str, limit: int) -> bool:
         """Take one of ``limit`` concurrent slots of ``key_id``."""
         key = f"{NAMESPACE}/concurrency/{key_id}"
+        if self.local is not None:
+            if self.local.incr(key) > limit:
+                self.local.incr(key, -1)
+                return False
+            return True
         value = int(await self._call(self.storage.incr(key, CONCURRENCY_TTL_S, 1)))
         if value > limit:
             await self._call(self.storage.incr(key, CONCURRENCY_TTL_S, -1))
@@ -257,12 +269,18 @@ class RateLimiter:
     async def release_slot(self, key_id: str) -> None:
         """Give a slot back (never below zero)."""
         key = f"{NAMESPACE}/concurrency/{key_id}"
+        if self.local is not None:
+            if self.local.incr(key, -1) < 0:
+                self.local.incr(key)
+            return
         value = int(await self._call(self.storage.incr(key, CONCURRENCY_TTL_S, -1)))
         if value < 0:  # the counter expired while the request ran: do not let it go negative
             await self._call(self.storage.incr(key, CONCURRENCY_TTL_S, -value))
 
     async def in_use(self, key_id: str) -> int:
         """Slots currently held by ``key_id``."""
+        if self.local is not None:
+            return self.local.get(f"{NAMESPACE}/concurrency/{key_id}")
         return int(await self._call(self.storage.get(f"{NAMESPACE}/concurrency/{key_id}")))
 
     def close(self) -> None:
@@ -277,7 +295,9 @@ class RateLimiter:
             pool.disconnect()
 
     async def check(self) -> bool:
-        """Whether the storage answers."""
+        """Whether the storage answers (in this process: always)."""
+        if self.local is not None:
+            return True
         try:
             return bool(await self._call(self.storage.check()))
         except StorageUnavailable:

@@ -155,15 +155,32 @@ def moving_window(limit: int, expiry: int, oldest: Any, count: Any, now: float |
 
 
 def sliding_window(limit: int, expiry: int, counts: list[Any]) -> tuple[int, float]:
-    """The tokens window (remaining, seconds to reset) from its counters.
+    """The tokens window (remaining, seconds to reset) from its counters as the script returns them.
+
+    ``counts``: previous count, previous pttl (ms), current count, current pttl (ms).
+    """
+    return sliding_window_stats(
+        limit,
+        expiry,
+        int(counts[0] or 0),
+        max(0.0, float(counts[1] or 0)) / 1000,
+        int(counts[2] or 0),
+        max(0.0, float(counts[3] or 0)) / 1000,
+    )
+
+
+def sliding_window_stats(
+    limit: int,
+    expiry: int,
+    previous_count: int,
+    previous_expires_in: float,
+    current_count: int,
+    current_expires_in: float,
+) -> tuple[int, float]:
+    """The tokens window (remaining, seconds to reset) from its counters and their times to live in seconds.
 
     As limits' ``SlidingWindowCounterRateLimiter.get_window_stats`` computes it.
-
-    ``counts``: previous count, previous pttl (ms), current count, current pttl (ms), as the script returns them.
     """
-    previous_count, current_count = int(counts[0] or 0), int(counts[2] or 0)
-    previous_expires_in = max(0.0, float(counts[1] or 0)) / 1000
-    current_expires_in = max(0.0, float(counts[3] or 0)) / 1000
     weighted = previous_count * previous_expires_in / expiry + current_count
     remaining = max(0, limit - math.floor(weighted))
     if not (previous_count or current_count):

@@ -42,10 +42,10 @@ class Quota:
 
 
 class DownLimiter(RateLimiter):
-    """A rate-limit storage that does not answer."""
+    """A rate-limit storage (Redis) that does not answer; nothing connects to the address."""
 
     def __init__(self) -> None:
-        super().__init__("async+memory://")
+        super().__init__("async+redis://127.0.0.1:1/0")
 
     async def _call(self, coro: Any) -> Any:
         coro.close()
@@ -251,3 +251,18 @@ def test_checks_that_need_no_storage() -> None:
     assert (err.value.status, err.value.param) == (400, "n")
     assert Gateway.max_tokens_cap(principal(), 10**6, "max_tokens") is None  # unlimited role
     assert current_month(0) == "1970-01"
+
+
+def test_current_month_is_the_utc_month_across_boundaries_in_any_order() -> None:
+    from datetime import UTC, datetime
+
+    edges = [datetime(2026, 12, 31, 23, 59, 59, 999000, UTC), datetime(2027, 1, 1, tzinfo=UTC)]
+    edges += [
+        datetime(2028, 2, 29, 12, tzinfo=UTC),
+        datetime(2028, 3, 1, tzinfo=UTC),
+        datetime(2026, 11, 30, tzinfo=UTC),
+    ]
+    instants = [e.timestamp() for e in edges] + [e.timestamp() - 0.001 for e in edges]
+    instants += [1_700_000_000 + i * 1_234_567.89 for i in range(40)]
+    for at in instants + instants[::-1]:
+        assert current_month(at) == datetime.fromtimestamp(at, UTC).strftime("%Y-%m"), at
