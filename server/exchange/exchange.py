@@ -20,7 +20,6 @@ hook for when the response has ended. It never sees HTTP, so it is tested withou
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -210,24 +209,39 @@ async def cuttable(handle: InFlight, work: Awaitable[T], disconnected: Disconnec
     A client that disconnects meanwhile cancels ``work`` (which closes what it holds: engine rows abort, the
     upstream request is closed and aborts there) and the request ends as 499 ``client_closed_request`` in the
     log. A shutdown whose grace runs out cancels it with 503 ``overloaded``.
+
+    ``work`` runs in the calling task; one watcher task waits for the disconnect and cancels the caller (no task
+    per request for the work itself, nor a wait over both: a request pays one task, not three).
     """
-    task = asyncio.ensure_future(work)
+    current = asyncio.current_task()
+    assert current is not None
+    watching = True
+    left = False
+
+    def on_disconnect(watcher: asyncio.Future[None]) -> None:
+        nonlocal left
+        # Only while the work runs: a callback already scheduled when the work ended must not cancel later steps.
+        if watching and not watcher.cancelled() and watcher.exception() is None:
+            left = True
+            current.cancel()
+
     watcher = asyncio.ensure_future(disconnected())
+    watcher.add_done_callback(on_disconnect)
     try:
         with handle.cancellable():
-            await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                raise client_closed()
-        return task.result()
+            result = await work
+        if left:  # the work finished although it was cancelled: the cancellation is spent
+            current.uncancel()
+        return result
     except asyncio.CancelledError:
-        task.cancel()
+        if left:
+            current.uncancel()
+            raise client_closed() from None
         if not handle.absorb():
             raise
         raise shutting_down(cut=True) from None
     finally:
+        watching = False
         watcher.cancel()
 
 

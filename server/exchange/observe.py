@@ -8,7 +8,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from server import tracing
 from server.exchange.work import Work
-from server.metrics import Metrics
+from server.metrics import Metrics, observe_all
 from server.records.record import RequestRecord
 from server.serving.plan import Outcome, Plan
 
@@ -39,8 +39,7 @@ def observe(metrics: Metrics, model: str, outcome: Outcome) -> None:
             queue.observe(max(0.0, run.started_at - admitted))
         if run.first_token_at is not None:
             ttft.observe(run.first_token_at - admitted)
-        for gap in run.token_gaps:
-            itl.observe(gap)
+        observe_all(itl, run.token_gaps)
         if run.finished and run.last_token_at is not None:
             e2e.observe(run.last_token_at - admitted)
 

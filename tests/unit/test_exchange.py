@@ -24,9 +24,9 @@ from server.auth.principal import Principal
 from server.engine.fake import FakeEngine
 from server.errors import OpenAIError
 from server.exchange.cache import decode_entry
-from server.exchange.exchange import Exchange, Reply
+from server.exchange.exchange import Exchange, Reply, cuttable
 from server.exchange.remote import RemoteWork
-from server.exchange.shutdown import Lifecycle
+from server.exchange.shutdown import InFlight, Lifecycle
 from server.metrics import Metrics
 from server.models.file import RemoteModel
 from server.providers.upstream import Upstream
@@ -162,6 +162,37 @@ async def test_a_client_that_leaves_cancels_the_engine_rows_and_ends_as_499() ->
     await asyncio.sleep(0)  # the abort task runs
     assert e.aborted and not e.completed
     assert len(h.settled) == 1 and h.lifecycle.in_flight == 0
+
+
+async def test_a_cut_leaves_the_calling_task_uncancelled_and_a_late_disconnect_cuts_nothing() -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    handle = InFlight(task=task)
+    never = asyncio.Event()
+
+    async def forever() -> None:
+        await never.wait()
+
+    async def leaves_soon() -> None:
+        await asyncio.sleep(0.01)
+
+    with pytest.raises(OpenAIError) as left:  # the work is cancelled where it waits
+        await cuttable(handle, forever(), leaves_soon)
+    assert left.value.status == 499 and task.cancelling() == 0 and not handle.waiting
+    await asyncio.sleep(0.02)  # nothing cancels the caller afterwards
+
+    async def answer() -> str:
+        await asyncio.sleep(0)
+        return "done"
+
+    async def instantly() -> None:
+        return None
+
+    # The client leaves as the work ends (the watcher's callback runs after it): the answer stands, and the
+    # caller's later awaits are not cut.
+    assert await cuttable(handle, answer(), instantly) == "done"
+    await asyncio.sleep(0.01)
+    assert task.cancelling() == 0
 
 
 async def test_a_shutdown_whose_grace_ran_out_cuts_a_waiting_request_with_503() -> None:
