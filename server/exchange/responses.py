@@ -58,6 +58,26 @@ def response_not_found(response_id: str, param: str | None = None) -> OpenAIErro
     )
 
 
+@dataclass(frozen=True, slots=True)
+class History:
+    """An earlier turn as stored: its conversation's input items and its response object, both still JSON (empty
+    for a turn that continues nothing)."""
+
+    input_items: bytes = b""
+    response: bytes = b""
+
+    @property
+    def size(self) -> int:
+        """The bytes decoding it reads."""
+        return len(self.input_items) + len(self.response)
+
+    def items(self) -> list[InputItem]:
+        """The items the next turn continues from: the earlier turn's input, then its output."""
+        if not self.input_items:
+            return []
+        return _items.decode(self.input_items) + output_as_input(_response.decode(self.response).output)
+
+
 @dataclass(slots=True)
 class _Job:
     """A background turn running in this process."""
@@ -68,22 +88,28 @@ class _Job:
 
 @dataclass(slots=True)
 class Responses:
-    """Runs Responses turns through ``exchange`` and keeps their state in ``store``."""
+    """Runs Responses turns through ``exchange`` and keeps their state in ``store``.
+
+    ``max_history_bytes`` bounds the stored conversation a turn may continue from (``None``: unbounded), so that
+    a long ``previous_response_id`` chain costs one bounded read before admission, never an unbounded decode.
+    """
 
     exchange: Exchange
     store: ResponseStore
+    max_history_bytes: int | None = None
     _jobs: dict[str, _Job] = field(default_factory=dict, init=False, repr=False)
 
     # -- reading ------------------------------------------------------------------------------------------------
-    async def history(self, caller: Principal, previous_response_id: str | None) -> list[InputItem]:
-        """The items a turn continues from: the earlier turn's input and output (none without an id).
+    async def history(self, caller: Principal, previous_response_id: str | None) -> History:
+        """The earlier turn a turn continues from, still encoded (empty without an id): decoding it is part of the
+        turn's preparation, off the event loop when it is large.
 
         Raises:
             OpenAIError: 404 naming ``previous_response_id`` when it is not one of the caller's responses; 400 while
-                it is still running.
+                it is still running, or when the stored conversation is over ``max_history_bytes``.
         """
         if previous_response_id is None:
-            return []
+            return History()
         row = await self.store.get(previous_response_id, caller.key_id)
         if row is None:
             raise response_not_found(previous_response_id, "previous_response_id")
@@ -92,7 +118,16 @@ class Responses:
                 f"Response '{previous_response_id}' is still {row.status}; continue from it once it has ended.",
                 "previous_response_id",
             )
-        return _items.decode(row.input_items) + output_as_input(_response.decode(row.response).output)
+        history = History(row.input_items, row.response)
+        if self.max_history_bytes is not None and history.size > self.max_history_bytes:
+            raise invalid_request(
+                f"The conversation of response '{previous_response_id}' is {history.size} bytes as stored, over the "
+                f"{self.max_history_bytes} a conversation may be continued with; start a new conversation, giving "
+                "the items to keep as 'input'.",
+                "previous_response_id",
+                "context_length_exceeded",
+            )
+        return history
 
     async def get(self, caller: Principal, response_id: str) -> bytes:
         """The stored response object (as JSON)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from server.engine.fake import FakeEngine
 from server.settings import Settings
 from server.wiring.state import app_state
 from tests.checks import log_rows
-from tests.conftest import TEST_PEPPER, add_role_key, bearer, role_key, sdk
+from tests.conftest import DB_NAME, TEST_PEPPER, add_role_key, bearer, role_key, sdk
 from tests.fakes.templates import PLAIN, TemplateTokenizer, templated_engine
 from tests.integration.test_shutdown import LoopSpy
 from tests.live import live_server
@@ -385,3 +386,46 @@ def test_a_background_turn_cut_by_shutdown_is_stored_failed(
     with authed(TestClient(create_app(settings, engine=FakeEngine(SCRIPT)))) as http:
         stored = sdk(http, api_key).responses.retrieve(running.id)
     assert stored.status == "failed" and stored.error is not None and stored.error.code == "overloaded"
+
+
+# ---- a tenant's reach -------------------------------------------------------------------------------------------
+
+
+def test_a_long_conversation_is_prepared_off_the_loop_and_bounded(
+    tmp_path: Path, template_db: tuple[Path, str], authed: Callable[[Any], Any]
+) -> None:
+    data = tmp_path / "bounded"
+    data.mkdir()
+    shutil.copy(template_db[0], data / DB_NAME)
+    settings = Settings(data_dir=data, key_pepper=TEST_PEPPER, request_max_body_size=30_000)
+    engine = FakeEngine(SCRIPT, max_model_len=100_000)
+    tokenizer = TemplateTokenizer(PLAIN)
+    engine._tokenizer = tokenizer
+    on_loop: list[bool] = []
+    render = tokenizer.render_chat
+
+    def spying(*args: Any, **kwargs: Any) -> list[int]:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return render(*args, **kwargs)
+
+    tokenizer.render_chat = spying  # type: ignore[method-assign]
+    with authed(TestClient(create_app(settings, engine=engine))) as http:
+        client = sdk(http, template_db[1])
+        short = client.responses.create(model="fake", input="hi")
+        assert client.responses.create(model="fake", input="more", previous_response_id=short.id).status == "completed"
+        assert on_loop == [True, True]  # small bodies and a small conversation: prepared inline
+        first = client.responses.create(model="fake", input="x" * 18_000)
+        second = client.responses.create(model="fake", input="y", previous_response_id=first.id)
+        assert second.status == "completed"
+        assert on_loop[2:] == [False, False]  # a short body continuing a long conversation is prepared in a thread
+        third = client.responses.create(model="fake", input="z" * 18_000, previous_response_id=second.id)
+        assert third.status == "completed"  # ~36 kB stored: over the bound for a continuation
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model="fake", input="again", previous_response_id=third.id)
+        assert err.value.param == "previous_response_id" and err.value.code == "context_length_exceeded"
+        assert len(on_loop) == 5  # refused before the conversation was decoded or rendered
+        assert client.responses.input_items.list(third.id).data  # still readable
