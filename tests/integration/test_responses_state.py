@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import openai
 import pytest
 from litestar import Litestar
@@ -185,6 +187,40 @@ def test_another_key_sees_nothing(client: openai.OpenAI, http: TestClient[Litest
     assert client.responses.retrieve(mine.id).output_text == TEXT  # still there for its owner
 
 
+def test_a_rotated_keys_successor_sees_nothing_and_a_revoked_keys_turn_still_ends(
+    settings: Settings, authed: Callable[[Any], Any]
+) -> None:
+    slow = FakeEngine(["x"] * 40, delay_s=0.02)
+    with authed(TestClient(create_app(settings, engine=slow))) as admin:
+        old = admin.post("/admin/keys", json={"name": "rotated"}).json()
+        mine = sdk(admin, old["key"]).responses.create(model="fake", input="hi")
+        new = admin.post(f"/admin/keys/{old['id']}/rotate", json={"grace_hours": 1}).json()
+        assert sdk(admin, old["key"]).responses.retrieve(mine.id).id == mine.id  # within its grace: still its own
+        successor = sdk(admin, new["key"])
+        with pytest.raises(openai.NotFoundError):  # responses belong to the key id that made them
+            successor.responses.retrieve(mine.id)
+        with pytest.raises(openai.NotFoundError) as err:
+            successor.responses.create(model="fake", input="more", previous_response_id=mine.id)
+        assert err.value.param == "previous_response_id"
+
+        doomed = admin.post("/admin/keys", json={"name": "revoked"}).json()
+        running = sdk(admin, doomed["key"]).responses.create(model="fake", input="hi", background=True)
+        assert admin.post(f"/admin/keys/{doomed['id']}/revoke").status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            sdk(admin, doomed["key"]).responses.retrieve(running.id)
+        deadline = time.monotonic() + 10
+        while status_of(settings, running.id) in ("queued", "in_progress"):  # admitted: it runs to its end
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert status_of(settings, running.id) == "completed"
+
+
+def status_of(settings: Settings, response_id: str) -> str:
+    with sqlite3.connect(settings.data_dir / DB_NAME) as db:
+        (status,) = db.execute("SELECT status FROM responses WHERE id = ?", (response_id,)).fetchone()
+    return str(status)
+
+
 def test_deterministic_turns_are_served_from_the_cache(client: openai.OpenAI, engine: FakeEngine) -> None:
     first = client.responses.create(model="fake", input="hi", temperature=0)
     again = client.responses.create(model="fake", input="hi", temperature=0)
@@ -287,6 +323,55 @@ def test_token_quota_counts_the_rebuilt_conversation(http: TestClient[Litestar],
     assert err.value.code == "insufficient_quota"
     alone = client.responses.create(model="fake", input="hi", max_output_tokens=8)  # the same input, alone, fits
     assert alone.status == "completed"
+
+
+def test_tpm_and_monthly_requests_on_the_route(http: TestClient[Litestar], settings: Settings) -> None:
+    tokens = sdk(http, role_key(settings, "tpm150", tpm=150))
+    tokens.responses.create(model="fake", input="hi", max_output_tokens=50)
+    with pytest.raises(openai.RateLimitError) as err:
+        tokens.responses.create(model="fake", input="hi", max_output_tokens=50)
+    assert err.value.type == "tokens" and err.value.code == "rate_limit_exceeded"
+    assert int(err.value.response.headers["retry-after"]) >= 1
+    counted = sdk(http, role_key(settings, "two-responses", monthly_requests=2))
+    counted.responses.create(model="fake", input="hi")
+    queued = counted.responses.create(model="fake", input="hi", background=True)
+    assert wait_for(counted, queued.id, ("completed",)).status == "completed"
+    with pytest.raises(openai.RateLimitError) as err:
+        counted.responses.create(model="fake", input="hi", background=True)
+    assert err.value.code == "insufficient_quota"
+
+
+def stored_rows(settings: Settings) -> int:
+    with sqlite3.connect(settings.data_dir / DB_NAME) as db:
+        (count,) = db.execute("SELECT count(*) FROM responses").fetchone()
+    return int(count)
+
+
+def test_background_turns_of_a_key_are_bounded_by_its_concurrency_and_sequences(
+    settings: Settings, authed: Callable[[Any], Any], api_key: str
+) -> None:
+    slow = FakeEngine(["x"] * 400, delay_s=0.02)
+    bounded = msgspec.structs.replace(settings, max_sequences_per_key=3)
+    with authed(TestClient(create_app(bounded, engine=slow))) as http:
+        pair = sdk(http, role_key(settings, "two-at-a-time", max_concurrency=2))
+        running = [pair.responses.create(model="fake", input="hi", background=True) for _ in range(2)]
+        with pytest.raises(openai.RateLimitError) as err:  # each running background turn holds its slot
+            pair.responses.create(model="fake", input="hi", background=True)
+        assert err.value.type == "requests" and err.value.code == "rate_limit_exceeded"
+        assert stored_rows(settings) == 2  # the refused turn left no row
+        assert pair.responses.cancel(running[0].id).status == "cancelled"  # its slot is free again
+        running.append(pair.responses.create(model="fake", input="hi", background=True))
+        assert running[-1].status == "queued"
+
+        # A role without a concurrency bound: the server's bound of sequences in flight per key.
+        unbounded = sdk(http, api_key)
+        mine = [unbounded.responses.create(model="fake", input="hi", background=True) for _ in range(3)]
+        with pytest.raises(openai.RateLimitError) as err:
+            unbounded.responses.create(model="fake", input="hi", background=True)
+        assert err.value.type == "requests"
+        assert stored_rows(settings) == 2 + 1 + 3
+        for client, out in [*((pair, r) for r in running[1:]), *((unbounded, r) for r in mine)]:
+            assert client.responses.cancel(out.id).status == "cancelled"
 
 
 def test_request_log_and_metrics(settings: Settings, engine: FakeEngine, api_key: str) -> None:
