@@ -5,10 +5,10 @@ its state is kept per key.
   module adds the state around it. With ``store`` (the default) the response is written once it has ended, with the
   conversation's input items, before the client sees its final event, so ``previous_response_id`` can name it at
   once. Every read is scoped to the key that made it: another key's response looks like a missing one (404).
-- A background turn is written ``queued`` first and answered as soon as the gateway admits it (a refusal is still a
-  429 and nothing is kept); it runs on in a task, ``in_progress`` once admitted, and its final state replaces the
-  row. ``cancel`` stops it (the tokens it used are charged); a cancel made on another replica reaches it through the
-  row's ``cancel_requested`` flag, which a running background turn polls.
+- A background turn is written ``queued`` once the gateway has admitted it, and answered then (a refusal is still
+  a 429, and nothing was written); it runs on in a task, ``in_progress`` once stored, and its final state replaces
+  the row. ``cancel`` stops it (the tokens it used are charged); a cancel made on another replica reaches it
+  through the row's ``cancel_requested`` flag, which a running background turn polls.
 - A streamed turn whose client goes away before its end is not stored (its usage is settled all the same).
 """
 
@@ -223,38 +223,42 @@ class Responses:
     async def start_background(
         self, turn: Turn, work: Work, caller: Principal, record: RequestRecord | None
     ) -> tuple[Response, dict[str, str]]:
-        """Store the turn ``queued``, start it, and answer (with its rate-limit headers) once the gateway has
-        admitted it.
+        """Start the turn and answer it ``queued`` (with its rate-limit headers) once the gateway has admitted it and
+        its row is stored.
+
+        The row is written only after admission: a refused turn costs the database nothing, so a key at its limits
+        cannot turn refusals into writes.
 
         Raises:
-            OpenAIError: the gateway refused it (429, ...): nothing is kept.
+            OpenAIError: the gateway refused it (429, ...), or its row could not be stored (the turn is stopped):
+                nothing is kept.
         """
         queued = turn.response("queued")
-        await self._create(turn, queued, caller)
-        admitted: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+        stored: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
         job = _Job()
         if record is not None:
             record.streaming = True  # its row is written when the turn settles, not when this answer starts
-        job.task = asyncio.ensure_future(self._background(turn, work, caller, record, job, admitted))
-        either: set[asyncio.Future[Any]] = {job.task, admitted}
+        job.task = asyncio.ensure_future(self._background(turn, queued, work, caller, record, job, stored))
+        either: set[asyncio.Future[Any]] = {job.task, stored}
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        if not admitted.done():
-            with contextlib.suppress(Exception):
-                await self.store.delete(turn.id, caller.key_id)
-            job.task.result()  # raises the refusal
+        if not stored.done():
+            job.task.result()  # raises the refusal, or the failure to store the row
         self._jobs[turn.id] = job
         job.task.add_done_callback(lambda _: self._jobs.pop(turn.id, None))
-        return queued, admitted.result()
+        return queued, stored.result()
 
     async def _background(
         self,
         turn: Turn,
+        queued: Response,
         work: Work,
         caller: Principal,
         record: RequestRecord | None,
         job: _Job,
-        admitted: asyncio.Future[dict[str, str]],
+        stored: asyncio.Future[dict[str, str]],
     ) -> None:
+        admitted: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+
         def on_admitted(headers: dict[str, str]) -> None:
             admitted.set_result(headers)
 
@@ -271,20 +275,30 @@ class Responses:
         try:
             either: set[asyncio.Future[Any]] = {run, admitted}
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-            if admitted.done() and not run.done():
+            if not admitted.done():
+                run.result()  # refused: raises, and nothing was written
+            try:
+                await self._create(turn, queued, caller)
+            except BaseException:
+                job.cancel.set()  # the client is answered with this failure: stop the turn, settling what it used
+                with contextlib.suppress(BaseException):
+                    await run
+                raise
+            stored.set_result(admitted.result())
+            if not run.done():
                 await self._progress(turn)
             reply = await run
             assert isinstance(reply.body, ChatCompletion)
             response = turn.finished(reply.body)
         except OpenAIError as exc:
-            if not admitted.done():
+            if not stored.done():
                 raise
             if exc.code == "client_closed_request":
                 response = turn.response("cancelled")
             else:
                 response = turn.response("failed", error=ResponseError(code=exc.code or exc.type, message=exc.message))
         except Exception:
-            if not admitted.done():
+            if not stored.done():
                 raise
             log.exception("background response %s failed", turn.id)
             failure = ResponseError(code="server_error", message="The server failed while running this response.")

@@ -23,6 +23,7 @@ from litestar.testing import TestClient
 from persistence import migrate
 from server.app import create_app
 from server.engine.fake import FakeEngine
+from server.records.database import DatabaseUnavailable
 from server.settings import Settings
 from server.wiring.state import app_state
 from tests.checks import log_rows
@@ -352,13 +353,27 @@ def test_background_turns_of_a_key_are_bounded_by_its_concurrency_and_sequences(
 ) -> None:
     slow = FakeEngine(["x"] * 400, delay_s=0.02)
     bounded = msgspec.structs.replace(settings, max_sequences_per_key=3)
-    with authed(TestClient(create_app(bounded, engine=slow))) as http:
+    app = create_app(bounded, engine=slow)
+    writes: list[str] = []
+    store = app_state(app).responses.store
+    for name in ("create", "delete"):
+        method = getattr(store, name)
+
+        async def counted(*args: Any, _name: str = name, _method: Any = method, **kwargs: Any) -> Any:
+            writes.append(_name)
+            return await _method(*args, **kwargs)
+
+        setattr(store, name, counted)
+    with authed(TestClient(app)) as http:
         pair = sdk(http, role_key(settings, "two-at-a-time", max_concurrency=2))
         running = [pair.responses.create(model="fake", input="hi", background=True) for _ in range(2)]
-        with pytest.raises(openai.RateLimitError) as err:  # each running background turn holds its slot
-            pair.responses.create(model="fake", input="hi", background=True)
-        assert err.value.type == "requests" and err.value.code == "rate_limit_exceeded"
-        assert stored_rows(settings) == 2  # the refused turn left no row
+        assert writes == ["create", "create"]
+        for _ in range(3):
+            with pytest.raises(openai.RateLimitError) as err:  # each running background turn holds its slot
+                pair.responses.create(model="fake", input="hi", background=True)
+            assert err.value.type == "requests" and err.value.code == "rate_limit_exceeded"
+        assert writes == ["create", "create"]  # a refusal costs the database nothing
+        assert stored_rows(settings) == 2
         assert pair.responses.cancel(running[0].id).status == "cancelled"  # its slot is free again
         running.append(pair.responses.create(model="fake", input="hi", background=True))
         assert running[-1].status == "queued"
@@ -372,6 +387,30 @@ def test_background_turns_of_a_key_are_bounded_by_its_concurrency_and_sequences(
         assert stored_rows(settings) == 2 + 1 + 3
         for client, out in [*((pair, r) for r in running[1:]), *((unbounded, r) for r in mine)]:
             assert client.responses.cancel(out.id).status == "cancelled"
+
+
+def test_a_background_turn_whose_row_cannot_be_stored_is_stopped_and_refused(
+    settings: Settings, authed: Callable[[Any], Any]
+) -> None:
+    slow = FakeEngine(["x"] * 400, delay_s=0.02)
+    app = create_app(settings, engine=slow)
+    store = app_state(app).responses.store
+    create = store.create
+
+    async def unavailable(**_: Any) -> None:
+        raise DatabaseUnavailable("the database is down")
+
+    store.create = unavailable  # type: ignore[method-assign]
+    with authed(TestClient(app)) as http:
+        single = sdk(http, role_key(settings, "single", max_concurrency=1))
+        with pytest.raises(openai.APIStatusError) as err:
+            single.responses.create(model="fake", input="hi", background=True)
+        assert err.value.status_code == 503
+        assert slow.aborted  # admitted, then stopped: it does not run on unseen
+        store.create = create  # type: ignore[method-assign]
+        out = single.responses.create(model="fake", input="hi", background=True)  # its slot was given back
+        assert single.responses.cancel(out.id).status == "cancelled"
+    assert stored_rows(settings) == 1
 
 
 def test_request_log_and_metrics(settings: Settings, engine: FakeEngine, api_key: str) -> None:
