@@ -8,7 +8,8 @@ its state is kept per key.
 - A background turn is written ``queued`` once the gateway has admitted it, and answered then (a refusal is still
   a 429, and nothing was written); it runs on in a task, ``in_progress`` once stored, and its final state replaces
   the row. ``cancel`` stops it (the tokens it used are charged); a cancel made on another replica reaches it
-  through the row's ``cancel_requested`` flag, which a running background turn polls.
+  through the row's ``cancel_requested`` flag, which a running background turn polls (a deleted row stops it
+  too).
 - A streamed turn whose client goes away before its end is not stored (its usage is settled all the same).
 """
 
@@ -263,12 +264,16 @@ class Responses:
             admitted.set_result(headers)
 
         async def cancelled() -> None:
+            """Returns once the turn is to stop: cancelled or deleted here, or through its row on another replica
+            (the flag set, or the row deleted once it was stored)."""
             while True:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(job.cancel.wait(), CANCEL_POLL_S)
                     return
+                if not stored.done():
+                    continue
                 with contextlib.suppress(Exception):
-                    if await self.store.cancel_requested(turn.id):
+                    if await self.store.cancel_requested(turn.id) is not False:
                         return
 
         run = asyncio.ensure_future(self.exchange.run(work, caller, record, cancelled, on_admitted))

@@ -490,6 +490,13 @@ def test_two_replicas_share_responses_and_cancel_through_postgres(postgres_url: 
         cancelled = b.responses.cancel(running.id)  # B does not run it: A sees the flag and stops
         assert cancelled.status == "cancelled"
         assert a.responses.retrieve(running.id).status == "cancelled" and slow.aborted
+        gone = a.responses.create(model="fake", input="hi", background=True)
+        assert wait_for(b, gone.id, ("in_progress",)).status == "in_progress"
+        b.responses.delete(gone.id)  # deleted on B: A sees its row gone and stops generating what nobody can read
+        deadline = time.monotonic() + 5
+        while len(slow.aborted) < 2:
+            assert time.monotonic() < deadline, "the turn deleted on another replica kept running"
+            time.sleep(0.05)
         b.responses.delete(done.id)
         with pytest.raises(openai.NotFoundError):
             a.responses.retrieve(done.id)
