@@ -114,10 +114,11 @@ async def request_cancel(session: AsyncSession, id: str, key_id: str) -> Respons
     return None if row is None else ResponseRecord.from_orm(row)
 
 
-async def is_cancel_requested(session: AsyncSession, id: str) -> bool:
-    """Whether cancelling ``id`` was asked for; ``False`` when it does not exist."""
+async def is_cancel_requested(session: AsyncSession, id: str) -> bool | None:
+    """Whether cancelling ``id`` was asked for; ``None`` when it does not exist (deleted, or not written yet)."""
     query = select(StoredResponse.cancel_requested).where(StoredResponse.id == id)
-    return bool(await session.scalar(query))
+    flag = await session.scalar(query)
+    return None if flag is None else bool(flag)
 
 
 async def delete_responses_before(session: AsyncSession, cutoff: datetime, chunk_size: int = 1000) -> int:

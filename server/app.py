@@ -89,7 +89,7 @@ def create_app(
         lifecycle=lifecycle,
         exchange=exchange,
         prepare_limiter=anyio.CapacityLimiter(PREPARE_THREADS),
-        responses=Responses(exchange, ResponseStore(the_services.db)),
+        responses=Responses(exchange, ResponseStore(the_services.db), max_history_bytes=settings.request_max_body_size),
     )
 
     v1 = Router(

@@ -28,8 +28,9 @@ _PATH = re.compile(r" - at `(?:key` in `)?\$(.*)`$")
 
 
 def param_from_path(path: str) -> str | None:
-    """``.messages[0].content`` -> ``messages[0].content``."""
-    path = path.lstrip(".")
+    """``.messages[0].content`` -> ``messages[0].content``; a value of a map (msgspec writes ``[...]`` for its key)
+    is named by the map: ``.metadata[...]`` -> ``metadata``."""
+    path = path.split("[...]", 1)[0].lstrip(".")
     return path or None
 
 

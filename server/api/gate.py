@@ -96,14 +96,15 @@ async def gate(
     return cap
 
 
-async def prepared(request: Request[Any, Any, Any], work: Callable[[], T]) -> T:
+async def prepared(request: Request[Any, Any, Any], work: Callable[[], T], *, extra_bytes: int = 0) -> T:
     """Run ``work`` (validation, template rendering, tokenization) without stalling the event loop.
 
     A small body is handled inline, where a thread hop would cost more than the work. A large one goes to one of
     ``PREPARE_THREADS`` worker threads, so other streams keep flowing while its prompt is tokenized (the
     tokenizers release the GIL); the serving layer refuses prompts that certainly exceed the context from their
-    byte length before tokenizing them at all.
+    byte length before tokenizing them at all. ``extra_bytes`` counts what ``work`` reads besides the body (a
+    stored conversation the request continues), so a short body continuing a long conversation goes to a thread too.
     """
-    if len(await request.body()) <= INLINE_PREPARE_BYTES:
+    if len(await request.body()) + extra_bytes <= INLINE_PREPARE_BYTES:
         return work()
     return await anyio.to_thread.run_sync(work, limiter=app_state(request.app).prepare_limiter)

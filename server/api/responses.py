@@ -17,6 +17,7 @@ from server.api.generation import disconnected_of, http_reply
 from server.engine.base import Embedder, Engine
 from server.errors import OpenAIError, unsupported_param
 from server.exchange.remote import RemoteWork
+from server.exchange.responses import History
 from server.exchange.work import Work
 from server.models.file import RemoteModel
 from server.providers.upstream import Upstream
@@ -47,7 +48,9 @@ async def create_response(request: Request[Any, Any, Any], data: JSONBody[Respon
     caller = context.caller()
     history = await state.responses.history(caller, body.previous_response_id)
     engine = None if isinstance(backend, Upstream) else state.models.ready_engine(backend)
-    turn, work = await prepared(request, lambda: _prepare(state, body, name, backend, engine, history, cap))
+    turn, work = await prepared(
+        request, lambda: _prepare(state, body, name, backend, engine, history, cap), extra_bytes=history.size
+    )
     if body.background:
         response, headers = await state.responses.start_background(turn, work, caller, context.record)
         return json_response(response, headers)
@@ -61,13 +64,14 @@ def _prepare(
     name: str,
     backend: Engine | Embedder | Upstream,
     engine: Engine | None,
-    history: list[Any],
+    history: History,
     cap: int | None,
 ) -> tuple[Turn, Work]:
-    """The turn and the chat work that runs it (chat's 400s named in the Responses request's terms)."""
+    """The turn and the chat work that runs it (chat's 400s named in the Responses request's terms), the earlier
+    turn decoded first."""
     settings = state.settings
     try:
-        turn = begin_turn(body, name, history, new_response_id())
+        turn = begin_turn(body, name, history.items(), new_response_id())
         if isinstance(backend, Upstream):
             entry, limit = backend.entry, settings.max_messages
             forward = remote.prepare_responses if entry.responses_api else _translated

@@ -5,10 +5,11 @@ its state is kept per key.
   module adds the state around it. With ``store`` (the default) the response is written once it has ended, with the
   conversation's input items, before the client sees its final event, so ``previous_response_id`` can name it at
   once. Every read is scoped to the key that made it: another key's response looks like a missing one (404).
-- A background turn is written ``queued`` first and answered as soon as the gateway admits it (a refusal is still a
-  429 and nothing is kept); it runs on in a task, ``in_progress`` once admitted, and its final state replaces the
-  row. ``cancel`` stops it (the tokens it used are charged); a cancel made on another replica reaches it through the
-  row's ``cancel_requested`` flag, which a running background turn polls.
+- A background turn is written ``queued`` once the gateway has admitted it, and answered then (a refusal is still
+  a 429, and nothing was written); it runs on in a task, ``in_progress`` once stored, and its final state replaces
+  the row. ``cancel`` stops it (the tokens it used are charged); a cancel made on another replica reaches it
+  through the row's ``cancel_requested`` flag, which a running background turn polls (a deleted row stops it
+  too).
 - A streamed turn whose client goes away before its end is not stored (its usage is settled all the same).
 """
 
@@ -58,6 +59,26 @@ def response_not_found(response_id: str, param: str | None = None) -> OpenAIErro
     )
 
 
+@dataclass(frozen=True, slots=True)
+class History:
+    """An earlier turn as stored: its conversation's input items and its response object, both still JSON (empty
+    for a turn that continues nothing)."""
+
+    input_items: bytes = b""
+    response: bytes = b""
+
+    @property
+    def size(self) -> int:
+        """The bytes decoding it reads."""
+        return len(self.input_items) + len(self.response)
+
+    def items(self) -> list[InputItem]:
+        """The items the next turn continues from: the earlier turn's input, then its output."""
+        if not self.input_items:
+            return []
+        return _items.decode(self.input_items) + output_as_input(_response.decode(self.response).output)
+
+
 @dataclass(slots=True)
 class _Job:
     """A background turn running in this process."""
@@ -68,22 +89,28 @@ class _Job:
 
 @dataclass(slots=True)
 class Responses:
-    """Runs Responses turns through ``exchange`` and keeps their state in ``store``."""
+    """Runs Responses turns through ``exchange`` and keeps their state in ``store``.
+
+    ``max_history_bytes`` bounds the stored conversation a turn may continue from (``None``: unbounded), so that
+    a long ``previous_response_id`` chain costs one bounded read before admission, never an unbounded decode.
+    """
 
     exchange: Exchange
     store: ResponseStore
+    max_history_bytes: int | None = None
     _jobs: dict[str, _Job] = field(default_factory=dict, init=False, repr=False)
 
     # -- reading ------------------------------------------------------------------------------------------------
-    async def history(self, caller: Principal, previous_response_id: str | None) -> list[InputItem]:
-        """The items a turn continues from: the earlier turn's input and output (none without an id).
+    async def history(self, caller: Principal, previous_response_id: str | None) -> History:
+        """The earlier turn a turn continues from, still encoded (empty without an id): decoding it is part of the
+        turn's preparation, off the event loop when it is large.
 
         Raises:
             OpenAIError: 404 naming ``previous_response_id`` when it is not one of the caller's responses; 400 while
-                it is still running.
+                it is still running, or when the stored conversation is over ``max_history_bytes``.
         """
         if previous_response_id is None:
-            return []
+            return History()
         row = await self.store.get(previous_response_id, caller.key_id)
         if row is None:
             raise response_not_found(previous_response_id, "previous_response_id")
@@ -92,7 +119,16 @@ class Responses:
                 f"Response '{previous_response_id}' is still {row.status}; continue from it once it has ended.",
                 "previous_response_id",
             )
-        return _items.decode(row.input_items) + output_as_input(_response.decode(row.response).output)
+        history = History(row.input_items, row.response)
+        if self.max_history_bytes is not None and history.size > self.max_history_bytes:
+            raise invalid_request(
+                f"The conversation of response '{previous_response_id}' is {history.size} bytes as stored, over the "
+                f"{self.max_history_bytes} a conversation may be continued with; start a new conversation, giving "
+                "the items to keep as 'input'.",
+                "previous_response_id",
+                "context_length_exceeded",
+            )
+        return history
 
     async def get(self, caller: Principal, response_id: str) -> bytes:
         """The stored response object (as JSON)."""
@@ -188,68 +224,86 @@ class Responses:
     async def start_background(
         self, turn: Turn, work: Work, caller: Principal, record: RequestRecord | None
     ) -> tuple[Response, dict[str, str]]:
-        """Store the turn ``queued``, start it, and answer (with its rate-limit headers) once the gateway has
-        admitted it.
+        """Start the turn and answer it ``queued`` (with its rate-limit headers) once the gateway has admitted it and
+        its row is stored.
+
+        The row is written only after admission: a refused turn costs the database nothing, so a key at its limits
+        cannot turn refusals into writes.
 
         Raises:
-            OpenAIError: the gateway refused it (429, ...): nothing is kept.
+            OpenAIError: the gateway refused it (429, ...), or its row could not be stored (the turn is stopped):
+                nothing is kept.
         """
         queued = turn.response("queued")
-        await self._create(turn, queued, caller)
-        admitted: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+        stored: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
         job = _Job()
         if record is not None:
             record.streaming = True  # its row is written when the turn settles, not when this answer starts
-        job.task = asyncio.ensure_future(self._background(turn, work, caller, record, job, admitted))
-        either: set[asyncio.Future[Any]] = {job.task, admitted}
+        job.task = asyncio.ensure_future(self._background(turn, queued, work, caller, record, job, stored))
+        either: set[asyncio.Future[Any]] = {job.task, stored}
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        if not admitted.done():
-            with contextlib.suppress(Exception):
-                await self.store.delete(turn.id, caller.key_id)
-            job.task.result()  # raises the refusal
+        if not stored.done():
+            job.task.result()  # raises the refusal, or the failure to store the row
         self._jobs[turn.id] = job
         job.task.add_done_callback(lambda _: self._jobs.pop(turn.id, None))
-        return queued, admitted.result()
+        return queued, stored.result()
 
     async def _background(
         self,
         turn: Turn,
+        queued: Response,
         work: Work,
         caller: Principal,
         record: RequestRecord | None,
         job: _Job,
-        admitted: asyncio.Future[dict[str, str]],
+        stored: asyncio.Future[dict[str, str]],
     ) -> None:
+        admitted: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+
         def on_admitted(headers: dict[str, str]) -> None:
             admitted.set_result(headers)
 
         async def cancelled() -> None:
+            """Returns once the turn is to stop: cancelled or deleted here, or through its row on another replica
+            (the flag set, or the row deleted once it was stored)."""
             while True:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(job.cancel.wait(), CANCEL_POLL_S)
                     return
+                if not stored.done():
+                    continue
                 with contextlib.suppress(Exception):
-                    if await self.store.cancel_requested(turn.id):
+                    if await self.store.cancel_requested(turn.id) is not False:
                         return
 
         run = asyncio.ensure_future(self.exchange.run(work, caller, record, cancelled, on_admitted))
         try:
             either: set[asyncio.Future[Any]] = {run, admitted}
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-            if admitted.done() and not run.done():
+            if not admitted.done():
+                run.result()  # refused: raises, and nothing was written
+            try:
+                await self._create(turn, queued, caller)
+            except BaseException:
+                job.cancel.set()  # the client is answered with this failure: stop the turn, settling what it used
+                with contextlib.suppress(BaseException):
+                    await run
+                raise
+            stored.set_result(admitted.result())
+            if not run.done():
                 await self._progress(turn)
             reply = await run
             assert isinstance(reply.body, ChatCompletion)
             response = turn.finished(reply.body)
         except OpenAIError as exc:
-            if not admitted.done():
+            if not stored.done():
                 raise
             if exc.code == "client_closed_request":
                 response = turn.response("cancelled")
             else:
                 response = turn.response("failed", error=ResponseError(code=exc.code or exc.type, message=exc.message))
         except Exception:
-            if not admitted.done():
+            if not stored.done():
                 raise
             log.exception("background response %s failed", turn.id)
             failure = ResponseError(code="server_error", message="The server failed while running this response.")

@@ -81,6 +81,6 @@ class ResponseStore:
         """Ask for the response ``id`` of ``key_id`` to be cancelled; the row as it is now, or ``None``."""
         return await self._db.run(lambda s: store.request_cancel(s, id, key_id), write=True, single_statement=True)
 
-    async def cancel_requested(self, id: str) -> bool:
-        """Whether cancelling ``id`` was asked for (``False`` once it is gone)."""
+    async def cancel_requested(self, id: str) -> bool | None:
+        """Whether cancelling ``id`` was asked for (``None`` once it is gone)."""
         return await self._db.run(lambda s: store.is_cancel_requested(s, id), single_statement=True)

@@ -373,7 +373,25 @@ def test_unknown_previous_response_id_is_404(client: openai.OpenAI) -> None:
     assert err.value.param == "previous_response_id" and err.value.code == "not_found"
 
 
-def test_a_metadata_key_over_its_bound_names_metadata(client: openai.OpenAI) -> None:
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"k" * 65: "v"},  # a key over 64 characters
+        {"k": "v" * 513},  # a value over 512 characters
+        {f"k{i}": "v" for i in range(17)},  # more than 16 pairs
+    ],
+)
+def test_metadata_over_its_bounds_names_metadata_and_keeps_nothing(
+    client: openai.OpenAI, http: TestClient[Litestar], metadata: dict[str, str]
+) -> None:
     with pytest.raises(openai.BadRequestError) as err:
-        client.responses.create(model="fake", input="hi", metadata={"k" * 65: "v"})
-    assert err.value.param == "metadata"
+        client.responses.create(model="fake", input="hi", metadata=metadata)
+    assert err.value.param == "metadata", err.value.body
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="fake", input="hi", metadata=metadata, background=True)
+
+
+def test_metadata_at_its_bounds_is_kept_whole(client: openai.OpenAI) -> None:
+    widest = {f"{i:02d}".ljust(64, "k"): "v" * 512 for i in range(16)}
+    out = client.responses.create(model="fake", input="hi", metadata=widest)
+    assert out.metadata == widest and client.responses.retrieve(out.id).metadata == widest

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import openai
 import pytest
 from litestar import Litestar
@@ -20,10 +23,11 @@ from litestar.testing import TestClient
 from persistence import migrate
 from server.app import create_app
 from server.engine.fake import FakeEngine
+from server.records.database import DatabaseUnavailable
 from server.settings import Settings
 from server.wiring.state import app_state
 from tests.checks import log_rows
-from tests.conftest import TEST_PEPPER, add_role_key, bearer, role_key, sdk
+from tests.conftest import DB_NAME, TEST_PEPPER, add_role_key, bearer, role_key, sdk
 from tests.fakes.templates import PLAIN, TemplateTokenizer, templated_engine
 from tests.integration.test_shutdown import LoopSpy
 from tests.live import live_server
@@ -184,6 +188,40 @@ def test_another_key_sees_nothing(client: openai.OpenAI, http: TestClient[Litest
     assert client.responses.retrieve(mine.id).output_text == TEXT  # still there for its owner
 
 
+def test_a_rotated_keys_successor_sees_nothing_and_a_revoked_keys_turn_still_ends(
+    settings: Settings, authed: Callable[[Any], Any]
+) -> None:
+    slow = FakeEngine(["x"] * 40, delay_s=0.02)
+    with authed(TestClient(create_app(settings, engine=slow))) as admin:
+        old = admin.post("/admin/keys", json={"name": "rotated"}).json()
+        mine = sdk(admin, old["key"]).responses.create(model="fake", input="hi")
+        new = admin.post(f"/admin/keys/{old['id']}/rotate", json={"grace_hours": 1}).json()
+        assert sdk(admin, old["key"]).responses.retrieve(mine.id).id == mine.id  # within its grace: still its own
+        successor = sdk(admin, new["key"])
+        with pytest.raises(openai.NotFoundError):  # responses belong to the key id that made them
+            successor.responses.retrieve(mine.id)
+        with pytest.raises(openai.NotFoundError) as err:
+            successor.responses.create(model="fake", input="more", previous_response_id=mine.id)
+        assert err.value.param == "previous_response_id"
+
+        doomed = admin.post("/admin/keys", json={"name": "revoked"}).json()
+        running = sdk(admin, doomed["key"]).responses.create(model="fake", input="hi", background=True)
+        assert admin.post(f"/admin/keys/{doomed['id']}/revoke").status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            sdk(admin, doomed["key"]).responses.retrieve(running.id)
+        deadline = time.monotonic() + 10
+        while status_of(settings, running.id) in ("queued", "in_progress"):  # admitted: it runs to its end
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert status_of(settings, running.id) == "completed"
+
+
+def status_of(settings: Settings, response_id: str) -> str:
+    with sqlite3.connect(settings.data_dir / DB_NAME) as db:
+        (status,) = db.execute("SELECT status FROM responses WHERE id = ?", (response_id,)).fetchone()
+    return str(status)
+
+
 def test_deterministic_turns_are_served_from_the_cache(client: openai.OpenAI, engine: FakeEngine) -> None:
     first = client.responses.create(model="fake", input="hi", temperature=0)
     again = client.responses.create(model="fake", input="hi", temperature=0)
@@ -288,6 +326,93 @@ def test_token_quota_counts_the_rebuilt_conversation(http: TestClient[Litestar],
     assert alone.status == "completed"
 
 
+def test_tpm_and_monthly_requests_on_the_route(http: TestClient[Litestar], settings: Settings) -> None:
+    tokens = sdk(http, role_key(settings, "tpm150", tpm=150))
+    tokens.responses.create(model="fake", input="hi", max_output_tokens=50)
+    with pytest.raises(openai.RateLimitError) as err:
+        tokens.responses.create(model="fake", input="hi", max_output_tokens=50)
+    assert err.value.type == "tokens" and err.value.code == "rate_limit_exceeded"
+    assert int(err.value.response.headers["retry-after"]) >= 1
+    counted = sdk(http, role_key(settings, "two-responses", monthly_requests=2))
+    counted.responses.create(model="fake", input="hi")
+    queued = counted.responses.create(model="fake", input="hi", background=True)
+    assert wait_for(counted, queued.id, ("completed",)).status == "completed"
+    with pytest.raises(openai.RateLimitError) as err:
+        counted.responses.create(model="fake", input="hi", background=True)
+    assert err.value.code == "insufficient_quota"
+
+
+def stored_rows(settings: Settings) -> int:
+    with sqlite3.connect(settings.data_dir / DB_NAME) as db:
+        (count,) = db.execute("SELECT count(*) FROM responses").fetchone()
+    return int(count)
+
+
+def test_background_turns_of_a_key_are_bounded_by_its_concurrency_and_sequences(
+    settings: Settings, authed: Callable[[Any], Any], api_key: str
+) -> None:
+    slow = FakeEngine(["x"] * 400, delay_s=0.02)
+    bounded = msgspec.structs.replace(settings, max_sequences_per_key=3)
+    app = create_app(bounded, engine=slow)
+    writes: list[str] = []
+    store = app_state(app).responses.store
+    for name in ("create", "delete"):
+        method = getattr(store, name)
+
+        async def counted(*args: Any, _name: str = name, _method: Any = method, **kwargs: Any) -> Any:
+            writes.append(_name)
+            return await _method(*args, **kwargs)
+
+        setattr(store, name, counted)
+    with authed(TestClient(app)) as http:
+        pair = sdk(http, role_key(settings, "two-at-a-time", max_concurrency=2))
+        running = [pair.responses.create(model="fake", input="hi", background=True) for _ in range(2)]
+        assert writes == ["create", "create"]
+        for _ in range(3):
+            with pytest.raises(openai.RateLimitError) as err:  # each running background turn holds its slot
+                pair.responses.create(model="fake", input="hi", background=True)
+            assert err.value.type == "requests" and err.value.code == "rate_limit_exceeded"
+        assert writes == ["create", "create"]  # a refusal costs the database nothing
+        assert stored_rows(settings) == 2
+        assert pair.responses.cancel(running[0].id).status == "cancelled"  # its slot is free again
+        running.append(pair.responses.create(model="fake", input="hi", background=True))
+        assert running[-1].status == "queued"
+
+        # A role without a concurrency bound: the server's bound of sequences in flight per key.
+        unbounded = sdk(http, api_key)
+        mine = [unbounded.responses.create(model="fake", input="hi", background=True) for _ in range(3)]
+        with pytest.raises(openai.RateLimitError) as err:
+            unbounded.responses.create(model="fake", input="hi", background=True)
+        assert err.value.type == "requests"
+        assert stored_rows(settings) == 2 + 1 + 3
+        for client, out in [*((pair, r) for r in running[1:]), *((unbounded, r) for r in mine)]:
+            assert client.responses.cancel(out.id).status == "cancelled"
+
+
+def test_a_background_turn_whose_row_cannot_be_stored_is_stopped_and_refused(
+    settings: Settings, authed: Callable[[Any], Any]
+) -> None:
+    slow = FakeEngine(["x"] * 400, delay_s=0.02)
+    app = create_app(settings, engine=slow)
+    store = app_state(app).responses.store
+    create = store.create
+
+    async def unavailable(**_: Any) -> None:
+        raise DatabaseUnavailable("the database is down")
+
+    store.create = unavailable  # type: ignore[method-assign]
+    with authed(TestClient(app)) as http:
+        single = sdk(http, role_key(settings, "single", max_concurrency=1))
+        with pytest.raises(openai.APIStatusError) as err:
+            single.responses.create(model="fake", input="hi", background=True)
+        assert err.value.status_code == 503
+        assert slow.aborted  # admitted, then stopped: it does not run on unseen
+        store.create = create  # type: ignore[method-assign]
+        out = single.responses.create(model="fake", input="hi", background=True)  # its slot was given back
+        assert single.responses.cancel(out.id).status == "cancelled"
+    assert stored_rows(settings) == 1
+
+
 def test_request_log_and_metrics(settings: Settings, engine: FakeEngine, api_key: str) -> None:
     with TestClient(create_app(settings, engine=engine)) as http:
         http.headers.update(bearer(api_key))
@@ -365,6 +490,13 @@ def test_two_replicas_share_responses_and_cancel_through_postgres(postgres_url: 
         cancelled = b.responses.cancel(running.id)  # B does not run it: A sees the flag and stops
         assert cancelled.status == "cancelled"
         assert a.responses.retrieve(running.id).status == "cancelled" and slow.aborted
+        gone = a.responses.create(model="fake", input="hi", background=True)
+        assert wait_for(b, gone.id, ("in_progress",)).status == "in_progress"
+        b.responses.delete(gone.id)  # deleted on B: A sees its row gone and stops generating what nobody can read
+        deadline = time.monotonic() + 5
+        while len(slow.aborted) < 2:
+            assert time.monotonic() < deadline, "the turn deleted on another replica kept running"
+            time.sleep(0.05)
         b.responses.delete(done.id)
         with pytest.raises(openai.NotFoundError):
             a.responses.retrieve(done.id)
@@ -385,3 +517,46 @@ def test_a_background_turn_cut_by_shutdown_is_stored_failed(
     with authed(TestClient(create_app(settings, engine=FakeEngine(SCRIPT)))) as http:
         stored = sdk(http, api_key).responses.retrieve(running.id)
     assert stored.status == "failed" and stored.error is not None and stored.error.code == "overloaded"
+
+
+# ---- a tenant's reach -------------------------------------------------------------------------------------------
+
+
+def test_a_long_conversation_is_prepared_off_the_loop_and_bounded(
+    tmp_path: Path, template_db: tuple[Path, str], authed: Callable[[Any], Any]
+) -> None:
+    data = tmp_path / "bounded"
+    data.mkdir()
+    shutil.copy(template_db[0], data / DB_NAME)
+    settings = Settings(data_dir=data, key_pepper=TEST_PEPPER, request_max_body_size=30_000)
+    engine = FakeEngine(SCRIPT, max_model_len=100_000)
+    tokenizer = TemplateTokenizer(PLAIN)
+    engine._tokenizer = tokenizer
+    on_loop: list[bool] = []
+    render = tokenizer.render_chat
+
+    def spying(*args: Any, **kwargs: Any) -> list[int]:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return render(*args, **kwargs)
+
+    tokenizer.render_chat = spying  # type: ignore[method-assign]
+    with authed(TestClient(create_app(settings, engine=engine))) as http:
+        client = sdk(http, template_db[1])
+        short = client.responses.create(model="fake", input="hi")
+        assert client.responses.create(model="fake", input="more", previous_response_id=short.id).status == "completed"
+        assert on_loop == [True, True]  # small bodies and a small conversation: prepared inline
+        first = client.responses.create(model="fake", input="x" * 18_000)
+        second = client.responses.create(model="fake", input="y", previous_response_id=first.id)
+        assert second.status == "completed"
+        assert on_loop[2:] == [False, False]  # a short body continuing a long conversation is prepared in a thread
+        third = client.responses.create(model="fake", input="z" * 18_000, previous_response_id=second.id)
+        assert third.status == "completed"  # ~36 kB stored: over the bound for a continuation
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model="fake", input="again", previous_response_id=third.id)
+        assert err.value.param == "previous_response_id" and err.value.code == "context_length_exceeded"
+        assert len(on_loop) == 5  # refused before the conversation was decoded or rendered
+        assert client.responses.input_items.list(third.id).data  # still readable

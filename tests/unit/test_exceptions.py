@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
+import msgspec
 import pytest
 from sqlalchemy import exc as sa_exc
 
-from server.api.exceptions import to_openai_error
+from server.api.exceptions import param_from_path, to_openai_error
 
 SECRET = "tenant-prompt-text-4711"
 
@@ -56,3 +58,28 @@ def test_a_recursion_error_left_anywhere_is_a_400_and_logged(caplog: pytest.LogC
     err = to_openai_error(RecursionError("maximum recursion depth exceeded"))
     assert (err.status, err.code) == (400, "invalid_json")
     assert any("nested too deeply" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("path", "param"),
+    [
+        (".messages[0].content", "messages[0].content"),
+        (".metadata[...]", "metadata"),  # a value of a map: its key is not in the path, the map names it
+        (".logit_bias[...]", "logit_bias"),
+        (".tools[2].function.parameters[...].x", "tools[2].function.parameters"),
+        ("", None),
+    ],
+)
+def test_param_from_path(path: str, param: str | None) -> None:
+    assert param_from_path(path) == param
+
+
+def test_a_map_value_over_its_bound_names_the_map() -> None:
+    class Body(msgspec.Struct):
+        metadata: dict[str, Annotated[str, msgspec.Meta(max_length=4)]]
+
+    with pytest.raises(msgspec.ValidationError) as caught:
+        msgspec.convert({"metadata": {"k": "v" * 5}}, Body)
+    err = to_openai_error(caught.value)
+    assert (err.status, err.param, err.code) == (400, "metadata", "invalid_value")
+    assert err.message.startswith("Invalid value for 'metadata': ")

@@ -126,8 +126,8 @@ async def test_cancel_is_requested_only_by_the_owning_key(db: SQLAlchemyAsyncCon
     async with db.get_session() as session:
         await _insert(session, "resp_1")
         await session.commit()
-        assert not await store.is_cancel_requested(session, "resp_1")
-        assert not await store.is_cancel_requested(session, "resp_missing")
+        assert await store.is_cancel_requested(session, "resp_1") is False
+        assert await store.is_cancel_requested(session, "resp_missing") is None
 
         assert await store.request_cancel(session, "resp_1", OTHER) is None
         assert await store.request_cancel(session, "resp_missing", KEY) is None
@@ -150,7 +150,7 @@ async def test_cancel_is_requested_only_by_the_owning_key(db: SQLAlchemyAsyncCon
         assert await store.is_cancel_requested(session, "resp_1")  # the flag stays after the final update
         assert await store.delete_response(session, "resp_1", KEY)
         await session.commit()
-        assert not await store.is_cancel_requested(session, "resp_1")
+        assert await store.is_cancel_requested(session, "resp_1") is None
 
 
 async def test_retention_deletes_only_old_responses_in_chunks(db: SQLAlchemyAsyncConfig) -> None:
@@ -249,9 +249,9 @@ async def test_response_store_round_trip_through_a_database(db_url: str) -> None
         assert await responses.get("resp_1", OTHER) is None
 
         assert await responses.update("resp_1", status="in_progress", response=b'{"status":"in_progress"}')
-        assert not await responses.cancel_requested("resp_1")
+        assert await responses.cancel_requested("resp_1") is False
         assert await responses.request_cancel("resp_1", OTHER) is None
-        assert not await responses.cancel_requested("resp_1")
+        assert await responses.cancel_requested("resp_1") is False
         cancelled = await responses.request_cancel("resp_1", KEY)
         assert cancelled is not None and cancelled.cancel_requested and cancelled.status == "in_progress"
         assert await responses.cancel_requested("resp_1")
@@ -261,7 +261,7 @@ async def test_response_store_round_trip_through_a_database(db_url: str) -> None
         assert not await responses.delete("resp_1", KEY)
         assert not await responses.update("resp_1", status="cancelled", response=b"{}")
         assert await responses.get("resp_1", KEY) is None
-        assert not await responses.cancel_requested("resp_1")
+        assert await responses.cancel_requested("resp_1") is None
     finally:
         await db.close()
 
