@@ -188,6 +188,10 @@ def test_dimensions_is_refused_by_a_model_not_trained_for_it(client: openai.Open
         ({}, "input"),
         ({"input": "a", "encoding_format": "binary"}, "encoding_format"),
         ({"input": "a", "dimensions": 0}, "dimensions"),
+        ({"input": "a", "dimensions": -1}, "dimensions"),
+        ({"input": "a", "dimensions": 10**30}, "dimensions"),
+        ({"input": "a", "dimensions": DIMENSIONS + 1}, "dimensions"),
+        ({"input": [[10**30]]}, "input"),
     ],
     ids=lambda v: repr(v)[:40] if isinstance(v, dict) else v,
 )

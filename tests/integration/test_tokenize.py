@@ -65,6 +65,7 @@ def test_the_prompt_form_counts_what_completions_bill_and_round_trips(http: Test
         ("/tokenize", {"model": "nope", "prompt": "a"}, 404, "model"),
         ("/detokenize", {"model": "fake", "tokens": [-1]}, 400, "tokens"),
         ("/detokenize", {"model": "fake", "tokens": [10**9]}, 400, "tokens"),
+        ("/detokenize", {"model": "fake", "tokens": [10**30]}, 400, "tokens"),
         ("/detokenize", {"model": "fake"}, 400, "tokens"),
         ("/detokenize", {"model": "fake", "tokens": [100] * (4096 + 1)}, 400, "tokens"),
     ],
