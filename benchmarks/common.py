@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,7 +72,7 @@ def serve_process(
                 with urllib.request.urlopen(f"{base}/readyz", timeout=1) as r:
                     if r.status == 200:
                         break
-            except (urllib.error.URLError, ConnectionError):
+            except OSError:  # refused, reset, or no answer within the second while the model loads
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError("server not ready")

@@ -90,7 +90,7 @@ def main() -> None:
     texts = sentences(args.requests)
     results: dict[str, Any] = {"cpu_threads": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or default_model(Path(tmp) / "model")
+        model = args.model or default_model(Path(tmp) / "all-MiniLM-L6-v2")
         results["model"] = Path(model).name
         env = server_env(Path(tmp) / "data", model=model, key_pepper=PEPPER, served_model_name="bench")
         key = str(json.loads(cli(env, "keys", "create", "--name", "b", "--role", "admin", "--json"))["key"])

@@ -31,6 +31,8 @@ class SequenceBudget:
 
     def take(self, key_id: str, sequences: int) -> bool:
         """Count ``sequences`` for ``key_id`` if they fit (no ``await``: check and update are one step)."""
+        if sequences <= 0:  # a request that runs no model holds none (and leaves no entry behind)
+            return True
         held = self._held.get(key_id, 0)
         if held + sequences > self.limit:
             return False

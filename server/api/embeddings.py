@@ -17,7 +17,7 @@ from schemas.openai.embeddings import (
 )
 from server.api.apidoc import WITH_BODY, ApiOperation, errors
 from server.api.common import BODY_TYPE
-from server.api.gate import gate, prepared
+from server.api.gate import counted, gate, prepared
 from server.api.generation import respond
 from server.engine.base import Embedder, Engine
 from server.errors import invalid_request, unsupported_param
@@ -67,12 +67,13 @@ async def tokenize(request: Request[Any, Any, Any], data: JSONBody[TokenizeReque
     if (data.prompt is None) == (data.messages is None):
         raise invalid_request("Give exactly one of 'prompt' and 'messages'.", "prompt")
     settings, embeds = state.settings, name in state.models.embedders
-    tokens = await prepared(
-        request,
-        lambda: token_ids(
-            local, data, embeds=embeds, max_messages=settings.max_messages, tool_parser=settings.tool_call_parser
-        ),
-    )
+    async with counted(request, name):
+        tokens = await prepared(
+            request,
+            lambda: token_ids(
+                local, data, embeds=embeds, max_messages=settings.max_messages, tool_parser=settings.tool_call_parser
+            ),
+        )
     return TokenizeResponse(count=len(tokens), max_model_len=local.info.max_model_len, tokens=tokens)
 
 
@@ -86,11 +87,23 @@ async def tokenize(request: Request[Any, Any, Any], data: JSONBody[TokenizeReque
     operation_class=ApiOperation,
 )
 async def detokenize(request: Request[Any, Any, Any], data: JSONBody[DetokenizeRequest]) -> DetokenizeResponse:
+    """At most the model's ``max_model_len`` ids (no sequence of the model is longer): a list of millions would
+    hold the GIL for a second while the tokenizer decodes it."""
     state = app_state(request.app)
-    local = _local(*state.models.resolve(data.model), state.models)
-    tokenizer = local.tokenizer
-    check_token_ids(data.tokens, 0, 1, tokenizer.vocab_size, "tokens")
-    return DetokenizeResponse(prompt=await prepared(request, lambda: tokenizer.decode(data.tokens)))
+    name, backend = state.models.resolve(data.model)
+    local = _local(name, backend, state.models)
+    tokenizer, window = local.tokenizer, local.info.max_model_len
+    if len(data.tokens) > window:
+        raise invalid_request(
+            f"At most {window} token ids (the model's maximum context length), not {len(data.tokens)}.", "tokens"
+        )
+
+    def decoded() -> str:
+        check_token_ids(data.tokens, 0, 1, tokenizer.vocab_size, "tokens")
+        return tokenizer.decode(data.tokens)
+
+    async with counted(request, name):
+        return DetokenizeResponse(prompt=await prepared(request, decoded))
 
 
 def _local(name: str, backend: Engine | Embedder | Upstream, models: ServedModels) -> Engine | Embedder:

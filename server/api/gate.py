@@ -8,7 +8,9 @@ template rendering and tokenization through :func:`prepared`, off the event loop
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import anyio
@@ -94,6 +96,36 @@ async def gate(
     gateway.check_n(principal, n * prompts, choices_param)
     gateway.check_sequences(n * prompts, choices_param)
     return cap
+
+
+@asynccontextmanager
+async def counted(request: Request[Any, Any, Any], model: str) -> AsyncIterator[None]:
+    """Admission of a request that runs no model (``/tokenize``, ``/detokenize``), held while its work runs.
+
+    The role may use ``model`` (403); the request counts one in the key's requests-per-minute window (429 when
+    full) and holds one of its concurrency slots until it ends, so tokenizing costs a tenant what any request costs
+    and cannot burn the server's CPU past the key's limits. It counts no tokens: neither TPM nor the monthly quota
+    (tokens or requests) is touched, and a key over its monthly quota may still count its tokens.
+    """
+    context = context_of(request.scope)
+    principal = context.caller()
+    gateway = app_state(request.app).services.gateway
+    if context.screened_model != model:
+        gateway.check_model(principal, model)
+        await gateway.precheck(principal)
+    tokenless = dataclasses.replace(principal.role, tpm=None, monthly_tokens=None, monthly_requests=None)
+    ticket = await gateway.admit(
+        dataclasses.replace(principal, role=tokenless),
+        prompt_tokens=0,
+        max_new_tokens=0,
+        explicit_max=True,
+        sequences=0,
+        rpm_tested=True,
+    )
+    try:
+        yield
+    finally:
+        await gateway.finish(ticket, used_tokens=0, count_request=False)
 
 
 async def prepared(request: Request[Any, Any, Any], work: Callable[[], T], *, extra_bytes: int = 0) -> T:

@@ -188,6 +188,10 @@ def test_dimensions_is_refused_by_a_model_not_trained_for_it(client: openai.Open
         ({}, "input"),
         ({"input": "a", "encoding_format": "binary"}, "encoding_format"),
         ({"input": "a", "dimensions": 0}, "dimensions"),
+        ({"input": "a", "dimensions": -1}, "dimensions"),
+        ({"input": "a", "dimensions": 10**30}, "dimensions"),
+        ({"input": "a", "dimensions": DIMENSIONS + 1}, "dimensions"),
+        ({"input": [[10**30]]}, "input"),
     ],
     ids=lambda v: repr(v)[:40] if isinstance(v, dict) else v,
 )
@@ -397,14 +401,18 @@ def test_rpm_limit_with_headers(http: TestClient[Litestar], settings: Settings) 
     assert int(err.value.response.headers["retry-after"]) >= 1
 
 
-def test_tpm_counts_the_input_tokens(http: TestClient[Litestar], settings: Settings) -> None:
+def test_tpm_counts_the_input_tokens(http: TestClient[Litestar], settings: Settings, embedder: FakeEmbedder) -> None:
     tokens = len(ids("hello")) + len(ids("world"))  # 14
     key = role_key(settings, "tpm", tpm=tokens + 2)
     first = http.post("/v1/embeddings", json={"model": MODEL, "input": ["hello", "world"]}, headers=bearer(key))
     assert first.status_code == 200 and first.json()["usage"]["prompt_tokens"] == tokens
     assert first.headers["x-ratelimit-remaining-tokens"] == "2"
+    passes = len(embedder.batches)
     second = http.post("/v1/embeddings", json={"model": MODEL, "input": ["hello", "world"]}, headers=bearer(key))
     assert second.status_code == 429 and second.json()["error"]["type"] == "tokens", second.text
+    most = http.post("/v1/embeddings", json={"model": MODEL, "input": [[104] * MAX_LEN] * 2048}, headers=bearer(key))
+    assert most.status_code == 429 and str(MAX_LEN * 2048) in most.json()["error"]["message"], most.text
+    assert len(embedder.batches) == passes  # refused before any forward pass
     small = http.post("/v1/embeddings", json={"model": MODEL, "input": [104, 105]}, headers=bearer(key))
     assert small.status_code == 200, small.text  # two tokens still fit the window
 

@@ -117,6 +117,28 @@ def test_prompt_tokens_are_the_chat_templates_count(http: TestClient[Litestar], 
         assert usage["prompt_tokens"] == len(template_ids(hf_tokenizer, messages))
 
 
+def test_tokenize_counts_what_chat_bills_and_detokenize_round_trips(
+    http: TestClient[Litestar], hf_tokenizer: Any
+) -> None:
+    """``/tokenize`` and ``/detokenize`` on the real SmolLM2 tokenizer: the message form's count is a chat request's
+    ``usage.prompt_tokens``, and a prompt's ids decode back to the prompt."""
+    model = "SmolLM2-135M-Instruct.Q4_1"
+    for messages in PROMPTS:
+        counted = http.post("/tokenize", json={"model": model, "messages": messages}).json()
+        assert counted["tokens"] == template_ids(hf_tokenizer, messages)
+        assert counted["count"] == chat(http, messages, max_tokens=1)["usage"]["prompt_tokens"]
+        assert counted["max_model_len"] == 8192
+    for text in ["The capital of France is Paris.", "naïve café — 東京, 🙂 and\ttabs\n  spaces"]:
+        counted = http.post("/tokenize", json={"model": model, "prompt": text}).json()
+        assert counted["tokens"] == hf_tokenizer.encode(text) and counted["count"] == len(counted["tokens"])
+        back = http.post("/detokenize", json={"model": model, "tokens": counted["tokens"]})
+        assert back.status_code == 200 and back.json() == {"prompt": text}, back.text
+    special = http.post("/tokenize", json={"model": model, "messages": FRANCE}).json()["tokens"]
+    assert special[0] == hf_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    shown = http.post("/detokenize", json={"model": model, "tokens": special}).json()["prompt"]
+    assert "<|im_start|>" not in shown and "What is the capital of France?" in shown  # special tokens skipped
+
+
 def test_greedy_output_equals_generate_alone_and_among_strangers(
     http: TestClient[Litestar], model: Any, hf_tokenizer: Any, real_app: tuple[HFEngine, Litestar, str]
 ) -> None:

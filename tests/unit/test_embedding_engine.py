@@ -435,6 +435,29 @@ def test_the_factory_builds_an_embedder_for_embedding_models(minilm_dir: Path, t
     assert isinstance(build_engine(Settings(model="org/embedder", data_dir=tmp_path, task="embed")), HFEmbedder)
 
 
+def test_a_models_file_task_makes_a_decoder_an_embedding_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``task = "embed"`` in a models file serves a decoder folder (no ``modules.json``) as an embedding model; the
+    same folder without it generates, and ``task = "generate"`` overrides a sentence-transformers folder's
+    detection."""
+    from server.engine.hf import HFEngine
+    from server.settings import Settings
+    from server.wiring.models import build_models
+
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st" / "modules.json").write_text("[]")
+    models_file = tmp_path / "models.toml"
+    entries = [("decoder-embed", tiny_model_dir, 'task = "embed"'), ("decoder", tiny_model_dir, "")]
+    entries.append(("st-generate", tmp_path / "st", 'task = "generate"'))
+    models_file.write_text(
+        "\n".join(f'[[models]]\nname = "{n}"\nbackend = "hf"\nmodel = "{m}"\n{t}\n' for n, m, t in entries)
+    )
+    models = build_models(Settings(models_file=models_file, data_dir=tmp_path / "data"))
+    assert list(models.embedders) == ["decoder-embed"]
+    assert isinstance(models.embedders["decoder-embed"], HFEmbedder)
+    assert sorted(models.engines) == ["decoder", "st-generate"]
+    assert all(isinstance(models.engines[name], HFEngine) for name in models.engines)
+
+
 def test_waiting_calls_share_each_batch_in_turn() -> None:
     """A call of many inputs does not hold the model: the calls behind it join each batch in turn."""
     loop = asyncio.new_event_loop()
