@@ -195,6 +195,21 @@ class Gateway:
         except StorageUnavailable as exc:
             self._storage_down(exc)
 
+    async def count_request(self, principal: Principal) -> None:
+        """Count one request in the key's requests-per-minute window (429 when it is full) for a route that runs no
+        model and reads no tokens (a stored response's retrieval, deletion, input items or cancellation): every
+        call of a key costs it a request, as on OpenAI, so reading stored state is bounded like the rest."""
+        rpm = principal.role.rpm
+        if rpm is None:
+            return
+        try:
+            refused, _, _ = await self.limiter.hit_windows(principal.key_id, rpm, None, 0)
+        except StorageUnavailable as exc:
+            self._storage_down(exc)
+            return
+        if refused is not None:
+            raise await self._rate_limited(principal, "requests", rpm, 1)
+
     async def admit(
         self,
         principal: Principal,

@@ -14,6 +14,7 @@ from server.api.common import BODY_TYPE, json_response
 from server.api.context import context_of
 from server.api.gate import gate, prepared
 from server.api.generation import disconnected_of, http_reply
+from server.auth.principal import Principal
 from server.engine.base import Embedder, Engine
 from server.errors import OpenAIError, unsupported_param
 from server.exchange.remote import RemoteWork
@@ -109,7 +110,7 @@ async def retrieve_response(
         raise unsupported_param("stream", "Streaming a stored response again")
     _refuse_include(request)
     state = app_state(request.app)
-    raw = await state.responses.get(context_of(request.scope).caller(), response_id)
+    raw = await state.responses.get(await _counted(request), response_id)
     return Response(content=raw, media_type="application/json")  # type: ignore[arg-type]
 
 
@@ -122,7 +123,7 @@ async def retrieve_response(
     operation_class=ApiOperation,
 )
 async def delete_response(request: Request[Any, Any, Any], response_id: FromPath[str]) -> DeletedResponse:
-    await app_state(request.app).responses.delete(context_of(request.scope).caller(), response_id)
+    await app_state(request.app).responses.delete(await _counted(request), response_id)
     return DeletedResponse(id=response_id)
 
 
@@ -143,8 +144,15 @@ async def list_input_items(
     include: FromQuery[list[str] | None] = None,
 ) -> InputItemList:
     _refuse_include(request)
-    items = await app_state(request.app).responses.input_items(context_of(request.scope).caller(), response_id)
+    items = await app_state(request.app).responses.input_items(await _counted(request), response_id)
     return page(items, limit=limit, order=order, after=after, before=before)
+
+
+async def _counted(request: Request[Any, Any, Any]) -> Principal:
+    """The caller, with this request counted in its requests-per-minute window (429 when full)."""
+    caller = context_of(request.scope).caller()
+    await app_state(request.app).services.gateway.count_request(caller)
+    return caller
 
 
 def _refuse_include(request: Request[Any, Any, Any]) -> None:
@@ -162,7 +170,7 @@ def _refuse_include(request: Request[Any, Any, Any]) -> None:
     operation_class=ApiOperation,
 )
 async def cancel_response(request: Request[Any, Any, Any], response_id: FromPath[str]) -> Response[ResponseObject]:
-    raw = await app_state(request.app).responses.cancel(context_of(request.scope).caller(), response_id)
+    raw = await app_state(request.app).responses.cancel(await _counted(request), response_id)
     return Response(content=raw, media_type="application/json")  # type: ignore[arg-type]
 
 

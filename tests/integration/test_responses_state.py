@@ -303,6 +303,28 @@ def test_rpm_limit_with_headers(http: TestClient[Litestar], settings: Settings) 
         client.responses.create(model="fake", input="hi", background=True)
 
 
+def test_reading_stored_responses_counts_against_the_requests_window(
+    http: TestClient[Litestar], settings: Settings
+) -> None:
+    client = sdk(http, role_key(settings, "rpm4", rpm=4))
+    made = client.responses.create(model="fake", input="hi")
+    client.responses.retrieve(made.id)
+    listed = client.responses.input_items.with_raw_response.list(made.id)
+    assert listed.headers["x-ratelimit-remaining-requests"] == "1"
+    client.responses.delete(made.id)
+    # The window is full: reads, deletions and cancellations are refused like a new turn (nothing is read).
+    for call in (
+        lambda: client.responses.retrieve(made.id),
+        lambda: client.responses.input_items.list(made.id),
+        lambda: client.responses.delete(made.id),
+        lambda: client.responses.cancel(made.id),
+    ):
+        with pytest.raises(openai.RateLimitError) as err:
+            call()
+        assert err.value.code == "rate_limit_exceeded"
+        assert int(err.value.response.headers["retry-after"]) >= 1
+
+
 def test_role_model_allowlist_and_token_cap(http: TestClient[Litestar], settings: Settings) -> None:
     elsewhere = sdk(http, role_key(settings, "elsewhere", allowed_models=["other"]))
     with pytest.raises(openai.PermissionDeniedError):

@@ -36,7 +36,7 @@ def test_observe_all_counts_what_observing_one_by_one_counts() -> None:
     amounts += [rng.random() * 3 for _ in range(200)] + [0.0, 1e9, 1e-12]
 
     def samples(metrics: Metrics) -> list[tuple[str, dict[str, str], float]]:
-        return [(s.name, s.labels, s.value) for s in list(metrics.inter_token_latency_seconds.collect())[0].samples]
+        return [(s.name, s.labels, s.value) for s in next(iter(metrics.inter_token_latency_seconds.collect())).samples]
 
     one_by_one, at_once = Metrics(), Metrics()
     for amount in amounts:

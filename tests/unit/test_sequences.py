@@ -82,3 +82,11 @@ def test_a_request_larger_than_the_whole_budget_is_a_400() -> None:
     with pytest.raises(OpenAIError) as err:
         gw.check_sequences(5, "n")
     assert err.value.status == 400 and err.value.param == "n"
+
+
+def test_a_request_that_holds_no_sequences_leaves_no_entry() -> None:
+    budget = SequenceBudget(2)
+    assert budget.take("k", 0) and budget.held("k") == 0 and budget._held == {}
+    assert budget.take("k", 2) and not budget.take("k", 1) and budget.take("k", 0)
+    budget.give("k", 2)
+    assert budget._held == {}
