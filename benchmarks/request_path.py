@@ -5,7 +5,8 @@ Builds the app on `builtin:echo` over a migrated SQLite file, runs its lifespan,
 time through `httpx.ASGITransport`. The difference is what auth, admission, the chat template, the exchange, the echo
 engine and the request log cost per request; much steadier than `gateway_overhead`, which measures it over real sockets.
 
-    uv run python -m benchmarks.request_path [--requests 4000]
+    uv run python -m benchmarks.request_path [--requests 4000] [--database-url postgresql+asyncpg://...]
+        [--ratelimit-storage-uri async+redis://...]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ async def make_key(settings: Settings) -> str:
     try:
         await db.run(
             lambda s: store.create_role(
-                s, "bench", rpm=10**9, tpm=10**12, max_concurrency=64, monthly_tokens=10**15, monthly_requests=10**12
+                s, "bench", rpm=10**9, tpm=2 * 10**9, max_concurrency=64, monthly_tokens=10**15, monthly_requests=2 * 10**9
             )
         )
         _, secret = await db.run(
@@ -65,9 +66,14 @@ async def timed(
     return out
 
 
-async def run(requests: int) -> dict[str, float]:
+async def run(requests: int, database_url: str | None = None, ratelimit_uri: str | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(data_dir=Path(tmp), key_pepper=PEPPER, log_level="WARNING")
+        stores: dict[str, str] = {}
+        if database_url:
+            stores["database_url"] = database_url
+        if ratelimit_uri:
+            stores["ratelimit_storage_uri"] = ratelimit_uri
+        settings = Settings(data_dir=Path(tmp), key_pepper=PEPPER, log_level="WARNING", **stores)  # type: ignore[arg-type]
         await migrate.upgrade(settings.database)
         key = await make_key(settings)
         app = create_app(settings, engine=EchoEngine())
@@ -94,8 +100,10 @@ async def run(requests: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--database-url", help="DATABASE_URL (default: a SQLite file; give it a database of its own)")
+    parser.add_argument("--ratelimit-storage-uri", help="RATELIMIT_STORAGE_URI (default: async+memory://)")
     args = parser.parse_args()
-    r = asyncio.run(run(args.requests))
+    r = asyncio.run(run(args.requests, args.database_url, args.ratelimit_storage_uri))
     print(
         f"/health p50 {r['health_p50_ms']:.3f} ms; /v1/chat/completions p50 {r['chat_p50_ms']:.3f} ms, "
         f"p99 {r['chat_p99_ms']:.3f} ms, mean {r['chat_mean_ms']:.3f} ms; added p50 {r['added_p50_ms']:.3f} ms; "
