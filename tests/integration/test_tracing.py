@@ -6,6 +6,9 @@ Run with ``-s`` to see the spans of one streamed chat request.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -173,6 +176,35 @@ def test_tracing_is_off_without_the_standard_variables(
     with authed(TestClient(make_app(FakeEngine(["ok"], served_model_name="fake")))) as http:
         stream_chat(http)
     assert tracing.TRACER is None
+
+
+OFF_PROBE = """
+import sys
+from server import tracing
+from server.app import create_app
+from server.settings import load_settings
+
+settings = load_settings(environ={"LLM_SERVER_MODEL": "builtin:echo", "LLM_SERVER_DATA_DIR": sys.argv[1]}, dotenv=None)
+create_app(settings)
+print(tracing.TRACER is not None, any(m.startswith("opentelemetry.sdk") for m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    ("otel", "printed"),
+    [({}, "False False"), ({"OTEL_TRACES_EXPORTER": "console"}, "True True")],
+)
+def test_off_by_default_no_provider_and_not_even_the_sdk_is_loaded(
+    tmp_path: Any, otel: dict[str, str], printed: str
+) -> None:
+    """A fresh process building the app: without the OTEL_* variables no tracer exists and the SDK (provider,
+    processors, exporters) is never imported; the same probe with an exporter asked for sees both."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | otel
+    out = subprocess.run(
+        [sys.executable, "-c", OFF_PROBE, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == printed
 
 
 @pytest.mark.parametrize(
