@@ -275,6 +275,28 @@ def test_a_stream_that_ends_with_an_error_frame_is_a_failed_span(
     assert (request.attributes or {})["http.response.status_code"] == 200
 
 
+def test_an_error_answer_names_its_code_in_error_type(
+    spans: InMemorySpanExporter, make_app: Callable[..., Litestar], authed: Callable[[Any], Any]
+) -> None:
+    """The code the client got, not how the exchange saw the work end (a failed generation is ``cancelled`` there)."""
+    with authed(TestClient(make_app(script=["a", "b", "c"], fail_after=1, served_model_name="fake"))) as http:
+        body = {"model": "fake", "messages": [{"role": "user", "content": PROMPT}]}
+        failed = http.post("/v1/chat/completions", json=body)
+        assert failed.status_code == 500
+        too_long = http.post("/v1/chat/completions", json=body | {"max_tokens": 10**6})
+        assert too_long.json()["error"]["code"] == "context_length_exceeded"
+    first, second = sorted(
+        (s for s in spans.get_finished_spans() if s.name == "POST /v1/chat/completions"),
+        key=lambda s: s.start_time or 0,
+    )
+    assert (first.attributes or {})["error.type"] == "server_error"
+    assert (first.attributes or {})["http.response.status_code"] == 500
+    assert first.status.status_code is StatusCode.ERROR
+    assert (second.attributes or {})["error.type"] == "context_length_exceeded"
+    assert (second.attributes or {})["http.response.status_code"] == 400
+    assert second.status.status_code is StatusCode.UNSET  # a client's mistake is no server error
+
+
 def test_span_times_follow_a_stepped_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """A perf_counter reading converts with the clocks' offset at that moment, so an NTP step mid-run moves the
     gateway's child spans with the SDK's own ``time_ns()`` timestamps instead of leaving them seconds apart."""
