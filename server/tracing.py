@@ -6,8 +6,8 @@ Tracing is on when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACE
 default ``llm-server``) the SDK reads from its own variables.
 
 Off, the only cost on a request's path is reading :data:`TRACER` (``None``): no span, context or exporter is ever
-created. The server keeps its own tracer rather than the process-global provider, so tests install an in-memory
-exporter with :func:`use_provider` and remove it again.
+created, and the SDK itself is not even imported. The server keeps its own tracer rather than the process-global
+provider, so tests install an in-memory exporter with :func:`use_provider` and remove it again.
 
 Spans never carry prompt or output text, keys or key ids.
 """
@@ -17,13 +17,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, MutableMapping
+from typing import TYPE_CHECKING
 
 from opentelemetry import propagate
 from opentelemetry.context import Context
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace import Tracer
+
+if TYPE_CHECKING:  # the SDK is imported only once tracing is turned on
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 TRACER: Tracer | None = None
 """The server's tracer while tracing is on; ``None`` (the default) when it is off."""
@@ -53,6 +55,10 @@ def configure(env: Mapping[str, str] | None = None) -> bool:
     exporters = wanted(environ)
     if not exporters:
         return False
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
     attributes = {} if environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: "llm-server"}
     provider = TracerProvider(resource=Resource.create(attributes))
     for name in exporters:
@@ -63,6 +69,8 @@ def configure(env: Mapping[str, str] | None = None) -> bool:
 
 def _exporter(name: str) -> SpanExporter:
     if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
         return ConsoleSpanExporter()
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # only when exporting
 

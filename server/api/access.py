@@ -73,7 +73,7 @@ def timing_middleware(metrics: Metrics, writer: BatchWriter) -> Any:
                 raise
             finally:
                 otel_context.detach(token)
-                end_span(span, status or 499)
+                end_span(span, status or 499, context_of(scope).record)
 
         async def observed(scope: Scope, receive: Receive, send: Send) -> None:
             started = time.perf_counter()
@@ -129,9 +129,12 @@ def start_span(scope: Scope) -> Span | None:
     )
 
 
-def end_span(span: Span, status: int) -> None:
-    """End a request span with its HTTP status (an error status from 500 on, and for a failed stream)."""
+def end_span(span: Span, status: int, record: RequestRecord | None) -> None:
+    """End a request span with its HTTP status (an error status from 500 on, and for a failed stream) and, for an
+    error answer, ``error.type``: the code the client got (the request log's), else the status."""
     span.set_attribute("http.response.status_code", status)
+    if status >= 400:
+        span.set_attribute("error.type", (record.error_type if record is not None else None) or str(status))
     if status >= 500:
         span.set_status(Status(StatusCode.ERROR))
     span.end()

@@ -6,6 +6,9 @@ Run with ``-s`` to see the spans of one streamed chat request.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -175,6 +178,35 @@ def test_tracing_is_off_without_the_standard_variables(
     assert tracing.TRACER is None
 
 
+OFF_PROBE = """
+import sys
+from server import tracing
+from server.app import create_app
+from server.settings import load_settings
+
+settings = load_settings(environ={"LLM_SERVER_MODEL": "builtin:echo", "LLM_SERVER_DATA_DIR": sys.argv[1]}, dotenv=None)
+create_app(settings)
+print(tracing.TRACER is not None, any(m.startswith("opentelemetry.sdk") for m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    ("otel", "printed"),
+    [({}, "False False"), ({"OTEL_TRACES_EXPORTER": "console"}, "True True")],
+)
+def test_off_by_default_no_provider_and_not_even_the_sdk_is_loaded(
+    tmp_path: Any, otel: dict[str, str], printed: str
+) -> None:
+    """A fresh process building the app: without the OTEL_* variables no tracer exists and the SDK (provider,
+    processors, exporters) is never imported; the same probe with an exporter asked for sees both."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | otel
+    out = subprocess.run(
+        [sys.executable, "-c", OFF_PROBE, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == printed
+
+
 @pytest.mark.parametrize(
     ("env", "exporters"),
     [
@@ -241,6 +273,28 @@ def test_a_stream_that_ends_with_an_error_frame_is_a_failed_span(
     assert request.status.status_code is StatusCode.ERROR
     assert (request.attributes or {})["error.type"] == "server_error"
     assert (request.attributes or {})["http.response.status_code"] == 200
+
+
+def test_an_error_answer_names_its_code_in_error_type(
+    spans: InMemorySpanExporter, make_app: Callable[..., Litestar], authed: Callable[[Any], Any]
+) -> None:
+    """The code the client got, not how the exchange saw the work end (a failed generation is ``cancelled`` there)."""
+    with authed(TestClient(make_app(script=["a", "b", "c"], fail_after=1, served_model_name="fake"))) as http:
+        body = {"model": "fake", "messages": [{"role": "user", "content": PROMPT}]}
+        failed = http.post("/v1/chat/completions", json=body)
+        assert failed.status_code == 500
+        too_long = http.post("/v1/chat/completions", json=body | {"max_tokens": 10**6})
+        assert too_long.json()["error"]["code"] == "context_length_exceeded"
+    first, second = sorted(
+        (s for s in spans.get_finished_spans() if s.name == "POST /v1/chat/completions"),
+        key=lambda s: s.start_time or 0,
+    )
+    assert (first.attributes or {})["error.type"] == "server_error"
+    assert (first.attributes or {})["http.response.status_code"] == 500
+    assert first.status.status_code is StatusCode.ERROR
+    assert (second.attributes or {})["error.type"] == "context_length_exceeded"
+    assert (second.attributes or {})["http.response.status_code"] == 400
+    assert second.status.status_code is StatusCode.UNSET  # a client's mistake is no server error
 
 
 def test_span_times_follow_a_stepped_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -105,6 +107,26 @@ def test_every_serve_flag_is_a_setting_and_covered_above() -> None:
     fields = {f.name for f in msgspec.structs.fields(Settings)}
     dests = {a.dest for a in serve._actions if a.option_strings and a.dest not in ("help", "version")}
     assert dests - fields == {"api_key"}  # the one list flag, joined into API_KEYS
+
+
+def _options(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], str]]:
+    """(command path, long option) of every option of ``parser`` and its subcommands."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield path, name
+                yield from _options(sub, (*path, name))
+        else:
+            yield from ((path, s) for s in action.option_strings if s.startswith("--") and s != "--help")
+
+
+def test_the_reference_lists_every_command_and_option() -> None:
+    reference = (Path(__file__).resolve().parents[2] / "docs" / "REFERENCE.md").read_text(encoding="utf-8")
+    commands = reference[reference.index("\n## Commands\n") : reference.index("\n## Settings\n")]
+    words = set(re.findall(r"--?[a-z][a-z0-9-]*|\b[a-z][a-z-]*\b", commands))
+    listed = list(_options(build_parser()))
+    assert {"--version", "--prefix-cache-mb", "keys", "generate"} <= {name for _, name in listed}
+    assert [f"{' '.join(path)} {name}" for path, name in listed if name not in words] == []
 
 
 def test_flags_override_the_environment_and_absent_flags_do_not() -> None:

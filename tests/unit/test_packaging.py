@@ -71,7 +71,7 @@ def test_the_wheel_ships_the_first_party_packages() -> None:
 def test_shipped_modules_import_only_runtime_dependencies(package: str) -> None:
     files = sorted((ROOT / package).rglob("*.py"))
     assert files
-    # The runnable examples in clients/ may use the `clients` extra (pip install 'llm-server[clients]').
+    # The runnable examples in clients/ may use the `clients` extra (pip install '.[clients]' from a checkout).
     allowed = RUNTIME | EXTRAS[package] if package in EXTRAS else RUNTIME
     assert _undeclared(files, allowed) == {}
 
