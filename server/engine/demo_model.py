@@ -164,8 +164,8 @@ def write_demo_model(path: str | Path, preset: Preset = "tiny") -> Path:
 
     Args:
         path: Destination folder.
-        preset: ``"tiny"`` (2 layers, hidden 64; builds in well under a second) or ``"bench-0.5b"``
-            (Qwen2.5-0.5B dimensions, bfloat16, ~1 GB, several seconds).
+        preset: ``"tiny"`` (2 layers, hidden 64; builds in a few seconds the first time in a process, well under
+            one after) or ``"bench-0.5b"`` (Qwen2.5-0.5B dimensions, bfloat16, ~1 GB, several seconds).
 
     Returns:
         The destination path.
