@@ -2,8 +2,9 @@
 
 Order (the first limit that fails decides the error), cheapest first so that a refused request costs next to
 nothing: before any work on the prompt, the role's model allowlist (403), RPM (429 ``requests``, tested by
-:meth:`Gateway.precheck`) and the role's caps on max tokens and ``n`` (400); then, once the prompt is tokenized,
-:meth:`Gateway.admit`: RPM and TPM (429 ``requests`` / ``tokens``), the key's sequences in flight (429
+:meth:`Gateway.precheck`; on Redis answered from what this replica learnt, see there) and the role's caps on max
+tokens and ``n`` (400); then, once the prompt is tokenized, :meth:`Gateway.admit`: RPM and TPM (429 ``requests`` /
+``tokens``), the key's sequences in flight (429
 ``requests``, see :mod:`server.admission.sequences`), per-key concurrency (429 ``requests``), monthly token and
 request quotas (429 ``insufficient_quota``). Short windows are only *tested* first; the sequences, the
 concurrency slot and the quota reservation (a conditional UPDATE in the database) are taken next, and only then
@@ -29,6 +30,7 @@ from datetime import UTC, datetime
 
 from server.admission.ratelimit import (
     ADMITTED,
+    NO_REQUESTS,
     NO_SLOT,
     NO_TOKENS,
     RateLimiter,
@@ -45,6 +47,8 @@ log = logging.getLogger("server.admission")
 
 TPM_ESTIMATE = 256
 OPEN_LOG_INTERVAL_S = 60.0
+REMEMBERED_FULL_KEYS = 100_000
+"""At most this many keys with a full requests window are remembered for :meth:`Gateway.precheck`."""
 """Fail-open admissions are logged as one warning with a count at most this often."""
 
 ReserveFn = Callable[[str, str, int, int | None, int | None], Awaitable[bool]]
@@ -131,6 +135,9 @@ class Gateway:
         self._fail_open = fail_open
         self._open_admits = 0  # admitted without limits since the last warning
         self._open_logged_at = -OPEN_LOG_INTERVAL_S
+        # Keys whose requests window was found full, and when (monotonic) it frees a place: on a shared storage
+        # :meth:`precheck` answers from here instead of a round trip per request.
+        self._requests_full: dict[str, float] = {}
 
     # -- checks that need no storage ----------------------------------------------------------------------
     @staticmethod
@@ -182,18 +189,47 @@ class Gateway:
 
     # -- admission ----------------------------------------------------------------------------------------
     async def precheck(self, principal: Principal) -> None:
-        """429 when the key's requests-per-minute window is full: tested before any work on the prompt.
+        """429 when the key's requests-per-minute window is full: before any work on the prompt.
 
-        Consumes nothing; :meth:`admit` hits the window once the request is known to be valid.
+        Consumes nothing; :meth:`admit` tests and hits the window once the request is known to be valid. In this
+        process (memory storage) the window itself is tested. On a shared storage (Redis) a round trip per request
+        would cost more than the check saves, so this answers from what this replica last learnt: a key found over
+        its window (here, by :meth:`admit` or by a hit) is refused until the window's oldest entry leaves it, which
+        is exact (no place frees earlier); a key over its window that this replica has not refused yet is refused
+        by :meth:`admit`, after its prompt was prepared.
         """
         rpm = principal.role.rpm
         if rpm is None:
+            return
+        if self.limiter.remote:
+            full_until = self._requests_full.get(principal.key_id)
+            if full_until is not None:
+                wait_s = full_until - time.monotonic()
+                if wait_s > 0:
+                    raise self._requests_refused(principal, rpm, wait_s)
+                del self._requests_full[principal.key_id]
             return
         try:
             if not await self.limiter.test("requests", principal.key_id, rpm, 1):
                 raise await self._rate_limited(principal, "requests", rpm, 1)
         except StorageUnavailable as exc:
             self._storage_down(exc)
+
+    def _requests_refused(self, principal: Principal, rpm: int, wait_s: float) -> OpenAIError:
+        """429 for a key whose requests window is known to be full for ``wait_s`` more seconds (no storage call)."""
+        self._metrics.rate_limited_total.labels(principal.role.name, "requests").inc()
+        reset = duration(wait_s)
+        headers = {
+            "retry-after": str(max(1, math.ceil(wait_s))),
+            "retry-after-ms": str(math.ceil(wait_s * 1000)),
+            "x-ratelimit-limit-requests": str(rpm),
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": reset,
+        }
+        msg = f"Rate limit reached for requests per minute: limit {rpm}, used {rpm}, requested 1."
+        return OpenAIError(
+            429, "requests", f"{msg} Please try again in {reset}.", code="rate_limit_exceeded", headers=headers
+        )
 
     async def count_request(self, principal: Principal) -> None:
         """Count one request in the key's requests-per-minute window (429 when it is full) for a route that runs no
@@ -226,7 +262,8 @@ class Gateway:
         ``prompt_tokens`` is reserved against the monthly quota; TPM counts ``tpm_prompt_tokens`` instead when given
         (a remote model's prompt is reserved at an upper bound but counted at its estimate). ``sequences`` is what
         the request asks the engine to generate (``n`` per prompt), counted against the key's in-flight bound.
-        ``rpm_tested``: :meth:`precheck` tested the requests window a moment ago (it is hit at the end either way).
+        ``rpm_tested``: :meth:`precheck` ran a moment ago (in this process it tested the requests window, which is
+        then not tested again here; it is hit at the end either way).
         """
         role, key_id = principal.role, principal.key_id
         reserved = prompt_tokens + max_new_tokens
@@ -237,18 +274,22 @@ class Gateway:
         slots = role.max_concurrency
         status = ADMITTED
         try:
-            rpm = None if rpm_tested else role.rpm
-            if rpm is not None and not await self.limiter.test("requests", key_id, rpm, 1):
-                raise await self._rate_limited(principal, "requests", rpm, 1)
-            if role.tpm is not None or slots is not None:
+            # On a shared storage the precheck did not test the window: it is tested with the rest, at no cost.
+            rpm = None if rpm_tested and not self.limiter.remote else role.rpm
+            if rpm is not None or role.tpm is not None or slots is not None:
                 # The slot only if the sequences fit too (taken below), so a request refused for its sequences
                 # takes no slot; tested and taken in one step (one round trip on Redis).
                 fits = self.sequences is None or self.sequences.held(key_id) + sequences <= self.sequences.limit
-                status = await self.limiter.test_tokens_take_slot(key_id, role.tpm, tpm_cost, slots if fits else None)
+                status = await self.limiter.test_tokens_take_slot(
+                    key_id, role.tpm, tpm_cost, slots if fits else None, rpm=rpm
+                )
                 ticket.slot = status == ADMITTED and fits and slots is not None
         except StorageUnavailable as exc:
             limiter_ok = False
             self._storage_down(exc)
+        if status == NO_REQUESTS:
+            assert role.rpm is not None
+            raise await self._rate_limited(principal, "requests", role.rpm, 1)
         if status == NO_TOKENS:
             assert role.tpm is not None
             raise await self._rate_limited(principal, "tokens", role.tpm, tpm_cost)
@@ -324,6 +365,8 @@ class Gateway:
                 raise await self._rate_limited(principal, "tokens", role.tpm, ticket.tpm_counted)
             ticket.tpm_hit = role.tpm is not None
             ticket.headers = rate_headers(requests, tokens)
+            if requests is not None and requests.remaining == 0 and self.limiter.remote:
+                self._remember_full(principal.key_id, requests.reset_s)  # this request took the last place
         except StorageUnavailable as exc:
             self._storage_down(exc)
 
@@ -356,6 +399,8 @@ class Gateway:
         self._metrics.rate_limited_total.labels(principal.role.name, kind).inc()
         window = await self.limiter.window(kind, principal.key_id, limit)
         wait_s = max(window.reset_s, 0.001)
+        if kind == "requests" and self.limiter.remote and window.remaining == 0:
+            self._remember_full(principal.key_id, wait_s)
         if cost > limit:
             msg = f"This request needs {cost} tokens, above your limit of {limit} tokens per minute."
         else:
@@ -366,6 +411,14 @@ class Gateway:
         return OpenAIError(
             429, kind, f"{msg} Please try again in {duration(wait_s)}.", code="rate_limit_exceeded", headers=headers
         )
+
+    def _remember_full(self, key_id: str, wait_s: float) -> None:
+        """Note that ``key_id``'s requests window frees no place for ``wait_s`` seconds (for :meth:`precheck`)."""
+        now = time.monotonic()
+        if len(self._requests_full) >= REMEMBERED_FULL_KEYS:  # keep only the windows still full
+            self._requests_full = {k: t for k, t in self._requests_full.items() if t > now}
+        if len(self._requests_full) < REMEMBERED_FULL_KEYS:
+            self._requests_full[key_id] = now + wait_s
 
     async def headers(self, principal: Principal) -> dict[str, str]:
         """Current ``x-ratelimit-*`` headers for ``principal`` (empty for unlimited windows or no storage)."""

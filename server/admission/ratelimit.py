@@ -32,7 +32,7 @@ NAMESPACE = "llm-server"
 CONCURRENCY_TTL_S = 3600
 EXPIRY_S = 60
 """The requests and tokens windows span a minute."""
-ADMITTED, NO_TOKENS, NO_SLOT = 1, 2, 3
+ADMITTED, NO_TOKENS, NO_SLOT, NO_REQUESTS = 1, 2, 3, 4
 """What :meth:`RateLimiter.test_tokens_take_slot` answers."""
 _UNBOUNDED = 2**62  # a limit that no window count reaches: the sliding-window entry then always counts
 STORAGE_TIMEOUT_S = 2.0
@@ -226,22 +226,32 @@ class RateLimiter:
         tok = Window(tpm, *scripts.sliding_window(tpm, EXPIRY_S, out[3:7])) if tpm else None
         return None, req, tok
 
-    async def test_tokens_take_slot(self, key_id: str, tpm: int | None, tokens: int, slots: int | None) -> int:
-        """Test the tokens window for ``tokens`` (consumes nothing), then take one of ``slots`` concurrency slots.
+    async def test_tokens_take_slot(
+        self, key_id: str, tpm: int | None, tokens: int, slots: int | None, *, rpm: int | None = None
+    ) -> int:
+        """Test the requests window (``rpm``: room for one) and the tokens window (``tokens``), consuming nothing,
+        then take one of ``slots`` concurrency slots.
 
         Returns:
-            :data:`ADMITTED` (the slot, if ``slots`` is given, is taken), :data:`NO_TOKENS` or :data:`NO_SLOT`
-            (nothing taken). On Redis one round trip, atomic.
+            :data:`ADMITTED` (the slot, if ``slots`` is given, is taken), :data:`NO_REQUESTS`, :data:`NO_TOKENS` or
+            :data:`NO_SLOT` (nothing taken). On Redis one round trip, atomic.
         """
         if self._test_script is None:
+            if rpm is not None and not await self.test("requests", key_id, rpm, 1):
+                return NO_REQUESTS
             if tpm is not None and not await self.test("tokens", key_id, tpm, tokens):
                 return NO_TOKENS
             if slots is not None and not await self.acquire_slot(key_id, slots):
                 return NO_SLOT
             return ADMITTED
         tokens_key = self._sliding_key(key_id, tpm)
-        keys = [f"{tokens_key}/-1", tokens_key, self._prefixed(f"{NAMESPACE}/concurrency/{key_id}")]
-        args = [EXPIRY_S, tpm or 0, tokens, slots or 0, CONCURRENCY_TTL_S]
+        keys = [
+            f"{tokens_key}/-1",
+            tokens_key,
+            self._prefixed(f"{NAMESPACE}/concurrency/{key_id}"),
+            self._prefixed(self._key("requests", key_id, rpm)),
+        ]
+        args = [EXPIRY_S, tpm or 0, tokens, slots or 0, CONCURRENCY_TTL_S, time.time(), rpm or 0]
         return int(await self._call(self._test_script.execute(keys, args)))
 
     @staticmethod

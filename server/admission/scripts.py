@@ -8,8 +8,8 @@ script makes the sequence atomic where it used to be several round trips. The wi
 - :data:`HIT_WINDOWS`: hit the requests window (moving window, cost 1), then, if it had room, the tokens window
   (sliding-window counter, the request's cost), then read both windows for the ``x-ratelimit-*`` headers: four
   round trips before.
-- :data:`TEST_TOKENS_TAKE_SLOT`: test the tokens window (consumes nothing) and, if it has room, take a concurrency
-  slot: two round trips before (three for a key's first slot).
+- :data:`TEST_TOKENS_TAKE_SLOT`: test the requests and tokens windows (consumes nothing) and, if they have room,
+  take a concurrency slot: three round trips before (four for a key's first slot).
 """
 
 from __future__ import annotations
@@ -107,12 +107,20 @@ window was hit, as when the two hits were separate calls)."""
 TEST_TOKENS_TAKE_SLOT = (
     _SLIDING_SHIFT
     + """
--- KEYS: tokens previous, tokens current, concurrency counter.
--- ARGV: expiry (s), tpm (0: none), cost, slots (0: none), counter ttl (s).
+-- KEYS: tokens previous, tokens current, concurrency counter, requests list.
+-- ARGV: expiry (s), tpm (0: none), cost, slots (0: none), counter ttl (s), now (s), rpm (0: none).
 local expiry_ms = tonumber(ARGV[1]) * 1000
 local tpm = tonumber(ARGV[2])
 local amount = tonumber(ARGV[3])
 local slots = tonumber(ARGV[4])
+local rpm = tonumber(ARGV[7])
+if rpm > 0 then
+    -- limits' moving-window test: the window is full when its rpm-th newest entry is still in it
+    local entry = redis.call('lindex', KEYS[4], rpm - 1)
+    if entry and tonumber(entry) >= tonumber(ARGV[6]) - tonumber(ARGV[1]) then
+        return 4
+    end
+end
 if tpm > 0 then
     if amount > tpm then
         return 2
@@ -140,8 +148,8 @@ end
 return 1
 """
 )
-"""Returns 1 (the tokens fit; the slot, if asked for, is taken), 2 (the tokens window has no room: nothing taken)
-or 3 (no slot free: nothing taken)."""
+"""Returns 1 (the request and its tokens fit; the slot, if asked for, is taken), 4 (the requests window is full),
+2 (the tokens window has no room) or 3 (no slot free); nothing is taken unless it returns 1."""
 
 
 def moving_window(limit: int, expiry: int, oldest: Any, count: Any, now: float | None = None) -> tuple[int, float]:

@@ -92,6 +92,35 @@ def test_a_huge_prompt_over_the_rpm_window_is_429_and_never_tokenized(settings: 
     assert tokenizer.encoded == []
 
 
+def test_on_redis_a_window_known_full_refuses_before_the_prompt_and_another_replica_learns_it(
+    settings: Settings, redis_url: str
+) -> None:
+    """On a shared storage the early check answers from what this replica learnt (no round trip per request): the
+    request that took the window's last place, or a refusal, tells it; a replica that has not learnt it yet refuses
+    at admission (after the prompt is prepared, consuming nothing) and then early."""
+    s = msgspec.structs.replace(settings, ratelimit_storage_uri="async+" + redis_url, cache_enabled=False)
+    key = role_key(s, "rpm-two-redis", rpm=2)
+    auth = {"Authorization": f"Bearer {key}"}
+    engine, tokenizer = counting_engine()
+    other_engine, other_tokenizer = counting_engine()
+    with TestClient(create_app(s, engine=engine)) as http, TestClient(create_app(s, engine=other_engine)) as other:
+        assert http.post("/v1/chat/completions", json=chat("hi"), headers=auth).status_code == 200
+        assert other.post("/v1/chat/completions", json=chat("hi"), headers=auth).status_code == 200  # the last place
+        tokenizer.encoded.clear()
+        other_tokenizer.encoded.clear()
+        error = error_of(other.post("/v1/chat/completions", json=chat(BIG), headers=auth), 429)
+        assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
+        # The replica that has not learnt it yet refuses at admission: its prompt was prepared, nothing consumed.
+        refused = http.post("/v1/chat/completions", json=chat("small"), headers=auth)
+        assert refused.status_code == 429 and refused.headers["x-ratelimit-remaining-requests"] == "0"
+        assert tokenizer.encoded != []
+        tokenizer.encoded.clear()
+        again = http.post("/v1/chat/completions", json=chat(BIG), headers=auth)
+        assert again.status_code == 429 and again.json()["error"]["type"] == "requests"
+        assert 1 <= int(again.headers["retry-after"]) <= 60 and again.headers["x-ratelimit-limit-requests"] == "2"
+    assert tokenizer.encoded == [] and other_tokenizer.encoded == []
+
+
 def test_a_prompt_that_certainly_cannot_fit_is_refused_from_its_length_alone(
     settings: Settings, authed: Callable[[Any], Any]
 ) -> None:

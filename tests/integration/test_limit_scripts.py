@@ -8,7 +8,7 @@ import secrets
 
 import pytest
 
-from server.admission.ratelimit import ADMITTED, NO_SLOT, NO_TOKENS, RateLimiter
+from server.admission.ratelimit import ADMITTED, NO_REQUESTS, NO_SLOT, NO_TOKENS, RateLimiter
 from tests.integration.test_scaleout import _cleanup_redis
 
 
@@ -63,6 +63,32 @@ def test_hit_windows_hits_both_and_reports_what_limits_reads(storage: str, reque
             assert await limiter.test("requests", "k1", 3, 1) is False
             assert await limiter.hit("tokens", "k1", 100, 10) is True
             assert await limiter.hit("tokens", "k1", 100, 1) is False
+        finally:
+            limiter.close()
+            if url is not None:
+                await _cleanup_redis(url, prefix)
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+def test_a_full_requests_window_refuses_the_slot_and_the_tokens_test(
+    storage: str, request: pytest.FixtureRequest
+) -> None:
+    limiter, url, prefix = limiter_for(storage, request)
+
+    async def go() -> None:
+        try:
+            assert await limiter.test_tokens_take_slot("k", 100, 10, 2, rpm=2) == ADMITTED
+            assert (await limiter.hit_windows("k", 2, None, 0))[0] is None
+            assert await limiter.test_tokens_take_slot("k", 100, 10, 2, rpm=2) == ADMITTED
+            assert (await limiter.hit_windows("k", 2, None, 0))[0] is None
+            # Full: refused before the tokens and the slot, taking nothing (the two slots taken above remain).
+            assert await limiter.test_tokens_take_slot("k", 100, 10, 2, rpm=2) == NO_REQUESTS
+            assert await limiter.in_use("k") == 2
+            assert await limiter.test("requests", "k", 2, 1) is False
+            # The same window under another limit is another window (limits keys windows by their limit).
+            assert await limiter.test_tokens_take_slot("k", 100, 10, 3, rpm=3) == ADMITTED
         finally:
             limiter.close()
             if url is not None:

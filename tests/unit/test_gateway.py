@@ -190,8 +190,8 @@ async def test_fail_closed_refuses_with_503_when_the_storage_is_down() -> None:
     error = await refused(gw, principal(rpm=5))
     assert (error.status, error.type, error.code) == (503, "server_error", "service_unavailable")
     assert error.headers == {"retry-after": "5"}
-    with pytest.raises(OpenAIError):
-        await gw.precheck(principal(rpm=5))
+    # The early check asks no shared storage (admission, above, is where the 503 comes from).
+    await gw.precheck(principal(rpm=5))
 
 
 @pytest.mark.anyio
