@@ -38,7 +38,13 @@ async def make_key(settings: Settings) -> str:
     try:
         await db.run(
             lambda s: store.create_role(
-                s, "bench", rpm=10**9, tpm=2 * 10**9, max_concurrency=64, monthly_tokens=10**15, monthly_requests=2 * 10**9
+                s,
+                "bench",
+                rpm=10**9,
+                tpm=2 * 10**9,
+                max_concurrency=64,
+                monthly_tokens=10**15,
+                monthly_requests=2 * 10**9,
             )
         )
         _, secret = await db.run(
