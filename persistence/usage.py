@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import BigInteger, and_, bindparam, case, func, insert, select
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import asyncpg as pg_asyncpg  # the dialect (SQL it renders), not the driver
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from persistence._sql import delete_in_chunks, dialect_insert, dialect_name, own_transaction, rowcount
@@ -24,11 +25,13 @@ from persistence.models import AppliedWrite, UsageMonthly, utcnow
 from persistence.records import UsageRecord
 
 __all__ = (
+    "PgReservation",
     "add_usage",
     "adjust_usage",
     "delete_applied_writes_before",
     "get_usage",
     "mark_applied",
+    "pg_reservation",
     "reserve_usage",
     "undo_reservation",
 )
@@ -64,12 +67,7 @@ async def reserve_usage(
     Returns:
         Whether the reservation was made; ``False`` leaves the usage unchanged.
     """
-    if tokens < 0:
-        raise ValueError(f"tokens must be >= 0, got {tokens}")
-    # A month's first request inserts its row unchecked: refuse here what could never fit.
-    if (max_tokens_per_month is not None and tokens > max_tokens_per_month) or (
-        max_requests_per_month is not None and max_requests_per_month < 1
-    ):
+    if never_fits(tokens, max_tokens_per_month, max_requests_per_month):
         return False
     if dialect_name(session) == "postgresql":
         limited = (max_tokens_per_month is not None, max_requests_per_month is not None)
@@ -106,6 +104,63 @@ async def reserve_usage(
         return made
 
     return await own_transaction(session, work)
+
+
+def never_fits(tokens: int, max_tokens_per_month: int | None, max_requests_per_month: int | None) -> bool:
+    """Whether a reservation of ``tokens`` can be refused without asking the database (a month's first request
+    inserts its row unchecked, so what could never fit is refused here)."""
+    if tokens < 0:
+        raise ValueError(f"tokens must be >= 0, got {tokens}")
+    return (max_tokens_per_month is not None and tokens > max_tokens_per_month) or (
+        max_requests_per_month is not None and max_requests_per_month < 1
+    )
+
+
+class PgReservation:
+    """The PostgreSQL reservation of :func:`reserve_usage` (``write_id`` marked) as SQL text for asyncpg itself.
+
+    The same statement, compiled once per combination of limits: for a caller that runs it on a raw asyncpg
+    connection, where SQLAlchemy's session, connection and result layers cost several times the statement itself.
+    :meth:`args` orders the values as the text numbers them; ``fetchval`` returns 1 (reserved) or 0.
+    """
+
+    def __init__(self, limit_tokens: bool, limit_requests: bool) -> None:
+        compiled = _pg_reservation(limit_tokens, limit_requests, marked=True).compile(dialect=pg_asyncpg.dialect())  # type: ignore[no-untyped-call]
+        self.sql = str(compiled)
+        self._order: tuple[str, ...] = tuple(compiled.positiontup or ())
+        self._constants: dict[str, Any] = dict(compiled.params)
+
+    def args(
+        self,
+        key_id: str,
+        month: str,
+        tokens: int,
+        write_id: str,
+        max_tokens_per_month: int | None,
+        max_requests_per_month: int | None,
+    ) -> list[Any]:
+        values = {
+            "key_id": key_id,
+            "month": month,
+            "tokens": tokens,
+            "max_tokens": max_tokens_per_month,
+            "max_requests": max_requests_per_month,
+            "write_id": write_id,
+            "now": utcnow(),
+        }
+        return [values[name] if name in values else self._constants[name] for name in self._order]
+
+
+_PG_TEXTS: dict[tuple[bool, bool], PgReservation] = {}
+
+
+def pg_reservation(max_tokens_per_month: int | None, max_requests_per_month: int | None) -> PgReservation:
+    """The :class:`PgReservation` for these limits (built once)."""
+    key = (max_tokens_per_month is not None, max_requests_per_month is not None)
+    found = _PG_TEXTS.get(key)
+    if found is None:
+        found = _PG_TEXTS[key] = PgReservation(*key)
+    return found
 
 
 async def _scalar_is_one(session: AsyncSession, stmt: Any, params: dict[str, Any]) -> bool:

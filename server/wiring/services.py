@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from persistence import store
+from persistence import store, usage
 from persistence.store import KeyRecord, RoleRecord
 from server.admission.gateway import Gateway
 from server.admission.ledger import LocalLedger
@@ -62,6 +62,9 @@ def build_services(settings: Settings, metrics: Metrics, *, ratelimit_key_prefix
     )
 
     async def reserve(key_id: str, month: str, tokens: int, max_tokens: int | None, max_requests: int | None) -> bool:
+        if usage.never_fits(tokens, max_tokens, max_requests):
+            return False
+
         # One autocommit statement that also records write_id when it reserves. If the answer is lost (a timeout,
         # a dropped connection, the request cancelled meanwhile), it may still have committed: the writer then
         # gives it back if, and only if, it did (the client was refused, so the reservation must not stand).
@@ -69,6 +72,11 @@ def build_services(settings: Settings, metrics: Metrics, *, ratelimit_key_prefix
         # one, with a new write_id (the first one's undo settles whether it had landed).
         async def once(write_id: str) -> bool:
             try:
+                if db.url.startswith("postgresql"):
+                    # The one statement on asyncpg itself, without SQLAlchemy's layers (most of its cost).
+                    statement = usage.pg_reservation(max_tokens, max_requests)
+                    args = statement.args(key_id, month, tokens, write_id, max_tokens, max_requests)
+                    return bool(await db.fetch_value(statement.sql, args) == 1)
                 return await db.run(
                     lambda s: store.reserve_usage(
                         s,
@@ -81,7 +89,6 @@ def build_services(settings: Settings, metrics: Metrics, *, ratelimit_key_prefix
                     ),
                     write=True,
                     single_statement=True,
-                    pinged=False,
                 )
             except BaseException:
                 writer.add_undo(write_id, key_id, month, tokens)

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -65,7 +65,6 @@ class LostAnswers(Database):
         timeout_s: float | None = None,
         write: bool = False,
         single_statement: bool = False,
-        pinged: bool = True,
     ) -> T:
         if self.lose > 0 and write and (single_statement or not self.reservations_only):
             type(self).lose -= 1
@@ -80,7 +79,21 @@ class LostAnswers(Database):
                 raise AssertionError("unreachable")
 
             fn = then_hang
-        return await super().run(fn, timeout_s=timeout_s, write=write, single_statement=single_statement, pinged=pinged)
+        return await super().run(fn, timeout_s=timeout_s, write=write, single_statement=single_statement)
+
+    async def fetch_value(self, sql: str, args: Sequence[Any], *, timeout_s: float | None = None) -> Any:
+        """The quota reservation on PostgreSQL (a single statement, autocommit): it loses its answer the same way."""
+        if self.lose <= 0:
+            return await super().fetch_value(sql, args, timeout_s=timeout_s)
+        type(self).lose -= 1
+
+        async def then_hang() -> Any:
+            if self.when != "before-start":
+                await Database.fetch_value(self, sql, args)  # committed: the statement runs in autocommit mode
+            await asyncio.sleep(3600)
+            raise AssertionError("unreachable")
+
+        return await self._within(then_hang(), timeout_s)
 
 
 def losing(when: str, *, reservations_only: bool = False) -> type[LostAnswers]:

@@ -110,18 +110,28 @@ def test_a_reservation_on_a_dead_connection_is_retried_once(postgres_url: str, t
     with TestClient(app) as http:
         assert http.post("/v1/chat/completions", json=body, headers=headers).status_code == 200
         db = app_state(app).services.db
-        assert db._unpinged is not None
-        pool: Any = db._unpinged.sync_engine.pool
-        idle = list(pool._pool._queue._queue)  # the reservation's connection, back in its pool (asyncio.Queue)
-        assert idle
-        for record in idle:
-            http.blocking_portal.call(record.dbapi_connection._connection.close)  # dies behind the pool's back
+        pool: Any = db._raw  # the reservations' asyncpg pool
+        pids = [h._con.get_server_pid() for h in pool._holders if h._con is not None]
+        assert pids  # the reservation's connection, back in its pool
+        # Ended by the server, behind the pool's back (as after a restart or an idle timeout there).
+        assert asyncio.run(_terminate(postgres_url, pids)) == len(pids)
         r = http.post("/v1/chat/completions", json=body, headers=headers)
         assert r.status_code == 200, r.text
         assert http.post("/v1/chat/completions", json=body, headers=headers).status_code == 200
         assert http.blocking_portal.call(app_state(app).services.writer.flush)
     usage = asyncio.run(_usage(s))
     assert (usage.requests, usage.tokens) == (3, 3 * r.json()["usage"]["total_tokens"])
+
+
+async def _terminate(url: str, pids: list[int]) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"), timeout=10)
+    try:
+        rows = await conn.fetch("SELECT pg_terminate_backend(pid) AS ended FROM unnest($1::int[]) AS pid", pids)
+    finally:
+        await conn.close()
+    return sum(1 for row in rows if row["ended"])
 
 
 async def _usage(s: Settings) -> Any:
