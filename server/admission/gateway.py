@@ -47,9 +47,9 @@ log = logging.getLogger("server.admission")
 
 TPM_ESTIMATE = 256
 OPEN_LOG_INTERVAL_S = 60.0
+"""Fail-open admissions are logged as one warning with a count at most this often."""
 REMEMBERED_FULL_KEYS = 100_000
 """At most this many keys with a full requests window are remembered for :meth:`Gateway.precheck`."""
-"""Fail-open admissions are logged as one warning with a count at most this often."""
 
 ReserveFn = Callable[[str, str, int, int | None, int | None], Awaitable[bool]]
 
@@ -137,7 +137,7 @@ class Gateway:
         self._open_logged_at = -OPEN_LOG_INTERVAL_S
         # Keys whose requests window was found full, and when (monotonic) it frees a place: on a shared storage
         # :meth:`precheck` answers from here instead of a round trip per request.
-        self._requests_full: dict[str, float] = {}
+        self._requests_full: dict[tuple[str, int], float] = {}  # by key id and limit (a changed limit: new window)
 
     # -- checks that need no storage ----------------------------------------------------------------------
     @staticmethod
@@ -202,12 +202,12 @@ class Gateway:
         if rpm is None:
             return
         if self.limiter.remote:
-            full_until = self._requests_full.get(principal.key_id)
+            full_until = self._requests_full.get((principal.key_id, rpm))
             if full_until is not None:
                 wait_s = full_until - time.monotonic()
                 if wait_s > 0:
                     raise self._requests_refused(principal, rpm, wait_s)
-                del self._requests_full[principal.key_id]
+                del self._requests_full[principal.key_id, rpm]
             return
         try:
             if not await self.limiter.test("requests", principal.key_id, rpm, 1):
@@ -366,7 +366,7 @@ class Gateway:
             ticket.tpm_hit = role.tpm is not None
             ticket.headers = rate_headers(requests, tokens)
             if requests is not None and requests.remaining == 0 and self.limiter.remote:
-                self._remember_full(principal.key_id, requests.reset_s)  # this request took the last place
+                self._remember_full(principal.key_id, requests.limit, requests.reset_s)  # it took the last place
         except StorageUnavailable as exc:
             self._storage_down(exc)
 
@@ -400,7 +400,7 @@ class Gateway:
         window = await self.limiter.window(kind, principal.key_id, limit)
         wait_s = max(window.reset_s, 0.001)
         if kind == "requests" and self.limiter.remote and window.remaining == 0:
-            self._remember_full(principal.key_id, wait_s)
+            self._remember_full(principal.key_id, limit, wait_s)
         if cost > limit:
             msg = f"This request needs {cost} tokens, above your limit of {limit} tokens per minute."
         else:
@@ -412,13 +412,13 @@ class Gateway:
             429, kind, f"{msg} Please try again in {duration(wait_s)}.", code="rate_limit_exceeded", headers=headers
         )
 
-    def _remember_full(self, key_id: str, wait_s: float) -> None:
-        """Note that ``key_id``'s requests window frees no place for ``wait_s`` seconds (for :meth:`precheck`)."""
+    def _remember_full(self, key_id: str, limit: int, wait_s: float) -> None:
+        """Note that ``key_id``'s requests window (of ``limit``) frees no place for ``wait_s`` seconds."""
         now = time.monotonic()
         if len(self._requests_full) >= REMEMBERED_FULL_KEYS:  # keep only the windows still full
             self._requests_full = {k: t for k, t in self._requests_full.items() if t > now}
         if len(self._requests_full) < REMEMBERED_FULL_KEYS:
-            self._requests_full[key_id] = now + wait_s
+            self._requests_full[key_id, limit] = now + wait_s
 
     async def headers(self, principal: Principal) -> dict[str, str]:
         """Current ``x-ratelimit-*`` headers for ``principal`` (empty for unlimited windows or no storage)."""

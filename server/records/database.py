@@ -25,6 +25,9 @@ from persistence.config import make_engine_config
 
 T = TypeVar("T")
 
+RAW_POOL_SIZE = 16
+"""Connections of :meth:`Database.fetch_value`'s pool (PostgreSQL)."""
+
 
 class DatabaseUnavailable(Exception):
     """The database did not answer in time or refused the connection."""
@@ -40,8 +43,6 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     sa_exc.DisconnectionError,
     sa_exc.DBAPIError,
 )
-RAW_POOL_SIZE = 16
-"""Connections of :meth:`Database.fetch_value`'s pool (PostgreSQL)."""
 _NOT_UNAVAILABLE: tuple[type[BaseException], ...] = (
     sa_exc.IntegrityError,
     sa_exc.DataError,
