@@ -72,15 +72,7 @@ async def reserve_usage(
     if dialect_name(session) == "postgresql":
         limited = (max_tokens_per_month is not None, max_requests_per_month is not None)
         stmt = _pg_reservation(*limited, marked=write_id is not None)
-        params = {
-            "key_id": key_id,
-            "month": month,
-            "tokens": tokens,
-            "max_tokens": max_tokens_per_month,
-            "max_requests": max_requests_per_month,
-            "write_id": write_id,
-            "now": utcnow(),
-        }
+        params = _reservation_values(key_id, month, tokens, write_id, max_tokens_per_month, max_requests_per_month)
         return await own_transaction(session, lambda: _scalar_is_one(session, stmt, params))
     conditions = []
     if max_tokens_per_month is not None:
@@ -139,16 +131,28 @@ class PgReservation:
         max_tokens_per_month: int | None,
         max_requests_per_month: int | None,
     ) -> list[Any]:
-        values = {
-            "key_id": key_id,
-            "month": month,
-            "tokens": tokens,
-            "max_tokens": max_tokens_per_month,
-            "max_requests": max_requests_per_month,
-            "write_id": write_id,
-            "now": utcnow(),
-        }
+        values = _reservation_values(key_id, month, tokens, write_id, max_tokens_per_month, max_requests_per_month)
         return [values[name] if name in values else self._constants[name] for name in self._order]
+
+
+def _reservation_values(
+    key_id: str,
+    month: str,
+    tokens: int,
+    write_id: str | None,
+    max_tokens_per_month: int | None,
+    max_requests_per_month: int | None,
+) -> dict[str, Any]:
+    """The bound values of the PostgreSQL reservation statement, by name."""
+    return {
+        "key_id": key_id,
+        "month": month,
+        "tokens": tokens,
+        "max_tokens": max_tokens_per_month,
+        "max_requests": max_requests_per_month,
+        "write_id": write_id,
+        "now": utcnow(),
+    }
 
 
 _PG_TEXTS: dict[tuple[bool, bool], PgReservation] = {}

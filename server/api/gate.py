@@ -17,8 +17,10 @@ import anyio
 import msgspec
 from litestar import Request
 
+from server.admission.gateway import Gateway
 from server.api.common import BODY_TYPE
 from server.api.context import context_of
+from server.auth.principal import Principal
 from server.wiring.models import ServedModels
 from server.wiring.state import app_state
 
@@ -69,6 +71,18 @@ def _default_model(body_type: type[Any], models: ServedModels) -> str | None:
     return None
 
 
+async def _screened(request: Request[Any, Any, Any], model: str) -> tuple[Principal, Gateway]:
+    """The caller and the gateway, with the allowlist (403) and the early RPM check (429) done for ``model``
+    (already by :func:`screen` when it read the same model from the body)."""
+    context = context_of(request.scope)
+    principal = context.caller()
+    gateway = app_state(request.app).services.gateway
+    if context.screened_model != model:
+        gateway.check_model(principal, model)
+        await gateway.precheck(principal)
+    return principal, gateway
+
+
 async def gate(
     request: Request[Any, Any, Any],
     model: str,
@@ -85,12 +99,7 @@ async def gate(
     stays within the role's caps on max tokens and choices (400) and asks for no more sequences (``prompts`` x ``n``)
     than a key may ever have in flight (400). Returns the role's max-tokens cap for the serving layer.
     """
-    context = context_of(request.scope)
-    principal = context.caller()
-    gateway = app_state(request.app).services.gateway
-    if context.screened_model != model:
-        gateway.check_model(principal, model)
-        await gateway.precheck(principal)
+    principal, gateway = await _screened(request, model)
     cap = gateway.max_tokens_cap(principal, requested, param)
     choices_param = "n" if n > 1 else "prompt"
     gateway.check_n(principal, n * prompts, choices_param)
@@ -107,12 +116,7 @@ async def counted(request: Request[Any, Any, Any], model: str) -> AsyncIterator[
     and cannot burn the server's CPU past the key's limits. It counts no tokens: neither TPM nor the monthly quota
     (tokens or requests) is touched, and a key over its monthly quota may still count its tokens.
     """
-    context = context_of(request.scope)
-    principal = context.caller()
-    gateway = app_state(request.app).services.gateway
-    if context.screened_model != model:
-        gateway.check_model(principal, model)
-        await gateway.precheck(principal)
+    principal, gateway = await _screened(request, model)
     tokenless = dataclasses.replace(principal.role, tpm=None, monthly_tokens=None, monthly_requests=None)
     ticket = await gateway.admit(
         dataclasses.replace(principal, role=tokenless),
