@@ -277,7 +277,10 @@ class Database:
             await asyncio.wait(set(self._abandoned), timeout=self.timeout_s)
         await self.config.get_engine().dispose()
         if self._raw is not None:
-            await self._raw.close()
+            try:  # waits for every connection to come back: one stuck on a frozen server never does
+                await asyncio.wait_for(self._raw.close(), self.timeout_s)
+            except TimeoutError:
+                self._raw.terminate()
 
 
 def connection_was_dead(exc: BaseException) -> bool:

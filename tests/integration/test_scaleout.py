@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from typing import Any
 
 from litestar.testing import TestClient
@@ -121,6 +122,23 @@ def test_a_reservation_on_a_dead_connection_is_retried_once(postgres_url: str, t
         assert http.blocking_portal.call(app_state(app).services.writer.flush)
     usage = asyncio.run(_usage(s))
     assert (usage.requests, usage.tokens) == (3, 3 * r.json()["usage"]["total_tokens"])
+
+
+def test_closing_does_not_wait_for_a_reservation_connection_that_never_comes_back(postgres_url: str) -> None:
+    """A reservation stuck on a server that stopped answering keeps its connection: closing the database gives up
+    on it after the timeout (the pool is terminated) instead of hanging the shutdown."""
+    from server.records.database import Database
+
+    async def go() -> float:
+        db = Database(postgres_url, timeout_s=0.5)
+        assert await db.fetch_value("SELECT 1", []) == 1
+        await db._raw.acquire()  # never released, as by a statement the server never answers
+        began = time.monotonic()
+        await db.close()
+        assert db._raw.is_closing()
+        return time.monotonic() - began
+
+    assert 0.4 < asyncio.run(go()) < 3  # the timeout, then the pool terminated
 
 
 async def _terminate(url: str, pids: list[int]) -> int:
