@@ -62,34 +62,20 @@ def build_services(settings: Settings, metrics: Metrics, *, ratelimit_key_prefix
     )
 
     async def reserve(key_id: str, month: str, tokens: int, max_tokens: int | None, max_requests: int | None) -> bool:
+        """PostgreSQL (SQLite deployments reserve in the in-memory ledger): one autocommit statement, on asyncpg
+        itself (SQLAlchemy's layers were most of its cost), that also records write_id when it reserves. If the
+        answer is lost (a timeout, a dropped connection, the request cancelled meanwhile), it may still have
+        committed: the writer then gives it back if, and only if, it did (the client was refused, so the
+        reservation must not stand). The connection is not pinged first (a round trip per request): one found dead
+        is retried once, on a new one, with a new write_id (the first one's undo settles whether it had landed)."""
         if usage.never_fits(tokens, max_tokens, max_requests):
             return False
+        statement = usage.pg_reservation(max_tokens, max_requests)
 
-        # One autocommit statement that also records write_id when it reserves. If the answer is lost (a timeout,
-        # a dropped connection, the request cancelled meanwhile), it may still have committed: the writer then
-        # gives it back if, and only if, it did (the client was refused, so the reservation must not stand).
-        # The connection is not pinged first (a round trip per request): one found dead is retried once, on a new
-        # one, with a new write_id (the first one's undo settles whether it had landed).
         async def once(write_id: str) -> bool:
             try:
-                if db.url.startswith("postgresql"):
-                    # The one statement on asyncpg itself, without SQLAlchemy's layers (most of its cost).
-                    statement = usage.pg_reservation(max_tokens, max_requests)
-                    args = statement.args(key_id, month, tokens, write_id, max_tokens, max_requests)
-                    return bool(await db.fetch_value(statement.sql, args) == 1)
-                return await db.run(
-                    lambda s: store.reserve_usage(
-                        s,
-                        key_id,
-                        month,
-                        tokens,
-                        max_tokens_per_month=max_tokens,
-                        max_requests_per_month=max_requests,
-                        write_id=write_id,
-                    ),
-                    write=True,
-                    single_statement=True,
-                )
+                args = statement.args(key_id, month, tokens, write_id, max_tokens, max_requests)
+                return bool(await db.fetch_value(statement.sql, args) == 1)
             except BaseException:
                 writer.add_undo(write_id, key_id, month, tokens)
                 raise
