@@ -28,7 +28,7 @@ from server.api.docs import DOCS_HANDLERS
 from server.api.embeddings import EMBEDDING_HANDLERS
 from server.api.exceptions import handle_exception
 from server.api.gate import PREPARE_THREADS, screen
-from server.api.guards import require_key
+from server.api.guards import guarded, require_key
 from server.api.health import health, metrics, readyz
 from server.api.models import list_models, retrieve_model
 from server.api.native import generate_text, stream_text
@@ -94,7 +94,7 @@ def create_app(
 
     v1 = Router(
         path="/",
-        guards=[require_key],
+        before_request=guarded(require_key, before_request),
         route_handlers=[
             list_models,
             retrieve_model,
@@ -109,7 +109,7 @@ def create_app(
     )
     cors = CORSConfig(allow_origins=settings.cors_origins) if settings.cors_origins else None
     return Litestar(
-        route_handlers=[health, readyz, metrics, v1, *admin_handlers(), *DOCS_HANDLERS],
+        route_handlers=[health, readyz, metrics, v1, *admin_handlers(before_request), *DOCS_HANDLERS],
         dependencies={
             "models": Provide(lambda: state.models, sync_to_thread=False),
             "metrics": Provide(lambda: state.metrics, sync_to_thread=False),

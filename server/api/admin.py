@@ -15,7 +15,7 @@ from schemas.admin import KeyCreate, KeyList, KeyOut, KeyRotate, RoleCreate, Rol
 from server.admission.gateway import current_month
 from server.api.apidoc import KEY_SECURITY, KEYED, WITH_BODY, ApiOperation, errors
 from server.api.common import BODY_TYPE
-from server.api.guards import require_admin
+from server.api.guards import Hook, guarded, require_admin
 from server.auth import manage
 from server.errors import OpenAIError, invalid_request
 from server.wiring.services import Services
@@ -127,12 +127,12 @@ async def usage(
     return UsageList(data=[manage.usage_out(r) for r in rows])
 
 
-def admin_handlers() -> list[Router]:
-    """The ``/admin`` router (admin role required)."""
+def admin_handlers(before_request: Hook) -> list[Router]:
+    """The ``/admin`` router (admin role required, then the app's ``before_request``)."""
     return [
         Router(
             path="/admin",
-            guards=[require_admin],
+            before_request=guarded(require_admin, before_request),
             route_handlers=[list_keys, create_key, revoke_key, rotate_key, list_roles, create_role, update_role, usage],
             tags=["admin"],
             security=KEY_SECURITY,

@@ -7,7 +7,6 @@ checksum lets the server reject a mistyped or made-up key without a database rou
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 import secrets
@@ -50,7 +49,7 @@ def is_well_formed(key: str) -> bool:
 
 def digest(key: str, pepper: bytes) -> str:
     """Hex HMAC-SHA-256 of ``key`` under ``pepper``: the only form a key is stored in."""
-    return hmac.new(pepper, key.encode("utf-8"), hashlib.sha256).hexdigest()
+    return hmac.digest(pepper, key.encode("utf-8"), "sha256").hex()
 
 
 def display_parts(key: str) -> tuple[str, str]:

@@ -98,8 +98,9 @@ class Authenticator:
         static = self._static.match(presented) if self._static else None
         if static is not None:
             return static
-        if not presented or not is_well_formed(presented):
+        if not presented:
             return None
+        # Only well-formed keys enter the cache (``authenticate``), so a hit needs no format check.
         hit = self._cache.get(digest(presented, self._pepper))
         if hit is None or time.monotonic() - hit[0] >= self._ttl or refusal(hit[1], datetime.now(UTC)):
             return None
