@@ -8,6 +8,8 @@ still runs. This adds, around it:
   which comes :data:`~server.exchange.shutdown.CANCEL_MARGIN_S` later for whatever ignores the cut;
 - exit status 0 after a drained shutdown (uvicorn re-raises the signal, which ends the process as "killed");
 - a non-zero exit, with one line on stderr, when the model fails to load;
+- the start-up heap frozen once the models have loaded (:func:`freeze_heap`: no full garbage collection walks
+  it again);
 - request heads (request line + headers) over ``MAX_HEADER_BYTES`` answered 431, and heads that stall for
   ``REQUEST_READ_TIMEOUT_S`` 408, in the OpenAI error shape (bodies that stall are the app's: 408 too).
 
@@ -18,6 +20,7 @@ internals, so pyproject bounds uvicorn to the minor series tested.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import secrets
@@ -76,6 +79,19 @@ def run(app: Litestar, settings: Settings) -> None:
         raise ServeError("the server did not start (see the log above)")
 
 
+def freeze_heap() -> None:
+    """Move what start-up allocated (modules, the app, the model) out of the garbage collector's sight.
+
+    Those objects live as long as the process, yet every full collection would walk all of them (about 150,000
+    without torch, far more with it): a pause of about 50 ms on these machines, every few thousand requests, in
+    the middle of whichever requests were running. Frozen, a full collection walks only what requests created
+    since. Collected first, so no garbage is frozen with them.
+    """
+    gc.collect()
+    gc.freeze()
+    log.debug("start-up heap frozen: %d objects", gc.get_freeze_count())
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn's server with the app's drain and exit status 0 after a signal-initiated shutdown."""
 
@@ -83,6 +99,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.lifecycle = lifecycle
         self.grace_s = grace_s
+        self.heap_frozen = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # As uvicorn, minus recording the signal: uvicorn re-raises it once shut down, so a drained, clean stop
@@ -95,6 +112,9 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self.lifecycle.failure and not self.should_exit:
             self.should_exit = True
+        if self.lifecycle.loaded and not self.heap_frozen:
+            self.heap_frozen = True
+            freeze_heap()
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:

@@ -69,6 +69,8 @@ class Lifecycle:
         self.draining = False
         self.expired = False
         self.failure: str | None = None
+        self.loaded = False
+        """Every local model has started (the runner then freezes the start-up heap: see ``server.cli.runner``)."""
         self._inflight: weakref.WeakSet[InFlight] = weakref.WeakSet()
 
     # -- the runner ------------------------------------------------------------------------------------
