@@ -11,6 +11,12 @@ affects both alike:
 - paced: each client sends RATE requests/s (staggered, as independent users would); the latency chat adds over
   `/health` at p50 and p99.
 
+The closed loop also prints the CPU each request costs the server process and this client process (Linux: the
+server's from `/proc/PID/stat`). Those say who the loop waits for: when the client's CPU per request is the larger,
+the requests/s (and so the ratio) are the client's, and the server's own figures are the ones that say what a chat
+request costs beyond HTTP (`server ratio`: /health's server CPU over chat's, what the ratio would be against a
+client that costs nothing).
+
 `/health` measures HTTP + uvicorn + the client itself; the difference is what auth, admission, the chat template,
 the echo engine, JSON rendering and the request log add. Storage: SQLite and in-memory limits by default;
 `--database-url` and `--ratelimit-storage-uri` select PostgreSQL and Redis (the settings `DATABASE_URL` and
@@ -116,14 +122,35 @@ async def drive(
     return latencies, elapsed
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``; 0.0 where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
 def closed_loop(server: Server, n: int, concurrency: int) -> dict[str, float]:
-    """Requests/s of /health and chat, back to back, and their latencies."""
-    health, health_s = asyncio.run(drive(server.base, server.key, "/health", n, concurrency))
-    chat, chat_s = asyncio.run(drive(server.base, server.key, CHAT, n, concurrency))
-    out = {"health_rps": n / health_s, "chat_rps": n / chat_s}
+    """Requests/s of /health and chat, back to back, their latencies, and the CPU (µs) each request cost the
+    server and this client."""
+    out: dict[str, float] = {}
+    latencies: dict[str, list[float]] = {}
+    for name, path in (("health", "/health"), ("chat", CHAT)):
+        server_began, client_began = process_cpu_s(server.pid), own_cpu_s()
+        latencies[name], elapsed = asyncio.run(drive(server.base, server.key, path, n, concurrency))
+        out[f"{name}_rps"] = n / elapsed
+        out[f"{name}_server_cpu_us"] = (process_cpu_s(server.pid) - server_began) * 1e6 / n
+        out[f"{name}_client_cpu_us"] = (own_cpu_s() - client_began) * 1e6 / n
     out["ratio"] = out["chat_rps"] / out["health_rps"]
-    out |= latency_figures(health, chat)
-    return out
+    chat_cpu = out["chat_server_cpu_us"]
+    out["server_ratio"] = out["health_server_cpu_us"] / chat_cpu if chat_cpu else 0.0
+    return out | latency_figures(latencies["health"], latencies["chat"])
 
 
 def paced(server: Server, n: int, concurrency: int, rate: float) -> dict[str, float]:
@@ -230,10 +257,16 @@ def main() -> None:
 def print_table(results: dict[str, dict[str, dict[str, float]]], args: argparse.Namespace) -> None:
     storage = f"{args.database_url or 'sqlite'} + {args.ratelimit_storage_uri or 'async+memory://'}"
     print(f"gateway overhead, {storage}; medians of {args.rounds} rounds of {args.requests} requests per route")
-    print(f"{'closed loop, ' + str(args.concurrency) + ' clients':<28}{'health/s':>10}{'chat/s':>10}{'ratio':>8}")
+    cpu = ("server µs", "client µs")
+    head = f"{'closed loop, ' + str(args.concurrency) + ' clients':<28}{'health/s':>10}{'chat/s':>10}{'ratio':>8}"
+    print(head + "".join(f"{'health ' + c:>17}{'chat ' + c:>15}" for c in cpu) + f"{'server ratio':>14}")
     for name, r in results.items():
         c = r["closed"]
-        print(f"{name:<28}{c['health_rps']:>10.0f}{c['chat_rps']:>10.0f}{c['ratio']:>8.2f}")
+        print(
+            f"{name:<28}{c['health_rps']:>10.0f}{c['chat_rps']:>10.0f}{c['ratio']:>8.2f}"
+            f"{c['health_server_cpu_us']:>17.0f}{c['chat_server_cpu_us']:>15.0f}"
+            f"{c['health_client_cpu_us']:>17.0f}{c['chat_client_cpu_us']:>15.0f}{c['server_ratio']:>14.2f}"
+        )
     if args.paced_rate:
         rate = f"paced {args.concurrency}x{args.paced_rate:g}/s (ms)"
         header = ("health p50", "health p99", "chat p50", "chat p99", "added p50", "added p99")
