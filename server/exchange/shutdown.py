@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +70,9 @@ class Lifecycle:
         self.expired = False
         self.failure: str | None = None
         self.loaded = False
-        """Every local model has started (the runner then freezes the start-up heap: see ``server.cli.runner``)."""
+        """Every local model has started (:meth:`models_loaded`)."""
+        self.on_loaded: Callable[[], None] | None = None
+        """Called once every local model has started (``serve`` freezes its start-up heap then)."""
         self._inflight: weakref.WeakSet[InFlight] = weakref.WeakSet()
 
     # -- the runner ------------------------------------------------------------------------------------
@@ -90,6 +92,13 @@ class Lifecycle:
             if handle.waiting and task is not None and not task.done() and not handle.cancelled:
                 handle.cancelled = True
                 task.cancel(_CANCEL_MESSAGE)
+
+    def models_loaded(self) -> None:
+        """Every local model has started; runs :attr:`on_loaded` (on the event loop, before any request is served
+        by the models)."""
+        self.loaded = True
+        if self.on_loaded is not None:
+            self.on_loaded()
 
     def fail(self, message: str) -> None:
         """A fatal error (the model did not load): the runner stops the server and exits non-zero."""

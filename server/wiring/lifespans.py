@@ -138,7 +138,7 @@ async def _load_engines(state: AppState) -> None:
             models.failures[name] = reason
             state.lifecycle.fail(f"model {source!r} failed to load: {reason}")
             return
-    state.lifecycle.loaded = True
+    state.lifecycle.models_loaded()
 
 
 def describe(models: ServedModels, name: str) -> str:

@@ -152,12 +152,13 @@ def data_frames(lines: Iterator[str]) -> Iterator[tuple[float, str]]:
 
 def connection_refused(base: str) -> bool:
     """Whether a new connection is refused; one the kernel accepted just before the listener closed is closed
-    by the drain without a response (not served either), so the caller asks again."""
+    by the drain without a response, or reset with the listener if the server had not taken it yet (not served
+    either way), so the caller asks again."""
     try:
         httpx.get(f"{base}/health", timeout=2)
     except httpx.ConnectError:
         return True
-    except httpx.RemoteProtocolError:
+    except (httpx.RemoteProtocolError, httpx.ReadError):
         return False
     return False
 

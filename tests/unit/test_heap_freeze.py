@@ -1,21 +1,18 @@
-"""The start-up heap is frozen once, after the models have loaded, and only then (``server.cli.runner``)."""
+"""``serve`` freezes its start-up heap once, when the models have loaded, and only then (``server.cli.runner``)."""
 
 from __future__ import annotations
 
-import asyncio
 import gc
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from litestar.testing import TestClient
 
 from server.app import create_app
 from server.cli import runner
 from server.engine.echo import EchoEngine
 from server.engine.fake import FakeEngine
-from server.exchange.shutdown import Lifecycle
 from server.settings import Settings
 from server.wiring.state import app_state
 
@@ -39,28 +36,35 @@ def test_freeze_heap_moves_the_live_objects_out_of_the_collectors_sight(unfrozen
     assert sum(len(gc.get_objects(generation)) for generation in range(3)) < frozen
 
 
-def test_the_server_freezes_once_after_the_models_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_freezes_when_the_models_have_loaded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``run`` hands ``freeze_heap`` to the lifecycle; nothing is frozen before the models have loaded."""
     calls: list[None] = []
     monkeypatch.setattr(runner, "freeze_heap", lambda: calls.append(None))
-    lifecycle = Lifecycle()
-    server = runner.DrainingServer(uvicorn.Config(app=lambda *a: None), lifecycle, grace_s=1.0)
+    seen: list[object] = []
 
-    async def ticks(n: int) -> None:
-        for counter in range(1, n + 1):
-            await server.on_tick(counter)
+    class Recorder(runner.DrainingServer):
+        def run(self, sockets: object = None) -> None:
+            seen.append(self.lifecycle.on_loaded)
+            assert calls == []
+            self.started = True
 
-    asyncio.run(ticks(3))
-    assert calls == []  # still loading: the model's objects are not allocated yet
-    lifecycle.loaded = True
-    asyncio.run(ticks(5))
-    assert calls == [None]
+    monkeypatch.setattr(runner, "DrainingServer", Recorder)
+    app = create_app(Settings(data_dir=tmp_path, key_pepper="p" * 32), engine=EchoEngine())
+    runner.run(app, Settings(data_dir=tmp_path, key_pepper="p" * 32))
+    lifecycle = app_state(app).lifecycle
+    assert seen == [lifecycle.on_loaded] and lifecycle.on_loaded is not None
+    lifecycle.models_loaded()
+    assert calls == [None] and lifecycle.loaded
 
 
 def test_loaded_is_set_when_every_model_started(tmp_path: Path) -> None:
     app = create_app(Settings(data_dir=tmp_path, key_pepper="p" * 32), engine=EchoEngine())
+    calls: list[None] = []
+    app_state(app).lifecycle.on_loaded = lambda: calls.append(None)
     with TestClient(app) as client:
         assert client.get("/readyz").status_code == 200
         assert app_state(app).lifecycle.loaded
+        assert calls == [None]
 
 
 def test_loaded_stays_unset_when_a_model_fails(tmp_path: Path) -> None:
@@ -71,7 +75,9 @@ def test_loaded_stays_unset_when_a_model_fails(tmp_path: Path) -> None:
 
     engine.start = fail  # type: ignore[method-assign]
     app = create_app(Settings(data_dir=tmp_path, key_pepper="p" * 32), engine=engine)
+    calls: list[None] = []
+    app_state(app).lifecycle.on_loaded = lambda: calls.append(None)
     with TestClient(app) as client:
         assert client.get("/readyz").status_code == 503
         state = app_state(app).lifecycle
-        assert state.failure is not None and not state.loaded
+        assert state.failure is not None and not state.loaded and calls == []
