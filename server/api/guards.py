@@ -1,10 +1,9 @@
 """Route guards: a valid key for ``/v1``, a key whose role is ``admin`` for ``/admin``.
 
 They run first in their router's ``before_request`` hook (:func:`guarded`), before the body is read, so a request
-without a key is 401 even when its JSON is malformed. (Not as Litestar ``guards``: those copy the route handler
-on every call, a tenth of the chat route's own cost.) A key that
-fails from a client address with too many failed key checks this minute gets 429 instead of 401; a valid key is
-never refused for its address (``server.admission.throttle``).
+without a key is 401 even when its JSON is malformed. (Not as Litestar ``guards``, which copy the route handler on
+every call.) A key that fails from a client address with too many failed key checks this minute gets 429 instead
+of 401; a valid key is never refused for its address (``server.admission.throttle``).
 """
 
 from __future__ import annotations

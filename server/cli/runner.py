@@ -87,7 +87,7 @@ def freeze_heap() -> None:
     without torch, far more with it): a pause of about 50 ms on these machines, every few thousand requests, in
     the middle of whichever requests were running. Frozen, a full collection walks only what requests created
     since. Collected first, so no garbage is frozen with them: about 0.1 s with torch loaded, once, on the event
-    loop right after the last model started (``Lifecycle.on_loaded``), before the models serve anything.
+    loop right after the last model started (``Lifecycle.on_loaded``).
     """
     gc.collect()
     gc.freeze()

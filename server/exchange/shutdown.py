@@ -94,8 +94,7 @@ class Lifecycle:
                 task.cancel(_CANCEL_MESSAGE)
 
     def models_loaded(self) -> None:
-        """Every local model has started; runs :attr:`on_loaded` (on the event loop, before any request is served
-        by the models)."""
+        """Every local model has started; runs :attr:`on_loaded` on the event loop, in the same step."""
         self.loaded = True
         if self.on_loaded is not None:
             self.on_loaded()
