@@ -124,6 +124,40 @@ def test_a_reservation_on_a_dead_connection_is_retried_once(postgres_url: str, t
     assert (usage.requests, usage.tokens) == (3, 3 * r.json()["usage"]["total_tokens"])
 
 
+def test_reservation_connections_go_back_to_their_pool_without_a_reset_query(postgres_url: str) -> None:
+    """asyncpg's default reset (a second round trip per reservation) is not sent; an open transaction left on a
+    connection is still rolled back before the connection is reused."""
+    import asyncpg
+
+    from server.records.database import Database
+
+    async def go() -> tuple[list[Any], int, bool]:
+        db = Database(postgres_url, timeout_s=5)
+        resets: list[Any] = []
+        real = asyncpg.Connection.get_reset_query
+
+        def counted(self: Any) -> Any:
+            resets.append(self)
+            return real(self)
+
+        asyncpg.Connection.get_reset_query = counted  # type: ignore[method-assign]
+        try:
+            values = [await db.fetch_value("SELECT $1::int", [n]) for n in range(3)]
+            assert values == [0, 1, 2]
+            await db.fetch_value("BEGIN", [])  # as if a statement had left a transaction open
+            pooled = [h._con for h in db._raw._holders if h._con is not None]
+            open_transactions = [c for c in pooled if c.is_in_transaction()]
+        finally:
+            asyncpg.Connection.get_reset_query = real  # type: ignore[method-assign]
+            await db.close()
+        return resets, len(pooled), bool(open_transactions)
+
+    resets, pooled, left_open = asyncio.run(go())
+    assert resets == []
+    assert pooled >= 1
+    assert not left_open  # the BEGIN was rolled back before its connection went back to the pool
+
+
 def test_closing_does_not_wait_for_a_reservation_connection_that_never_comes_back(postgres_url: str) -> None:
     """A reservation stuck on a server that stopped answering keeps its connection: closing the database gives up
     on it after the timeout (the pool is terminated) instead of hanging the shutdown."""
