@@ -23,6 +23,7 @@ from limits.storage import storage_from_string
 
 from server.admission import scripts
 from server.admission.local import LocalWindows
+from server.admission.redislink import RedisLink, RedisReplyError
 
 log = logging.getLogger("server.admission")
 T = TypeVar("T")
@@ -90,13 +91,19 @@ class RateLimiter:
             self.storage = storage_from_string(uri, **options)
         self._hit_script: Any = None
         self._test_script: Any = None
+        self._release_script: Any = None
+        self.link: RedisLink | None = None
         bridge: Any = getattr(self.storage, "bridge", None)
         # One Redis server (not a cluster: a script's keys would lie in different slots) through limits' coredis
-        # bridge: several steps of admission in one round trip each (server.admission.scripts).
+        # bridge: several steps of admission in one round trip each (server.admission.scripts), on a lean
+        # connection of this module's own where the URI is a plain one (server.admission.redislink).
         if type(self.storage).__name__ == "RedisStorage" and hasattr(bridge, "get_connection"):
-            connection = bridge.get_connection()
-            self._hit_script = connection.register_script(scripts.HIT_WINDOWS)
-            self._test_script = connection.register_script(scripts.TEST_TOKENS_TAKE_SLOT)
+            self.link = RedisLink.from_uri(uri)
+            register = self.link.script if self.link is not None else bridge.get_connection().register_script
+            self._hit_script = register(scripts.HIT_WINDOWS)
+            self._test_script = register(scripts.TEST_TOKENS_TAKE_SLOT)
+            if self.link is not None:
+                self._release_script = register(scripts.RELEASE_SLOT)
             self._prefixed = bridge.prefixed_key
         self._rpm = None if self.storage is None else MovingWindowRateLimiter(self.storage)
         self._tpm = None if self.storage is None else SlidingWindowCounterRateLimiter(self.storage)
@@ -114,8 +121,13 @@ class RateLimiter:
                 close()  # a coroutine that will not run: close it so it is not reported as never awaited
             raise StorageUnavailable("the rate-limit storage failed a moment ago; not retried yet")
         try:
-            result = await asyncio.wait_for(coro, STORAGE_TIMEOUT_S)
-        except (TimeoutError, OSError) as exc:
+            async with asyncio.timeout(STORAGE_TIMEOUT_S):
+                result = await coro
+        except TimeoutError as exc:
+            if self.link is not None:
+                self.link.abort()  # it may be the link that stopped answering: its next call connects afresh
+            raise self._failed(exc) from exc
+        except (OSError, RedisReplyError) as exc:
             raise self._failed(exc) from exc
         except Exception as exc:  # limits wraps driver errors in StorageError; anything else is the same fault
             if type(exc).__module__.startswith(("limits", "coredis", "redis")):
@@ -283,6 +295,9 @@ class RateLimiter:
             if self.local.incr(key, -1) < 0:
                 self.local.incr(key)
             return
+        if self._release_script is not None:
+            await self._call(self._release_script.execute([self._prefixed(key)], [CONCURRENCY_TTL_S]))
+            return
         value = int(await self._call(self.storage.incr(key, CONCURRENCY_TTL_S, -1)))
         if value < 0:  # the counter expired while the request ran: do not let it go negative
             await self._call(self.storage.incr(key, CONCURRENCY_TTL_S, -value))
@@ -299,6 +314,8 @@ class RateLimiter:
         limits has no public close: the pool is reached through the storage's ``bridge`` (pyproject bounds limits
         to the minor series tested); an attribute missing there makes this a no-op, never an error.
         """
+        if self.link is not None:
+            self.link.abort()
         client = getattr(getattr(self.storage, "bridge", None), "storage", None)
         pool = getattr(client, "connection_pool", None)
         if pool is not None:

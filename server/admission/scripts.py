@@ -10,6 +10,7 @@ script makes the sequence atomic where it used to be several round trips. The wi
   round trips before.
 - :data:`TEST_TOKENS_TAKE_SLOT`: test the requests and tokens windows (consumes nothing) and, if they have room,
   take a concurrency slot: three round trips before (four for a key's first slot).
+- :data:`RELEASE_SLOT`: give the slot back, never below zero.
 """
 
 from __future__ import annotations
@@ -150,6 +151,18 @@ return 1
 )
 """Returns 1 (the request and its tokens fit; the slot, if asked for, is taken), 4 (the requests window is full),
 2 (the tokens window has no room) or 3 (no slot free); nothing is taken unless it returns 1."""
+
+
+RELEASE_SLOT = """
+-- KEYS: concurrency counter. ARGV: counter ttl (s).
+local value = redis.call('incrby', KEYS[1], -1)
+if value < 0 then
+    -- the counter expired while the request ran: back to zero, not below
+    redis.call('set', KEYS[1], 0, 'EX', ARGV[1])
+end
+return value
+"""
+"""Gives a concurrency slot back (never below zero): one round trip where ``limits``' ``incr`` took one to four."""
 
 
 def moving_window(limit: int, expiry: int, oldest: Any, count: Any, now: float | None = None) -> tuple[int, float]:

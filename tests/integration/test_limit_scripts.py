@@ -9,6 +9,7 @@ import secrets
 import pytest
 
 from server.admission.ratelimit import ADMITTED, NO_REQUESTS, NO_SLOT, NO_TOKENS, RateLimiter
+from server.admission.redislink import RedisLink, RedisReplyError
 from tests.integration.test_scaleout import _cleanup_redis
 
 
@@ -125,5 +126,98 @@ def test_test_tokens_take_slot_takes_nothing_when_it_refuses(storage: str, reque
             limiter.close()
             if url is not None:
                 await _cleanup_redis(url, prefix)
+
+    asyncio.run(go())
+
+
+def test_slots_given_back_never_go_below_zero(request: pytest.FixtureRequest) -> None:
+    limiter, url, prefix = limiter_for("redis", request)
+
+    async def go() -> list[int]:
+        try:
+            assert await limiter.test_tokens_take_slot("k", None, 0, 3) == ADMITTED
+            seen = [await limiter.in_use("k")]
+            await limiter.release_slot("k")
+            seen.append(await limiter.in_use("k"))
+            await limiter.release_slot("k")  # one more than was taken (as after the counter expired)
+            seen.append(await limiter.in_use("k"))
+            assert await limiter.test_tokens_take_slot("k", None, 0, 1) == ADMITTED  # the one slot is free
+            assert await limiter.test_tokens_take_slot("k", None, 0, 1) == NO_SLOT
+            seen.append(await limiter.in_use("k"))
+            return seen
+        finally:
+            limiter.close()
+            assert url is not None
+            await _cleanup_redis(url, prefix)
+
+    assert asyncio.run(go()) == [1, 0, 0, 1]
+
+
+def test_the_lean_link_loads_its_scripts_again_and_reconnects_after_losing_its_connection(
+    request: pytest.FixtureRequest,
+) -> None:
+    """Plain Redis URIs run the scripts on the lean link: after SCRIPT FLUSH (a restarted Redis) they are sent whole
+    again; a connection the server closed is opened again by the next call; the URI's database is the one used."""
+    limiter, url, prefix = limiter_for("redis", request)
+    link = limiter.link
+    assert link is not None and url is not None
+
+    async def go() -> None:
+        watcher = RedisLink.from_uri(url)
+        assert watcher is not None
+        try:
+            assert await limiter.test_tokens_take_slot("k", 100, 10, 5) == ADMITTED
+            await watcher.call("SCRIPT", "FLUSH")
+            assert await limiter.test_tokens_take_slot("k", 100, 10, 5) == ADMITTED  # NOSCRIPT, then EVAL
+            assert await limiter.in_use("k") == 2
+            # Killed by the server (as by a restart, or its idle timeout): the next call connects again.
+            own_id = await link.call("CLIENT", "ID")
+            assert await watcher.call("CLIENT", "KILL", "ID", own_id) == 1
+            for _ in range(100):
+                if link._protocol is None or link._protocol.lost is not None:
+                    break
+                await asyncio.sleep(0.01)
+            await limiter.release_slot("k")
+            assert await link.call("CLIENT", "ID") != own_id
+            assert await limiter.in_use("k") == 1
+            # The database in the URI is the one written: the counter is found there by another client.
+            counter = f"{prefix}:llm-server/concurrency/k"
+            assert await watcher.call("GET", counter) == b"1"
+            # A command whose caller stopped waiting keeps its place: the next reply is the next command's.
+            slow = asyncio.ensure_future(
+                link.call(
+                    "EVAL",
+                    "local t = redis.call('TIME') local n = 0 while n < 200000 do n = n + 1 end return 'slow'",
+                    0,
+                )
+            )
+            await asyncio.sleep(0)
+            slow.cancel()
+            assert await link.call("ECHO", "next") == b"next"
+            assert slow.cancelled()
+        finally:
+            watcher.abort()
+            limiter.close()
+            await _cleanup_redis(url, prefix)
+
+    asyncio.run(go())
+
+
+def test_the_lean_link_authenticates_as_the_uri_says(redis_url: str) -> None:
+    """AUTH is sent first when the URI has credentials: the test server's default user takes any password
+    (no ``requirepass``), while a password alone is refused there; the refusal is the call's error."""
+    parts = redis_url.split("://", 1)
+
+    async def go() -> None:
+        named = RedisLink.from_uri(f"{parts[0]}://default:anything@{parts[1]}")
+        bare = RedisLink.from_uri(f"{parts[0]}://:anything@{parts[1]}")
+        assert named is not None and bare is not None
+        try:
+            assert await named.call("PING") == "PONG"
+            with pytest.raises(RedisReplyError, match="AUTH"):
+                await bare.call("PING")
+        finally:
+            named.abort()
+            bare.abort()
 
     asyncio.run(go())
