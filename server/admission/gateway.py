@@ -8,7 +8,10 @@ tokens and ``n`` (400); then, once the prompt is tokenized, :meth:`Gateway.admit
 ``requests``, see :mod:`server.admission.sequences`), per-key concurrency (429 ``requests``), monthly token and
 request quotas (429 ``insufficient_quota``). Short windows are only *tested* first; the sequences, the
 concurrency slot and the quota reservation (a conditional UPDATE in the database) are taken next, and only then
-are the RPM and TPM windows hit — so a request refused at any step consumes nothing at the steps before it.
+are the RPM and TPM windows hit — so a request refused at any step consumes nothing at the steps before it. On a
+single Redis server the tests, the slot and the hits are one script (one round trip, all or nothing) before the
+quota; a request the quota then refuses has its hits and its slot taken back (one more round trip, on that refusal
+only), so it consumes nothing there either.
 
 Tokens: the quota reserves prompt + max tokens and is reconciled to the actual count when the request ends
 (success, error, disconnect or cache hit). TPM counts prompt + max tokens at admission, as OpenAI's limiter
@@ -273,6 +276,7 @@ class Gateway:
         limiter_ok = True
         slots = role.max_concurrency
         status = ADMITTED
+        hit_at: float | None = None  # when the windows were hit with the tests (one step on Redis; see below)
         try:
             # On a shared storage the precheck did not test the window: it is tested with the rest, at no cost.
             rpm = None if rpm_tested and not self.limiter.remote else role.rpm
@@ -280,9 +284,19 @@ class Gateway:
                 # The slot only if the sequences fit too (taken below), so a request refused for its sequences
                 # takes no slot; tested and taken in one step (one round trip on Redis).
                 fits = self.sequences is None or self.sequences.held(key_id) + sequences <= self.sequences.limit
-                status = await self.limiter.test_tokens_take_slot(
-                    key_id, role.tpm, tpm_cost, slots if fits else None, rpm=rpm
-                )
+                if fits and self.limiter.admits_in_one_step:
+                    # On one Redis server the windows are hit in the same round trip as the tests and the slot;
+                    # should the quota refuse below, the hits are taken back (_undo_hits).
+                    status, requests, tokens, stamp = await self.limiter.admit_windows(
+                        key_id, rpm, role.tpm, tpm_cost, slots
+                    )
+                    if status == ADMITTED:
+                        hit_at = stamp
+                        self._hit(ticket, requests, tokens)
+                else:
+                    status = await self.limiter.test_tokens_take_slot(
+                        key_id, role.tpm, tpm_cost, slots if fits else None, rpm=rpm
+                    )
                 ticket.slot = status == ADMITTED and fits and slots is not None
         except StorageUnavailable as exc:
             limiter_ok = False
@@ -298,12 +312,32 @@ class Gateway:
             if status == NO_SLOT:
                 self._no_slot(role.name, slots)
             await self._reserve_quota(ticket)
-            if limiter_ok:
+            if limiter_ok and hit_at is None:
                 await self._hit_windows(ticket)
         except BaseException:
+            if hit_at is not None:
+                await self._undo_hits(ticket, hit_at)
             await self.finish(ticket, used_tokens=0, count_request=False)
             raise
         return ticket
+
+    def _hit(self, ticket: Ticket, requests: Window | None, tokens: Window | None) -> None:
+        """Note the windows hit for ``ticket`` (its headers; a full requests window remembered, see precheck)."""
+        role, principal = ticket.principal.role, ticket.principal
+        ticket.tpm_hit = role.tpm is not None
+        ticket.headers = rate_headers(requests, tokens)
+        if requests is not None and requests.remaining == 0 and self.limiter.remote:
+            self._remember_full(principal.key_id, requests.limit, requests.reset_s)  # it took the last place
+
+    async def _undo_hits(self, ticket: Ticket, stamp: float) -> None:
+        """Take back the window hits (and the slot) of a request that a step after them refused."""
+        role, key_id = ticket.principal.role, ticket.principal.key_id
+        try:
+            await self.limiter.undo_admit(key_id, role.rpm, role.tpm, ticket.tpm_counted, ticket.slot, stamp)
+            ticket.slot = False
+        except StorageUnavailable as exc:  # the hits stand (they slide out); the slot is tried again by finish
+            log.warning("could not take back a refused request's rate-limit hits: %s", exc)
+        self._requests_full.pop((key_id, role.rpm or 0), None)
 
     def _no_slot(self, role_name: str, limit: int | None) -> None:
         """429: every concurrency slot of the key is taken."""
@@ -363,10 +397,7 @@ class Gateway:
                 raise await self._rate_limited(principal, "requests", role.rpm, 1)
             if refused == "tokens" and role.tpm is not None:
                 raise await self._rate_limited(principal, "tokens", role.tpm, ticket.tpm_counted)
-            ticket.tpm_hit = role.tpm is not None
-            ticket.headers = rate_headers(requests, tokens)
-            if requests is not None and requests.remaining == 0 and self.limiter.remote:
-                self._remember_full(principal.key_id, requests.limit, requests.reset_s)  # it took the last place
+            self._hit(ticket, requests, tokens)
         except StorageUnavailable as exc:
             self._storage_down(exc)
 

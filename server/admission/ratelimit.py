@@ -92,6 +92,8 @@ class RateLimiter:
         self._hit_script: Any = None
         self._test_script: Any = None
         self._release_script: Any = None
+        self._admit_script: Any = None
+        self._undo_script: Any = None
         self.link: RedisLink | None = None
         bridge: Any = getattr(self.storage, "bridge", None)
         # One Redis server (not a cluster: a script's keys would lie in different slots) through limits' coredis
@@ -102,6 +104,8 @@ class RateLimiter:
             register = self.link.script if self.link is not None else bridge.get_connection().register_script
             self._hit_script = register(scripts.HIT_WINDOWS)
             self._test_script = register(scripts.TEST_TOKENS_TAKE_SLOT)
+            self._admit_script = register(scripts.ADMIT)
+            self._undo_script = register(scripts.UNDO_ADMIT)
             if self.link is not None:
                 self._release_script = register(scripts.RELEASE_SLOT)
             self._prefixed = bridge.prefixed_key
@@ -265,6 +269,52 @@ class RateLimiter:
         ]
         args = [EXPIRY_S, tpm or 0, tokens, slots or 0, CONCURRENCY_TTL_S, time.time(), rpm or 0]
         return int(await self._call(self._test_script.execute(keys, args)))
+
+    @property
+    def admits_in_one_step(self) -> bool:
+        """Whether :meth:`admit_windows` is available (a single Redis server: one script)."""
+        return self._admit_script is not None
+
+    async def admit_windows(
+        self, key_id: str, rpm: int | None, tpm: int | None, tokens: int, slots: int | None
+    ) -> tuple[int, Window | None, Window | None, float]:
+        """Test the requests window (room for one) and the tokens window (``tokens``), take one of ``slots``, then
+        hit both windows and read them: all of it or nothing, in one round trip (Redis only, see
+        :attr:`admits_in_one_step`).
+
+        Returns:
+            :data:`ADMITTED`, :data:`NO_REQUESTS`, :data:`NO_TOKENS` or :data:`NO_SLOT` (nothing taken); the windows
+            that apply as they are after the hits (for the headers); and the time stamp of the requests entry,
+            which :meth:`undo_admit` needs to take it back.
+        """
+        tokens_key = self._sliding_key(key_id, tpm)
+        now = time.time()
+        keys = [
+            self._prefixed(self._key("requests", key_id, rpm)),
+            f"{tokens_key}/-1",
+            tokens_key,
+            self._prefixed(f"{NAMESPACE}/concurrency/{key_id}"),
+        ]
+        args = [now, EXPIRY_S, rpm or 0, tpm or 0, tokens, slots or 0, CONCURRENCY_TTL_S]
+        out = await self._call(self._admit_script.execute(keys, args))
+        status = int(out[0])
+        if status != ADMITTED:
+            return status, None, None, now
+        req = Window(rpm, *scripts.moving_window(rpm, EXPIRY_S, out[1], out[2], now)) if rpm else None
+        tok = Window(tpm, *scripts.sliding_window(tpm, EXPIRY_S, out[3:7])) if tpm else None
+        return ADMITTED, req, tok, now
+
+    async def undo_admit(
+        self, key_id: str, rpm: int | None, tpm: int | None, tokens: int, slot: bool, stamp: float
+    ) -> None:
+        """Take back what :meth:`admit_windows` took (at ``stamp``) for a request refused after it: one round trip."""
+        keys = [
+            self._prefixed(self._key("requests", key_id, rpm)),
+            self._sliding_key(key_id, tpm),
+            self._prefixed(f"{NAMESPACE}/concurrency/{key_id}"),
+        ]
+        args = [stamp, rpm or 0, tokens if tpm else 0, int(slot), CONCURRENCY_TTL_S]
+        await self._call(self._undo_script.execute(keys, args))
 
     @staticmethod
     def _key(kind: str, key_id: str, limit: int | None) -> str:

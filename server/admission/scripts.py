@@ -10,6 +10,8 @@ script makes the sequence atomic where it used to be several round trips. The wi
   round trips before.
 - :data:`TEST_TOKENS_TAKE_SLOT`: test the requests and tokens windows (consumes nothing) and, if they have room,
   take a concurrency slot: three round trips before (four for a key's first slot).
+- :data:`ADMIT`: both of the above in one round trip, all or nothing (tests, slot, hits, windows read), and
+  :data:`UNDO_ADMIT` to take it back for a request that a later step (its quota) refuses.
 - :data:`RELEASE_SLOT`: give the slot back, never below zero.
 """
 
@@ -152,6 +154,113 @@ return 1
 """Returns 1 (the request and its tokens fit; the slot, if asked for, is taken), 4 (the requests window is full),
 2 (the tokens window has no room) or 3 (no slot free); nothing is taken unless it returns 1."""
 
+
+ADMIT = (
+    _SLIDING_SHIFT
+    + """
+-- KEYS: requests list, tokens previous, tokens current, concurrency counter.
+-- ARGV: now (s), expiry (s), rpm (0: none), tpm (0: none), cost, slots (0: none), counter ttl (s).
+local now = tonumber(ARGV[1])
+local expiry = tonumber(ARGV[2])
+local rpm = tonumber(ARGV[3])
+local tpm = tonumber(ARGV[4])
+local amount = tonumber(ARGV[5])
+local slots = tonumber(ARGV[6])
+local expiry_ms = expiry * 1000
+-- the tests of TEST_TOKENS_TAKE_SLOT: nothing is written unless all pass
+if rpm > 0 then
+    local entry = redis.call('lindex', KEYS[1], rpm - 1)
+    if entry and tonumber(entry) >= now - expiry then
+        return {4}
+    end
+end
+if tpm > 0 then
+    if amount > tpm then
+        return {2}
+    end
+    shift(KEYS[2], KEYS[3], expiry_ms)
+    local pc, pt, cc, ct = sliding(KEYS[2], KEYS[3], expiry_ms)
+    if not (pc * pt / expiry_ms + cc < tpm - amount + 1) then
+        return {2}
+    end
+end
+if slots > 0 then
+    local value = redis.call('incrby', KEYS[4], 1)
+    if value == 1 then
+        redis.call('expire', KEYS[4], ARGV[7])
+    end
+    if value > slots then
+        value = redis.call('incrby', KEYS[4], -1)
+        if value == -1 then
+            redis.call('expire', KEYS[4], ARGV[7])
+        end
+        return {3}
+    end
+end
+-- the hits of HIT_WINDOWS (their own conditions follow from the tests above), then both windows read
+local out = {1, tostring(now), 0, 0, 0, 0, 0}
+if rpm > 0 then
+    redis.call('lpush', KEYS[1], now)
+    redis.call('ltrim', KEYS[1], 0, rpm - 1)
+    redis.call('expire', KEYS[1], expiry)
+end
+if tpm > 0 then
+    if redis.call('exists', KEYS[3]) == 1 then
+        redis.call('incrby', KEYS[3], amount)
+    else
+        redis.call('set', KEYS[3], amount, 'PX', expiry_ms * 2)
+    end
+end
+if rpm > 0 then
+    local target = now - expiry
+    local low, high, index = 0, rpm - 1, nil
+    while low <= high do
+        local mid = math.floor((low + high) / 2)
+        local val = tonumber(redis.call('lindex', KEYS[1], mid))
+        if val and val >= target then
+            index = mid
+            low = mid + 1
+        else
+            high = mid - 1
+        end
+    end
+    if index then
+        out[2] = tostring(tonumber(redis.call('lindex', KEYS[1], index)))
+        out[3] = index + 1
+    end
+end
+if tpm > 0 then
+    out[4], out[5], out[6], out[7] = sliding(KEYS[2], KEYS[3], expiry_ms)
+end
+return out
+"""
+)
+"""Returns what :data:`HIT_WINDOWS` returns after taking the slot (if asked for) and hitting both windows, or
+``{4}`` (the requests window is full), ``{2}`` (the tokens window has no room) or ``{3}`` (no slot free): nothing is
+taken then. One round trip for what :data:`TEST_TOKENS_TAKE_SLOT` and :data:`HIT_WINDOWS` did in two."""
+
+UNDO_ADMIT = """
+-- KEYS: requests list, tokens current, concurrency counter.
+-- ARGV: now (s) as ADMIT pushed it, rpm (0: none), cost (0: none), slot taken (0/1), counter ttl (s).
+if tonumber(ARGV[2]) > 0 then
+    redis.call('lrem', KEYS[1], 1, tonumber(ARGV[1]))
+end
+local amount = tonumber(ARGV[3])
+if amount > 0 and redis.call('exists', KEYS[2]) == 1 then
+    if redis.call('decrby', KEYS[2], amount) < 0 then
+        redis.call('set', KEYS[2], 0, 'KEEPTTL')
+    end
+end
+if tonumber(ARGV[4]) == 1 then
+    if redis.call('incrby', KEYS[3], -1) < 0 then
+        redis.call('set', KEYS[3], 0, 'EX', ARGV[5])
+    end
+end
+return 1
+"""
+"""Takes back what :data:`ADMIT` took for a request refused afterwards (its quota): its entry in the requests
+window, its tokens from the current tokens counter (never below zero; should the window have moved on in between,
+the tokens stay counted in the previous one), and its slot."""
 
 RELEASE_SLOT = """
 -- KEYS: concurrency counter. ARGV: counter ttl (s).

@@ -8,8 +8,11 @@ import secrets
 
 import pytest
 
+from server.admission.gateway import Gateway
 from server.admission.ratelimit import ADMITTED, NO_REQUESTS, NO_SLOT, NO_TOKENS, RateLimiter
 from server.admission.redislink import RedisLink, RedisReplyError
+from server.errors import OpenAIError
+from server.metrics import Metrics
 from tests.integration.test_scaleout import _cleanup_redis
 
 
@@ -219,5 +222,53 @@ def test_the_lean_link_authenticates_as_the_uri_says(redis_url: str) -> None:
         finally:
             named.abort()
             bare.abort()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+def test_a_request_the_quota_refuses_keeps_no_window_hit_and_no_slot(
+    storage: str, request: pytest.FixtureRequest
+) -> None:
+    """On Redis the windows are hit in the same round trip as the tests and the slot (before the quota), and taken
+    back when the quota refuses: what is left is what the memory storage (tests, quota, then hits) leaves."""
+    from tests.unit.test_gateway import Quota, principal
+
+    limiter, url, prefix = limiter_for(storage, request)
+    assert limiter.admits_in_one_step is (storage == "redis")
+    quota = Quota()
+    gw = Gateway(limiter, quota.reserve, quota.settle, Metrics(), fail_open=False)
+
+    async def go() -> None:
+        try:
+            who = principal(rpm=5, tpm=1000, max_concurrency=2, monthly_requests=100)
+            first = await gw.admit(who, prompt_tokens=10, max_new_tokens=20, explicit_max=True)
+            assert first.headers["x-ratelimit-remaining-requests"] == "4"
+            assert first.headers["x-ratelimit-remaining-tokens"] == "970"
+            quota.ok = False
+            for _ in range(3):
+                with pytest.raises(OpenAIError) as err:
+                    await gw.admit(who, prompt_tokens=100, max_new_tokens=200, explicit_max=True)
+                assert err.value.code == "insufficient_quota"
+            assert (await limiter.window("requests", "k1", 5)).remaining == 4
+            assert (await limiter.window("tokens", "k1", 1000)).remaining == 970
+            assert await limiter.in_use("k1") == 1  # the first request's slot only
+            await gw.finish(first, used_tokens=25)
+            assert await limiter.in_use("k1") == 0
+            # A refused request that had taken the last place in the window: the place is free again, and this
+            # replica does not refuse the next request for a window it had noted full.
+            last = principal(rpm=1, monthly_requests=100)
+            with pytest.raises(OpenAIError) as err:
+                await gw.admit(last, prompt_tokens=1, max_new_tokens=1, explicit_max=True)
+            assert err.value.code == "insufficient_quota"
+            await gw.precheck(last)
+            quota.ok = True
+            ticket = await gw.admit(last, prompt_tokens=1, max_new_tokens=1, explicit_max=True)
+            assert ticket.headers["x-ratelimit-remaining-requests"] == "0"
+            await gw.finish(ticket, used_tokens=2)
+        finally:
+            limiter.close()
+            if url is not None:
+                await _cleanup_redis(url, prefix)
 
     asyncio.run(go())
