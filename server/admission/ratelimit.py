@@ -339,23 +339,41 @@ class RateLimiter:
         return True
 
     async def release_slot(self, key_id: str) -> None:
-        """Give a slot back (never below zero)."""
+        """Give a slot back (never below zero).
+
+        On the lean link the release is written to Redis at once and not waited for: it reaches Redis before
+        anything this replica sends afterwards (the next request's admission included, on the same connection) and
+        before the client can have read the answer it precedes, so no client sees its own slot still held; the
+        round trip is off the request's path. A release that fails is logged, as one that was waited for.
+        """
         key = f"{NAMESPACE}/concurrency/{key_id}"
         if self.local is not None:
             if self.local.incr(key, -1) < 0:
                 self.local.incr(key)
             return
         if self._release_script is not None:
-            await self._call(self._release_script.execute([self._prefixed(key)], [CONCURRENCY_TTL_S]))
+            keys, args = [self._prefixed(key)], [CONCURRENCY_TTL_S]
+            if time.monotonic() >= self._retry_at and self._release_script.send(keys, args, self._release_failed):
+                return
+            await self._call(self._release_script.execute(keys, args))
             return
         value = int(await self._call(self.storage.incr(key, CONCURRENCY_TTL_S, -1)))
         if value < 0:  # the counter expired while the request ran: do not let it go negative
             await self._call(self.storage.incr(key, CONCURRENCY_TTL_S, -value))
 
+    def _release_failed(self, exc: BaseException) -> None:
+        """A release sent without waiting failed: the slot stays counted until the counter's expiry."""
+        if isinstance(exc, Exception):
+            exc = self._failed(exc)
+        log.warning("could not release a concurrency slot: %s", exc)
+
     async def in_use(self, key_id: str) -> int:
-        """Slots currently held by ``key_id``."""
+        """Slots currently held by ``key_id`` (on the lean link: after every release this replica sent before)."""
         if self.local is not None:
             return self.local.get(f"{NAMESPACE}/concurrency/{key_id}")
+        if self.link is not None:
+            value = await self._call(self.link.call("GET", self._prefixed(f"{NAMESPACE}/concurrency/{key_id}")))
+            return int(value or 0)
         return int(await self._call(self.storage.get(f"{NAMESPACE}/concurrency/{key_id}")))
 
     def close(self) -> None:
@@ -365,7 +383,7 @@ class RateLimiter:
         to the minor series tested); an attribute missing there makes this a no-op, never an error.
         """
         if self.link is not None:
-            self.link.abort()
+            self.link.close()
         client = getattr(getattr(self.storage, "bridge", None), "storage", None)
         pool = getattr(client, "connection_pool", None)
         if pool is not None:

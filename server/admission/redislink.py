@@ -23,7 +23,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -162,6 +162,15 @@ class _Protocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def close(self) -> None:
+        """Close after writing what is buffered; commands still waiting for their answers are cancelled (not
+        failed: a release sent without waiting reached Redis, only its answer is not read)."""
+        self.lost = ConnectionError("the connection to Redis was closed")
+        while self.waiters:
+            self.waiters.popleft().cancel()
+        if self.transport is not None:
+            self.transport.close()
+
     def send(self, command: bytes) -> asyncio.Future[Any]:
         if self.lost is not None or self.transport is None or self.transport.is_closing():
             raise ConnectionError("the connection to Redis is closed")
@@ -178,6 +187,35 @@ class Script:
         self.link = link
         self.text = text
         self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+    def send(
+        self, keys: Sequence[str], args: Sequence[str | int | float], on_error: Callable[[BaseException], None]
+    ) -> bool:
+        """Write the script's call now without waiting for its answer; ``False`` (nothing sent) when the link is not
+        connected. A ``NOSCRIPT`` answer sends it again whole; any other failure goes to ``on_error``.
+
+        Written at once on the one connection, it reaches Redis before anything this process sends afterwards."""
+        protocol = self.link.connected()
+        if protocol is None:
+            return False
+        tail = (len(keys), *keys, *args)
+
+        def answered(reply: asyncio.Future[Any]) -> None:
+            if reply.cancelled():
+                return
+            exc = reply.exception()
+            if exc is None:
+                return
+            if isinstance(exc, RedisReplyError) and str(exc).startswith("NOSCRIPT"):
+                again = self.link.connected()
+                if again is not None:
+                    again.send(encode(("EVAL", self.text, *tail))).add_done_callback(answered)
+                    return
+                exc = ConnectionError("the connection to Redis was lost before the script could be sent again")
+            on_error(exc)
+
+        protocol.send(encode(("EVALSHA", self.sha, *tail))).add_done_callback(answered)
+        return True
 
     async def execute(self, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
         """Run the script on ``keys`` and ``args`` and return its reply."""
@@ -263,6 +301,13 @@ class RedisLink:
             protocol = await self._connect()
         return await protocol.send(encode(args))
 
+    def connected(self) -> _Protocol | None:
+        """The connection, if it is open now (nothing is awaited)."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None or protocol.transport is None:
+            return None
+        return None if protocol.transport.is_closing() else protocol
+
     async def _connect(self) -> _Protocol:
         async with self._connecting:
             protocol = self._protocol
@@ -298,6 +343,12 @@ class RedisLink:
         protocol, self._protocol = self._protocol, None
         if protocol is not None:
             protocol._fail(ConnectionError("the connection to Redis was dropped"))
+
+    def close(self) -> None:
+        """Close the connection once what was written is sent (at shutdown); a later call connects again."""
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None:
+            protocol.close()
 
     def script(self, text: str) -> Script:
         """A script to run on this link."""

@@ -272,3 +272,33 @@ def test_a_request_the_quota_refuses_keeps_no_window_hit_and_no_slot(
                 await _cleanup_redis(url, prefix)
 
     asyncio.run(go())
+
+
+def test_a_slot_release_is_not_waited_for_and_is_seen_by_everything_sent_after_it(
+    request: pytest.FixtureRequest,
+) -> None:
+    """On the lean link ``release_slot`` returns once the release is written (its answer still to come); the next
+    call on the link (the next admission, or ``in_use``) sees it, as another replica would."""
+    limiter, url, prefix = limiter_for("redis", request)
+    link = limiter.link
+    assert link is not None and url is not None
+
+    async def go() -> list[int]:
+        other = RateLimiter("async+" + url, key_prefix=prefix)  # another replica, its own connection
+        try:
+            seen = []
+            for _ in range(3):
+                assert await limiter.test_tokens_take_slot("k", None, 0, 1) == ADMITTED
+                await limiter.release_slot("k")
+                assert link._protocol is not None and len(link._protocol.waiters) == 1  # sent, not answered yet
+                assert await limiter.test_tokens_take_slot("k", None, 0, 1) == ADMITTED  # the one slot again
+                await limiter.release_slot("k")
+                seen.append(await limiter.in_use("k"))
+                seen.append(await other.in_use("k"))
+            return seen
+        finally:
+            other.close()
+            limiter.close()
+            await _cleanup_redis(url, prefix)
+
+    assert asyncio.run(go()) == [0] * 6

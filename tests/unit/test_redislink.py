@@ -62,6 +62,7 @@ class FakeTransport(asyncio.Transport):
         super().__init__()
         self.written: list[bytes] = []
         self.aborted = False
+        self.closed = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.written.append(bytes(data))
@@ -71,6 +72,9 @@ class FakeTransport(asyncio.Transport):
 
     def abort(self) -> None:
         self.aborted = True
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def connected() -> tuple[_Protocol, FakeTransport]:
@@ -219,3 +223,51 @@ def test_a_redis_that_stops_answering_times_out_and_the_link_starts_afresh(monke
             await server.wait_closed()
 
     assert asyncio.run(go()) == 2  # one connection per try
+
+
+def test_a_script_sent_without_waiting_is_written_at_once_and_sent_whole_after_noscript() -> None:
+    """``Script.send`` writes before returning; a NOSCRIPT answer sends the script whole (still not waited for);
+    another failure goes to the caller's handler; with no open connection nothing is sent."""
+
+    async def go() -> None:
+        link = RedisLink(("127.0.0.1", 1))
+        script = link.script("return 1")
+        errors: list[BaseException] = []
+        assert script.send(["k"], [1], errors.append) is False  # never connected: the caller waits instead
+        protocol, transport = connected()
+        link._protocol = protocol
+        assert script.send(["k"], [1], errors.append) is True
+        assert transport.written == [encode(("EVALSHA", script.sha, 1, "k", 1))]
+        protocol.data_received(b"-NOSCRIPT No matching script.\r\n")
+        await asyncio.sleep(0)  # a future's callbacks run on the loop's next turn
+        assert transport.written[-1] == encode(("EVAL", "return 1", 1, "k", 1)) and errors == []
+        protocol.data_received(b":1\r\n")
+        await asyncio.sleep(0)
+        assert errors == [] and not protocol.waiters
+        assert script.send(["k"], [1], errors.append)
+        protocol.data_received(b"-ERR something else\r\n")
+        await asyncio.sleep(0)
+        assert len(errors) == 1 and isinstance(errors[0], RedisReplyError)
+        assert script.send(["k"], [1], errors.append)
+        protocol.connection_lost(None)
+        await asyncio.sleep(0)
+        assert len(errors) == 2 and isinstance(errors[1], ConnectionError)
+        assert script.send(["k"], [1], errors.append) is False  # the connection is gone
+
+    asyncio.run(go())
+
+
+def test_closing_at_shutdown_cancels_the_waiters_without_reporting_failures() -> None:
+    """A release sent without waiting has reached Redis when the link closes: its unread answer is no failure."""
+
+    async def go() -> tuple[list[BaseException], bool, bool, bool]:
+        link = RedisLink(("127.0.0.1", 1))
+        protocol, transport = connected()
+        link._protocol = protocol
+        errors: list[BaseException] = []
+        assert link.script("return 1").send(["k"], [1], errors.append)
+        link.close()
+        await asyncio.sleep(0)
+        return errors, transport.closed, transport.aborted, link.connected() is None
+
+    assert asyncio.run(go()) == ([], True, False, True)
