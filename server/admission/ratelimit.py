@@ -4,7 +4,8 @@ RPM uses a moving window (exact; one entry per request). TPM uses a sliding-wind
 key, so large token costs stay cheap). Concurrency is a counter in the same place, so replicas sharing Redis
 share it too. In one process (``memory://``) the windows are :class:`server.admission.local.LocalWindows`, the
 same algorithms without a storage's locks and awaits; on Redis they are ``limits``' own structures, several steps
-at a time in one script (:mod:`server.admission.scripts`).
+at a time in one script (:mod:`server.admission.scripts`), run on a connection of this server's own where the URI
+is a plain one (:mod:`server.admission.redislink`).
 """
 
 from __future__ import annotations
