@@ -1,10 +1,11 @@
 """One lean, pipelined connection to Redis for the scripts every metered request runs.
 
-Admission runs two Lua scripts per request and releases a concurrency slot when it ends
+Admission runs a Lua script per metered request and another gives its concurrency slot back when it ends
 (:mod:`server.admission.scripts`). Through ``limits``' client (coredis) each of those calls cost ~0.17-0.22 ms of
-this process's CPU and several event-loop turns (measured here against a local Redis: a raw ``EVALSHA`` costs
-~0.06 ms). This module speaks just enough of the Redis protocol (RESP2) for those calls, on one connection that
-carries every request's commands back to back: Redis answers in order, so each reply resolves the oldest waiter.
+this process's CPU and several event-loop turns (measured here against a local Redis; through this module ~0.08 ms,
+a bare ``EVALSHA`` on a socket ~0.06 ms). This module speaks just enough of the Redis protocol (RESP2) for those
+calls, on one connection that carries every request's commands back to back: Redis answers in order, so each reply
+resolves the oldest waiter.
 
 It is used only for a single Redis (or Valkey) server named by a plain URI (``redis://``, ``rediss://``,
 ``redis+unix://``, with ``db`` as the only query option); any other form (other query options, Sentinel, Cluster)
@@ -14,7 +15,8 @@ structures are ``limits``' own either way.
 Failure handling: a lost connection fails every command in flight (``ConnectionError``, an ``OSError``) and the
 next call connects again; an error reply raises :class:`RedisReplyError`. A caller that stops waiting (a cancelled
 request) leaves its place in the queue, so its reply, when it comes, is dropped and the replies stay in step; a
-caller that gives up on a Redis that stopped answering calls :meth:`RedisLink.abort`.
+caller that gives up on a Redis that stopped answering calls :meth:`RedisLink.abort`. :meth:`Script.send` writes a
+call without waiting for its answer (the slot's release: see ``RateLimiter.release_slot``).
 """
 
 from __future__ import annotations
@@ -253,6 +255,7 @@ class RedisLink:
         self._password = password
         self._tls = tls
         self._protocol: _Protocol | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the connection's (a new loop connects afresh)
         self._connecting = asyncio.Lock()
 
     @classmethod
@@ -296,24 +299,27 @@ class RedisLink:
             ConnectionError: not connected, or the connection was lost before the reply came.
             RedisReplyError: the reply is an error.
         """
-        protocol = self._protocol
-        if protocol is None or protocol.lost is not None:
-            protocol = await self._connect()
+        protocol = self.connected() or await self._connect()
         return await protocol.send(encode(args))
 
     def connected(self) -> _Protocol | None:
-        """The connection, if it is open now (nothing is awaited)."""
+        """The connection, if it is open now and belongs to the running event loop (nothing is awaited)."""
         protocol = self._protocol
         if protocol is None or protocol.lost is not None or protocol.transport is None:
             return None
-        return None if protocol.transport.is_closing() else protocol
+        if protocol.transport.is_closing() or self._loop is not asyncio.get_running_loop():
+            return None
+        return protocol
 
     async def _connect(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # first use, or another event loop than the connection's: start afresh there
+            self.abort()
+            self._loop, self._connecting = loop, asyncio.Lock()
         async with self._connecting:
-            protocol = self._protocol
-            if protocol is not None and protocol.lost is None:
+            protocol = self.connected()
+            if protocol is not None:
                 return protocol
-            loop = asyncio.get_running_loop()
             if isinstance(self.address, str):
                 _, protocol = await loop.create_unix_connection(_Protocol, self.address)
             else:

@@ -302,3 +302,18 @@ def test_a_slot_release_is_not_waited_for_and_is_seen_by_everything_sent_after_i
             await _cleanup_redis(url, prefix)
 
     assert asyncio.run(go()) == [0] * 6
+
+
+def test_the_lean_link_connects_afresh_on_another_event_loop(redis_url: str) -> None:
+    """A connection belongs to the loop that opened it: used from a new loop (a test's second client, a restarted
+    loop), the link connects again there instead of touching the old loop's transport."""
+    link = RedisLink.from_uri(redis_url)
+    assert link is not None
+    ids = [asyncio.run(link.call("CLIENT", "ID")) for _ in range(2)]
+    assert ids[0] != ids[1]
+
+    async def contended() -> list[bytes]:
+        return list(await asyncio.gather(*(link.call("ECHO", str(i)) for i in range(5))))
+
+    assert asyncio.run(contended()) == [b"0", b"1", b"2", b"3", b"4"]
+    link.abort()

@@ -235,7 +235,7 @@ def test_a_script_sent_without_waiting_is_written_at_once_and_sent_whole_after_n
         errors: list[BaseException] = []
         assert script.send(["k"], [1], errors.append) is False  # never connected: the caller waits instead
         protocol, transport = connected()
-        link._protocol = protocol
+        link._protocol, link._loop = protocol, asyncio.get_running_loop()
         assert script.send(["k"], [1], errors.append) is True
         assert transport.written == [encode(("EVALSHA", script.sha, 1, "k", 1))]
         protocol.data_received(b"-NOSCRIPT No matching script.\r\n")
@@ -263,7 +263,7 @@ def test_closing_at_shutdown_cancels_the_waiters_without_reporting_failures() ->
     async def go() -> tuple[list[BaseException], bool, bool, bool]:
         link = RedisLink(("127.0.0.1", 1))
         protocol, transport = connected()
-        link._protocol = protocol
+        link._protocol, link._loop = protocol, asyncio.get_running_loop()
         errors: list[BaseException] = []
         assert link.script("return 1").send(["k"], [1], errors.append)
         link.close()
