@@ -1,8 +1,8 @@
 """Several limit operations in one Redis round trip, on the very data structures ``limits`` keeps.
 
-Each script below is the concatenation of ``limits``' own Lua scripts for the operations it replaces (same keys,
-same algorithms, same order), so a window written by one is read correctly by the other, and running them as one
-script makes the sequence atomic where it used to be several round trips. The window figures are turned into
+Each script below runs ``limits``' own Lua for the operations it replaces (same keys, same algorithms, same
+order; written once as the functions of ``_FUNCTIONS``), so a window written by one is read correctly by the
+other, and running them as one script makes the sequence atomic where it used to be several round trips. The window figures are turned into
 ``(remaining, reset_s)`` by the formulas of ``limits``' strategies (:func:`moving_window`, :func:`sliding_window`).
 
 - :data:`HIT_WINDOWS`: hit the requests window (moving window, cost 1), then, if it had room, the tokens window
@@ -22,8 +22,9 @@ import time
 from typing import Any
 
 # Moving window (limits: acquire_moving_window.lua, then moving_window.lua) and sliding-window counter (limits:
-# acquire_sliding_window.lua, then sliding_window.lua), with the arguments named.
-_SLIDING_SHIFT = """
+# acquire_sliding_window.lua, then sliding_window.lua), with the arguments named; the scripts below are made of these
+# functions.
+_FUNCTIONS = """
 local function shift(prev, cur, expiry_ms)
     local ttl = tonumber(redis.call('pttl', cur))
     if ttl > 0 and ttl < expiry_ms then
@@ -40,10 +41,79 @@ local function sliding(prev, cur, expiry_ms)
     if ct < 0 then ct = 0 end
     return pc, pt, cc, ct
 end
+-- limits' moving-window test: the window is full when its limit-th newest entry is still in it
+local function requests_full(list, rpm, now, expiry)
+    local entry = redis.call('lindex', list, rpm - 1)
+    return entry and tonumber(entry) >= now - expiry
+end
+-- limits' sliding-window test: weighted count < limit - cost + 1, the weighted count not rounded
+local function tokens_fit(prev, cur, expiry_ms, tpm, amount)
+    if amount > tpm then
+        return false
+    end
+    shift(prev, cur, expiry_ms)
+    local pc, pt, cc, ct = sliding(prev, cur, expiry_ms)
+    return pc * pt / expiry_ms + cc < tpm - amount + 1
+end
+local function push_request(list, rpm, now, expiry)
+    redis.call('lpush', list, now)
+    redis.call('ltrim', list, 0, rpm - 1)
+    redis.call('expire', list, expiry)
+end
+local function add_tokens(cur, amount, expiry_ms)
+    if redis.call('exists', cur) == 1 then
+        redis.call('incrby', cur, amount)
+    else
+        redis.call('set', cur, amount, 'PX', expiry_ms * 2)
+    end
+end
+-- a concurrency slot, if one of `slots` is free (the counter expires only to heal slots of crashed replicas)
+local function take_slot(counter, slots, ttl)
+    local value = redis.call('incrby', counter, 1)
+    if value == 1 then
+        redis.call('expire', counter, ttl)
+    end
+    if value > slots then
+        value = redis.call('incrby', counter, -1)
+        if value == -1 then
+            redis.call('expire', counter, ttl)
+        end
+        return false
+    end
+    return true
+end
+-- both windows as the headers need them: {1, oldest, count, previous count, previous pttl, current count, pttl}
+local function read_windows(list, prev, cur, rpm, tpm, now, expiry)
+    local out = {1, tostring(now), 0, 0, 0, 0, 0}
+    if rpm > 0 then
+        -- the oldest entry still in the window, by binary search (limits: moving_window.lua)
+        local target = now - expiry
+        local low, high, index = 0, rpm - 1, nil
+        while low <= high do
+            local mid = math.floor((low + high) / 2)
+            local val = tonumber(redis.call('lindex', list, mid))
+            if val and val >= target then
+                index = mid
+                low = mid + 1
+            else
+                high = mid - 1
+            end
+        end
+        if index then
+            out[2] = tostring(tonumber(redis.call('lindex', list, index)))
+            out[3] = index + 1
+        end
+    end
+    if tpm > 0 then
+        shift(prev, cur, expiry * 1000)
+        out[4], out[5], out[6], out[7] = sliding(prev, cur, expiry * 1000)
+    end
+    return out
+end
 """
 
 HIT_WINDOWS = (
-    _SLIDING_SHIFT
+    _FUNCTIONS
     + """
 -- KEYS: requests list, tokens previous, tokens current. ARGV: now (s), expiry (s), rpm (0: none), tpm (0: none), cost.
 local now = tonumber(ARGV[1])
@@ -52,15 +122,11 @@ local rpm = tonumber(ARGV[3])
 local tpm = tonumber(ARGV[4])
 local amount = tonumber(ARGV[5])
 local expiry_ms = expiry * 1000
-local out = {1, tostring(now), 0, 0, 0, 0, 0}
 if rpm > 0 then
-    local entry = redis.call('lindex', KEYS[1], rpm - 1)
-    if entry and tonumber(entry) >= now - expiry then
+    if requests_full(KEYS[1], rpm, now, expiry) then
         return {2}
     end
-    redis.call('lpush', KEYS[1], now)
-    redis.call('ltrim', KEYS[1], 0, rpm - 1)
-    redis.call('expire', KEYS[1], expiry)
+    push_request(KEYS[1], rpm, now, expiry)
 end
 if tpm > 0 then
     if amount > tpm then
@@ -68,39 +134,13 @@ if tpm > 0 then
     end
     shift(KEYS[2], KEYS[3], expiry_ms)
     local pc, pt, cc, ct = sliding(KEYS[2], KEYS[3], expiry_ms)
+    -- limits' acquire: the weighted count rounded down
     if math.floor(pc * pt / expiry_ms) + cc + amount > tpm then
         return {3}
     end
-    if redis.call('exists', KEYS[3]) == 1 then
-        redis.call('incrby', KEYS[3], amount)
-    else
-        redis.call('set', KEYS[3], amount, 'PX', expiry_ms * 2)
-    end
+    add_tokens(KEYS[3], amount, expiry_ms)
 end
-if rpm > 0 then
-    -- the oldest entry still in the window, by binary search (limits: moving_window.lua)
-    local target = now - expiry
-    local low, high, index = 0, rpm - 1, nil
-    while low <= high do
-        local mid = math.floor((low + high) / 2)
-        local val = tonumber(redis.call('lindex', KEYS[1], mid))
-        if val and val >= target then
-            index = mid
-            low = mid + 1
-        else
-            high = mid - 1
-        end
-    end
-    if index then
-        out[2] = tostring(tonumber(redis.call('lindex', KEYS[1], index)))
-        out[3] = index + 1
-    end
-end
-if tpm > 0 then
-    shift(KEYS[2], KEYS[3], expiry_ms)
-    out[4], out[5], out[6], out[7] = sliding(KEYS[2], KEYS[3], expiry_ms)
-end
-return out
+return read_windows(KEYS[1], KEYS[2], KEYS[3], rpm, tpm, now, expiry)
 """
 )
 """Returns ``{1, oldest, count, previous count, previous pttl, current count, current pttl}`` after hitting both
@@ -108,45 +148,22 @@ windows, or ``{2}`` (the requests window is full: nothing hit) or ``{3}`` (the t
 window was hit, as when the two hits were separate calls)."""
 
 TEST_TOKENS_TAKE_SLOT = (
-    _SLIDING_SHIFT
+    _FUNCTIONS
     + """
 -- KEYS: tokens previous, tokens current, concurrency counter, requests list.
 -- ARGV: expiry (s), tpm (0: none), cost, slots (0: none), counter ttl (s), now (s), rpm (0: none).
-local expiry_ms = tonumber(ARGV[1]) * 1000
+local expiry = tonumber(ARGV[1])
 local tpm = tonumber(ARGV[2])
-local amount = tonumber(ARGV[3])
 local slots = tonumber(ARGV[4])
 local rpm = tonumber(ARGV[7])
-if rpm > 0 then
-    -- limits' moving-window test: the window is full when its rpm-th newest entry is still in it
-    local entry = redis.call('lindex', KEYS[4], rpm - 1)
-    if entry and tonumber(entry) >= tonumber(ARGV[6]) - tonumber(ARGV[1]) then
-        return 4
-    end
+if rpm > 0 and requests_full(KEYS[4], rpm, tonumber(ARGV[6]), expiry) then
+    return 4
 end
-if tpm > 0 then
-    if amount > tpm then
-        return 2
-    end
-    shift(KEYS[1], KEYS[2], expiry_ms)
-    local pc, pt, cc, ct = sliding(KEYS[1], KEYS[2], expiry_ms)
-    -- limits' test: weighted count < limit - cost + 1, the weighted count not rounded
-    if not (pc * pt / expiry_ms + cc < tpm - amount + 1) then
-        return 2
-    end
+if tpm > 0 and not tokens_fit(KEYS[1], KEYS[2], expiry * 1000, tpm, tonumber(ARGV[3])) then
+    return 2
 end
-if slots > 0 then
-    local value = redis.call('incrby', KEYS[3], 1)
-    if value == 1 then
-        redis.call('expire', KEYS[3], ARGV[5])
-    end
-    if value > slots then
-        value = redis.call('incrby', KEYS[3], -1)
-        if value == -1 then
-            redis.call('expire', KEYS[3], ARGV[5])
-        end
-        return 3
-    end
+if slots > 0 and not take_slot(KEYS[3], slots, ARGV[5]) then
+    return 3
 end
 return 1
 """
@@ -154,9 +171,8 @@ return 1
 """Returns 1 (the request and its tokens fit; the slot, if asked for, is taken), 4 (the requests window is full),
 2 (the tokens window has no room) or 3 (no slot free); nothing is taken unless it returns 1."""
 
-
 ADMIT = (
-    _SLIDING_SHIFT
+    _FUNCTIONS
     + """
 -- KEYS: requests list, tokens previous, tokens current, concurrency counter.
 -- ARGV: now (s), expiry (s), rpm (0: none), tpm (0: none), cost, slots (0: none), counter ttl (s).
@@ -166,73 +182,24 @@ local rpm = tonumber(ARGV[3])
 local tpm = tonumber(ARGV[4])
 local amount = tonumber(ARGV[5])
 local slots = tonumber(ARGV[6])
-local expiry_ms = expiry * 1000
 -- the tests of TEST_TOKENS_TAKE_SLOT: nothing is written unless all pass
-if rpm > 0 then
-    local entry = redis.call('lindex', KEYS[1], rpm - 1)
-    if entry and tonumber(entry) >= now - expiry then
-        return {4}
-    end
+if rpm > 0 and requests_full(KEYS[1], rpm, now, expiry) then
+    return {4}
 end
-if tpm > 0 then
-    if amount > tpm then
-        return {2}
-    end
-    shift(KEYS[2], KEYS[3], expiry_ms)
-    local pc, pt, cc, ct = sliding(KEYS[2], KEYS[3], expiry_ms)
-    if not (pc * pt / expiry_ms + cc < tpm - amount + 1) then
-        return {2}
-    end
+if tpm > 0 and not tokens_fit(KEYS[2], KEYS[3], expiry * 1000, tpm, amount) then
+    return {2}
 end
-if slots > 0 then
-    local value = redis.call('incrby', KEYS[4], 1)
-    if value == 1 then
-        redis.call('expire', KEYS[4], ARGV[7])
-    end
-    if value > slots then
-        value = redis.call('incrby', KEYS[4], -1)
-        if value == -1 then
-            redis.call('expire', KEYS[4], ARGV[7])
-        end
-        return {3}
-    end
+if slots > 0 and not take_slot(KEYS[4], slots, ARGV[7]) then
+    return {3}
 end
 -- the hits of HIT_WINDOWS (their own conditions follow from the tests above), then both windows read
-local out = {1, tostring(now), 0, 0, 0, 0, 0}
 if rpm > 0 then
-    redis.call('lpush', KEYS[1], now)
-    redis.call('ltrim', KEYS[1], 0, rpm - 1)
-    redis.call('expire', KEYS[1], expiry)
+    push_request(KEYS[1], rpm, now, expiry)
 end
 if tpm > 0 then
-    if redis.call('exists', KEYS[3]) == 1 then
-        redis.call('incrby', KEYS[3], amount)
-    else
-        redis.call('set', KEYS[3], amount, 'PX', expiry_ms * 2)
-    end
+    add_tokens(KEYS[3], amount, expiry * 1000)
 end
-if rpm > 0 then
-    local target = now - expiry
-    local low, high, index = 0, rpm - 1, nil
-    while low <= high do
-        local mid = math.floor((low + high) / 2)
-        local val = tonumber(redis.call('lindex', KEYS[1], mid))
-        if val and val >= target then
-            index = mid
-            low = mid + 1
-        else
-            high = mid - 1
-        end
-    end
-    if index then
-        out[2] = tostring(tonumber(redis.call('lindex', KEYS[1], index)))
-        out[3] = index + 1
-    end
-end
-if tpm > 0 then
-    out[4], out[5], out[6], out[7] = sliding(KEYS[2], KEYS[3], expiry_ms)
-end
-return out
+return read_windows(KEYS[1], KEYS[2], KEYS[3], rpm, tpm, now, expiry)
 """
 )
 """Returns what :data:`HIT_WINDOWS` returns after taking the slot (if asked for) and hitting both windows, or
