@@ -1,9 +1,10 @@
 """Several limit operations in one Redis round trip, on the very data structures ``limits`` keeps.
 
-Each script below runs ``limits``' own Lua for the operations it replaces (same keys, same algorithms, same
-order; written once as the functions of ``_FUNCTIONS``), so a window written by one is read correctly by the
-other, and running them as one script makes the sequence atomic where it used to be several round trips. The window figures are turned into
-``(remaining, reset_s)`` by the formulas of ``limits``' strategies (:func:`moving_window`, :func:`sliding_window`).
+Each script below runs ``limits``' own Lua for the operations it replaces (same keys, same algorithms, same order;
+written once as the functions of ``_FUNCTIONS``), so a window written by one is read correctly by the other, and
+running them as one script makes the sequence atomic where it used to be several round trips. The window figures are
+turned into ``(remaining, reset_s)`` by the formulas of ``limits``' strategies (:func:`moving_window`,
+:func:`sliding_window`).
 
 - :data:`HIT_WINDOWS`: hit the requests window (moving window, cost 1), then, if it had room, the tokens window
   (sliding-window counter, the request's cost), then read both windows for the ``x-ratelimit-*`` headers: four
