@@ -107,8 +107,7 @@ class RateLimiter:
             self._test_script = register(scripts.TEST_TOKENS_TAKE_SLOT)
             self._admit_script = register(scripts.ADMIT)
             self._undo_script = register(scripts.UNDO_ADMIT)
-            if self.link is not None:
-                self._release_script = register(scripts.RELEASE_SLOT)
+            self._release_script = register(scripts.RELEASE_SLOT)
             self._prefixed = bridge.prefixed_key
         self._rpm = None if self.storage is None else MovingWindowRateLimiter(self.storage)
         self._tpm = None if self.storage is None else SlidingWindowCounterRateLimiter(self.storage)
@@ -354,7 +353,8 @@ class RateLimiter:
             return
         if self._release_script is not None:
             keys, args = [self._prefixed(key)], [CONCURRENCY_TTL_S]
-            if time.monotonic() >= self._retry_at and self._release_script.send(keys, args, self._release_failed):
+            sendable = self.link is not None and time.monotonic() >= self._retry_at
+            if sendable and self._release_script.send(keys, args, self._release_failed):
                 return
             await self._call(self._release_script.execute(keys, args))
             return

@@ -134,8 +134,16 @@ def test_test_tokens_take_slot_takes_nothing_when_it_refuses(storage: str, reque
     asyncio.run(go())
 
 
-def test_slots_given_back_never_go_below_zero(request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize("client", ["link", "limits"])
+def test_slots_given_back_never_go_below_zero(client: str, request: pytest.FixtureRequest) -> None:
+    """On the lean link and through limits' own client (a URI with an option only that client reads), where the
+    same release script runs."""
     limiter, url, prefix = limiter_for("redis", request)
+    if client == "limits":
+        assert url is not None
+        limiter.close()
+        limiter = RateLimiter(f"async+{url}?stream_timeout=5", key_prefix=prefix)
+    assert (limiter.link is None) is (client == "limits") and limiter.admits_in_one_step
 
     async def go() -> list[int]:
         try:
