@@ -46,8 +46,10 @@ async def reserve_usage(
     max_tokens_per_month: int | None,
     max_requests_per_month: int | None,
     write_id: str | None = None,
+    requests: int = 1,
 ) -> bool:
-    """Count one request and ``tokens`` against ``key_id``'s ``month`` if both stay within the limits.
+    """Count ``requests`` (one request, or a lease of several) and ``tokens`` against ``key_id``'s ``month`` if both
+    stay within the limits.
 
     Runs as its own short transaction and commits it (anything pending on ``session`` is committed first). On
     PostgreSQL it is a single statement, atomic by itself (so it may run on an autocommit connection).
@@ -63,28 +65,31 @@ async def reserve_usage(
         write_id: When given, a reservation that is made records this id in ``applied_writes`` in the same
             transaction (at most 64 characters), so that :func:`undo_reservation` can give it back exactly once
             if its caller never learnt the outcome.
+        requests: Requests to count (0: tokens only, e.g. more tokens for a lease that holds a request).
 
     Returns:
         Whether the reservation was made; ``False`` leaves the usage unchanged.
     """
-    if never_fits(tokens, max_tokens_per_month, max_requests_per_month):
+    if never_fits(tokens, max_tokens_per_month, max_requests_per_month, requests):
         return False
     if dialect_name(session) == "postgresql":
         limited = (max_tokens_per_month is not None, max_requests_per_month is not None)
         stmt = _pg_reservation(*limited, marked=write_id is not None)
-        params = _reservation_values(key_id, month, tokens, write_id, max_tokens_per_month, max_requests_per_month)
+        params = _reservation_values(
+            key_id, month, tokens, write_id, max_tokens_per_month, max_requests_per_month, requests
+        )
         return await own_transaction(session, lambda: _scalar_is_one(session, stmt, params))
     conditions = []
     if max_tokens_per_month is not None:
         conditions.append(UsageMonthly.tokens + tokens <= max_tokens_per_month)
     if max_requests_per_month is not None:
-        conditions.append(UsageMonthly.requests + 1 <= max_requests_per_month)
+        conditions.append(UsageMonthly.requests + requests <= max_requests_per_month)
     upsert = (
         dialect_insert(session, UsageMonthly)
-        .values(key_id=key_id, month=month, tokens=tokens, requests=1)
+        .values(key_id=key_id, month=month, tokens=tokens, requests=requests)
         .on_conflict_do_update(
             index_elements=["key_id", "month"],
-            set_={"tokens": UsageMonthly.tokens + tokens, "requests": UsageMonthly.requests + 1},
+            set_={"tokens": UsageMonthly.tokens + tokens, "requests": UsageMonthly.requests + requests},
             where=and_(*conditions) if conditions else None,
         )
     )
@@ -98,13 +103,17 @@ async def reserve_usage(
     return await own_transaction(session, work)
 
 
-def never_fits(tokens: int, max_tokens_per_month: int | None, max_requests_per_month: int | None) -> bool:
-    """Whether a reservation of ``tokens`` can be refused without asking the database (a month's first request
-    inserts its row unchecked, so what could never fit is refused here)."""
+def never_fits(
+    tokens: int, max_tokens_per_month: int | None, max_requests_per_month: int | None, requests: int = 1
+) -> bool:
+    """Whether a reservation of ``tokens`` and ``requests`` can be refused without asking the database (a month's
+    first reservation inserts its row unchecked, so what could never fit is refused here)."""
     if tokens < 0:
         raise ValueError(f"tokens must be >= 0, got {tokens}")
+    if requests < 0:
+        raise ValueError(f"requests must be >= 0, got {requests}")
     return (max_tokens_per_month is not None and tokens > max_tokens_per_month) or (
-        max_requests_per_month is not None and max_requests_per_month < 1
+        max_requests_per_month is not None and requests > max_requests_per_month
     )
 
 
@@ -130,8 +139,11 @@ class PgReservation:
         write_id: str,
         max_tokens_per_month: int | None,
         max_requests_per_month: int | None,
+        requests: int = 1,
     ) -> list[Any]:
-        values = _reservation_values(key_id, month, tokens, write_id, max_tokens_per_month, max_requests_per_month)
+        values = _reservation_values(
+            key_id, month, tokens, write_id, max_tokens_per_month, max_requests_per_month, requests
+        )
         return [values[name] if name in values else self._constants[name] for name in self._order]
 
 
@@ -142,12 +154,14 @@ def _reservation_values(
     write_id: str | None,
     max_tokens_per_month: int | None,
     max_requests_per_month: int | None,
+    requests: int,
 ) -> dict[str, Any]:
     """The bound values of the PostgreSQL reservation statement, by name."""
     return {
         "key_id": key_id,
         "month": month,
         "tokens": tokens,
+        "requests": requests,
         "max_tokens": max_tokens_per_month,
         "max_requests": max_requests_per_month,
         "write_id": write_id,
@@ -184,17 +198,18 @@ def _pg_reservation(limit_tokens: bool, limit_requests: bool, *, marked: bool) -
     if (found := _PG_RESERVATIONS.get(key)) is not None:
         return found
     tokens = bindparam("tokens", type_=BigInteger())
+    requests = bindparam("requests", type_=BigInteger())
     conditions = []
     if limit_tokens:
         conditions.append(UsageMonthly.tokens + tokens <= bindparam("max_tokens", type_=BigInteger()))
     if limit_requests:
-        conditions.append(UsageMonthly.requests + 1 <= bindparam("max_requests", type_=BigInteger()))
+        conditions.append(UsageMonthly.requests + requests <= bindparam("max_requests", type_=BigInteger()))
     upsert = (
         postgresql.insert(UsageMonthly)
-        .values(key_id=bindparam("key_id"), month=bindparam("month"), tokens=tokens, requests=1)
+        .values(key_id=bindparam("key_id"), month=bindparam("month"), tokens=tokens, requests=requests)
         .on_conflict_do_update(
             index_elements=["key_id", "month"],
-            set_={"tokens": UsageMonthly.tokens + tokens, "requests": UsageMonthly.requests + 1},
+            set_={"tokens": UsageMonthly.tokens + tokens, "requests": UsageMonthly.requests + requests},
             where=and_(*conditions) if conditions else None,
         )
     )
@@ -210,12 +225,14 @@ def _pg_reservation(limit_tokens: bool, limit_requests: bool, *, marked: bool) -
     return counted
 
 
-async def undo_reservation(session: AsyncSession, write_id: str, key_id: str, month: str, tokens: int) -> bool:
+async def undo_reservation(
+    session: AsyncSession, write_id: str, key_id: str, month: str, tokens: int, requests: int = 1
+) -> bool:
     """Give back a reservation made with ``write_id`` if, and only if, it was applied; the caller commits.
 
     For a reservation whose caller never learnt the outcome (it timed out, the connection dropped, the request was
     cancelled). Its marker is claimed with ``INSERT ... ON CONFLICT DO NOTHING``: on PostgreSQL that waits for a
-    reservation still in flight to commit or roll back. A conflict means the reservation was applied: one request
+    reservation still in flight to commit or roll back. A conflict means the reservation was applied: its ``requests``
     and ``tokens`` are given back. Otherwise the inserted marker blocks the reservation for good (a late arrival
     fails on it). Run it inside an idempotent batch (:func:`mark_applied`), so a retried undo gives back once.
 
@@ -224,7 +241,7 @@ async def undo_reservation(session: AsyncSession, write_id: str, key_id: str, mo
     """
     if await _claim(session, write_id):
         return False
-    await add_usage(session, key_id, month, -tokens, -1)
+    await add_usage(session, key_id, month, -tokens, -requests)
     return True
 
 

@@ -113,6 +113,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     ratelimit_fail_open: bool = True
     """When the rate-limit storage is unreachable: ``true`` admits requests (quotas still apply, they fail
     closed), ``false`` answers 503."""
+    quota_lease_requests: Annotated[int, Meta(ge=1, le=1024)] = 16
+    """PostgreSQL: most requests' worth of a busy key's monthly quota a replica reserves in one statement, serving
+    the next ones from memory (``server.admission.leases``); 1 reserves each request alone."""
     key_pepper: str | None = None
     """Secret for HMAC-SHA-256 of API keys; generated into ``DATA_DIR/key_pepper`` on first run with SQLite, must be
     set explicitly with PostgreSQL."""

@@ -46,7 +46,7 @@ class Unit:
     Attributes:
         id: Recorded in ``applied_writes`` by the unit's transaction.
         kind: ``usage`` (items: key id, month, tokens, requests), ``rows`` (request-log row dicts) or ``undo``
-            (items: reservation write id, key id, month, tokens).
+            (items: reservation write id, key id, month, tokens, requests).
         items: What it writes.
     """
 
@@ -68,10 +68,10 @@ class Unit:
                 f"requests {requests} ({reason})"
             )
         if self.kind == "undo":
-            write_id, key_id, month, tokens = self.items[0]
+            write_id, key_id, month, tokens, requests = self.items[0]
             return (
                 f"the database rejected the undo of reservation {write_id} (key {key_id} month {month} tokens "
-                f"{tokens}), dropped ({reason})"
+                f"{tokens} requests {requests}), dropped ({reason})"
             )
         return f"the database rejected a request-log row, dropped ({reason})"
 
@@ -86,8 +86,8 @@ async def apply_unit(session: AsyncSession, unit: Unit) -> bool:
     elif unit.kind == "rows":
         await store.insert_request_logs(session, unit.items)
     else:
-        for write_id, key_id, month, tokens in unit.items:
-            await store.undo_reservation(session, write_id, key_id, month, tokens)
+        for write_id, key_id, month, tokens, requests in unit.items:
+            await store.undo_reservation(session, write_id, key_id, month, tokens, requests)
     return True
 
 

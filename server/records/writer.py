@@ -80,7 +80,7 @@ class BatchWriter:
         self._max_rows = max_rows
         self._rows: list[dict[str, Any]] = []
         self._usage: defaultdict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-        self._undos: list[tuple[str, str, str, int]] = []
+        self._undos: list[tuple[str, str, str, int, int]] = []
         self._units: list[Unit] = []  # formed, not written yet: retried first, as they are
         self._unit_rows = 0  # log rows inside self._units
         self._cache = CacheQueue()
@@ -88,6 +88,10 @@ class BatchWriter:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.dropped = 0
+        self.before_flush: Callable[[bool], None] | None = None
+        """Called before each flush forms its units: ``(everything)``, true for the last flush at shutdown and for
+        ``flush(everything=True)``. What it queues (``server.admission.leases`` gives back its idle quota leases, or
+        all of them) is written by that flush."""
         self._down_since: float | None = None  # monotonic time of the first failed flush of an outage
 
     @property
@@ -112,10 +116,10 @@ class BatchWriter:
         entry[0] += tokens
         entry[1] += requests
 
-    def add_undo(self, write_id: str, key_id: str, month: str, tokens: int) -> None:
-        """Give back the reservation ``write_id`` (one request, ``tokens``) if it was applied; its caller never
+    def add_undo(self, write_id: str, key_id: str, month: str, tokens: int, requests: int = 1) -> None:
+        """Give back the reservation ``write_id`` (``requests`` and ``tokens``) if it was applied; its caller never
         learnt whether it was (see ``persistence.usage.undo_reservation``)."""
-        self._undos.append((write_id, key_id, month, tokens))
+        self._undos.append((write_id, key_id, month, tokens, requests))
 
     def queued_usage(self, key_id: str, month: str) -> tuple[int, int]:
         """Usage of ``(key_id, month)`` queued here and not yet formed into a unit (tokens, requests)."""
@@ -143,7 +147,7 @@ class BatchWriter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if not await self.flush():
+        if not await self.flush(everything=True):
             usage = {(k, m) for u in self._units if u.kind == "usage" for k, m, _, _ in u.items} | set(self._usage)
             undos = sum(len(u.items) for u in self._units if u.kind == "undo") + len(self._undos)
             log.error(
@@ -167,13 +171,19 @@ class BatchWriter:
                 ok = False
             delay = self._interval if ok else min(delay * 2, MAX_BACKOFF_S)
 
-    async def flush(self) -> bool:
+    async def flush(self, *, everything: bool = False) -> bool:
         """Write everything queued now (tests call this to observe the database).
+
+        Args:
+            everything: ``before_flush`` gives back all it holds, not only what is idle (a read of usage that
+                wants this replica's figures exact: its quota leases are not counted as used).
 
         Returns:
             False when the database was unavailable: what was not written is held (see the module docstring).
         """
         async with self._lock:
+            if everything and self.before_flush is not None:
+                self.before_flush(True)
             return await self._flush()
 
     async def read_flushed(
@@ -195,6 +205,8 @@ class BatchWriter:
             return (result, *self.queued_usage(key_id, month))
 
     async def _flush(self) -> bool:
+        if self.before_flush is not None:
+            self.before_flush(False)
         if self._units and not await self._write_units():  # held from an earlier attempt: same units, same ids
             return False
         self._form_units()

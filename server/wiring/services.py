@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from persistence import store, usage
 from persistence.store import KeyRecord, RoleRecord
 from server.admission.gateway import Gateway
+from server.admission.leases import QuotaLeases
 from server.admission.ledger import LocalLedger
 from server.admission.ratelimit import RateLimiter
 from server.admission.sequences import SequenceBudget
@@ -61,23 +62,26 @@ def build_services(settings: Settings, metrics: Metrics, *, ratelimit_key_prefix
         responses_retention_days=settings.responses_retention_days,
     )
 
-    async def reserve(key_id: str, month: str, tokens: int, max_tokens: int | None, max_requests: int | None) -> bool:
-        """PostgreSQL (SQLite deployments reserve in the in-memory ledger): one autocommit statement, on asyncpg
+    async def reserve(
+        key_id: str, month: str, tokens: int, requests: int, max_tokens: int | None, max_requests: int | None
+    ) -> bool:
+        """PostgreSQL (SQLite deployments reserve in the in-memory ledger), for one request or a lease of several
+        (``server.admission.leases``): one autocommit statement, on asyncpg
         itself (SQLAlchemy's layers were most of its cost), that also records write_id when it reserves. If the
         answer is lost (a timeout, a dropped connection, the request cancelled meanwhile), it may still have
         committed: the writer then gives it back if, and only if, it did (the client was refused, so the
         reservation must not stand). The connection is not pinged first (a round trip per request): one found dead
         is retried once, on a new one, with a new write_id (the first one's undo settles whether it had landed)."""
-        if usage.never_fits(tokens, max_tokens, max_requests):
+        if usage.never_fits(tokens, max_tokens, max_requests, requests):
             return False
         statement = usage.pg_reservation(max_tokens, max_requests)
 
         async def once(write_id: str) -> bool:
             try:
-                args = statement.args(key_id, month, tokens, write_id, max_tokens, max_requests)
+                args = statement.args(key_id, month, tokens, write_id, max_tokens, max_requests, requests)
                 return bool(await db.fetch_value(statement.sql, args) == 1)
             except BaseException:
-                writer.add_undo(write_id, key_id, month, tokens)
+                writer.add_undo(write_id, key_id, month, tokens, requests)
                 raise
 
         try:
@@ -89,9 +93,15 @@ def build_services(settings: Settings, metrics: Metrics, *, ratelimit_key_prefix
 
     limiter = RateLimiter(settings.ratelimit_storage_uri, key_prefix=ratelimit_key_prefix)
     sequences = SequenceBudget(settings.sequences_per_key)
-    # One process owns a SQLite file: keep exact quota counters in memory, persisted in batches.
-    ledger = LocalLedger(writer) if settings.database.startswith("sqlite") else None
-    record_usage = ledger.settle if ledger is not None else writer.add_usage
+    # One process owns a SQLite file: keep exact quota counters in memory, persisted in batches. Replicas on
+    # PostgreSQL reserve in the database, a few requests ahead for busy keys.
+    quota: LocalLedger | QuotaLeases
+    if settings.database.startswith("sqlite"):
+        quota = LocalLedger(writer)
+    else:
+        quota = QuotaLeases(reserve, writer.add_usage, ahead=settings.quota_lease_requests)
+        writer.before_flush = quota.give_back
+    record_usage = quota.settle
 
     def settle(key_id: str, month: str, tokens: int, requests: int) -> None:
         # A static key has no api_keys row, which usage rows reference: its usage is not recorded (its role has no
@@ -101,7 +111,7 @@ def build_services(settings: Settings, metrics: Metrics, *, ratelimit_key_prefix
 
     gateway = Gateway(
         limiter,
-        ledger.reserve if ledger is not None else reserve,
+        quota.reserve,
         settle,
         metrics,
         fail_open=settings.ratelimit_fail_open,

@@ -16,7 +16,7 @@ from server.metrics import Metrics
 from server.settings import Settings
 from server.wiring.services import build_services
 from server.wiring.state import app_state
-from tests.conftest import TEST_PEPPER, add_role_key
+from tests.conftest import TEST_PEPPER, add_role_key, bearer, create_test_key
 from tests.integration.test_gateway import _concurrent_quota
 
 MSGS = [{"role": "user", "content": "hi"}]
@@ -122,6 +122,41 @@ def test_a_reservation_on_a_dead_connection_is_retried_once(postgres_url: str, t
         assert http.blocking_portal.call(app_state(app).services.writer.flush)
     usage = asyncio.run(_usage(s))
     assert (usage.requests, usage.tokens) == (3, 3 * r.json()["usage"]["total_tokens"])
+
+
+def test_a_busy_key_reserves_ahead_and_its_usage_reads_exact(postgres_url: str, tmp_path: Any) -> None:
+    """Quota leases on PostgreSQL: 40 requests in a row need a handful of reservation statements, not 40; an admin
+    usage read gives this replica's lease back first, so it shows exactly what was used, as does the database once
+    the server has stopped."""
+    s = Settings(data_dir=tmp_path, database_url=postgres_url, key_pepper=TEST_PEPPER)
+    asyncio.run(migrate.upgrade(postgres_url))
+    key = asyncio.run(add_role_key(s, "busy", monthly_requests=1000, monthly_tokens=1_000_000))
+    admin = asyncio.run(create_test_key(s))
+    app = create_app(s, engine=FakeEngine(["a", "b"]))
+    statements: list[Any] = []
+    body = {"model": "fake", "messages": MSGS, "max_tokens": 50}
+    with TestClient(app) as http:
+        db = app_state(app).services.db
+        real = db.fetch_value
+
+        async def counted(sql: str, args: Any) -> Any:
+            statements.append(args)
+            return await real(sql, args)
+
+        db.fetch_value = counted  # type: ignore[method-assign]
+        used = 0
+        for _ in range(40):
+            r = http.post("/v1/chat/completions", json=body, headers=bearer(key))
+            assert r.status_code == 200, r.text
+            used += r.json()["usage"]["total_tokens"]
+        assert 3 <= len(statements) <= 8  # 1, 2, 4, 8, 16 requests ahead
+        rows = http.get("/admin/usage", headers=bearer(admin)).json()["data"]
+        assert [(row["tokens"], row["requests"]) for row in rows] == [(used, 40)]
+        r = http.post("/v1/chat/completions", json=body, headers=bearer(key))
+        assert r.status_code == 200
+        used += r.json()["usage"]["total_tokens"]
+    usage = asyncio.run(_usage(s))  # stopped: whatever the lease held was given back
+    assert (usage.tokens, usage.requests) == (used, 41)
 
 
 def test_reservation_connections_go_back_to_their_pool_without_a_reset_query(postgres_url: str) -> None:

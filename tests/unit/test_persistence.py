@@ -15,7 +15,7 @@ from advanced_alchemy.config import SQLAlchemyAsyncConfig
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from persistence import store
+from persistence import store, usage
 from persistence.config import make_engine_config
 from tests.db import migrated_config
 
@@ -358,6 +358,23 @@ async def test_an_undo_gives_back_exactly_an_applied_reservation(db: SQLAlchemyA
         with pytest.raises(IntegrityError):
             await store.reserve_usage(session, key, MONTH, 10, **limits, write_id="r:late")
     assert await _usage(db) == (0, 0)
+
+
+async def test_a_reservation_counts_several_requests_or_tokens_only(db: SQLAlchemyAsyncConfig) -> None:
+    """What a quota lease reserves: several requests at once, or more tokens without a request; both checked
+    against the limits, and an undo gives back exactly what was reserved."""
+    await _add_key(db)
+    key, limits = "key_0123456789abcdef", {"max_tokens_per_month": 1000, "max_requests_per_month": 10}
+    assert usage.never_fits(10, None, 5, 6) and not usage.never_fits(10, None, 5, 5)
+    async with db.get_session() as session:
+        assert await store.reserve_usage(session, key, MONTH, 400, **limits, requests=8, write_id="r:lease")
+        assert not await store.reserve_usage(session, key, MONTH, 100, **limits, requests=3)  # 11 requests
+        assert await store.reserve_usage(session, key, MONTH, 600, **limits, requests=0)  # tokens only
+        assert not await store.reserve_usage(session, key, MONTH, 1, **limits, requests=0)  # 1,001 tokens
+        assert await _usage(db) == (1000, 8)
+        assert await store.undo_reservation(session, "r:lease", key, MONTH, 400, 8)
+        await session.commit()
+    assert await _usage(db) == (600, 0)
 
 
 async def test_an_undo_waits_for_a_reservation_in_flight(postgres_url: str) -> None:
