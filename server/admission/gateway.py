@@ -7,7 +7,8 @@ tokens and ``n`` (400); then, once the prompt is tokenized, :meth:`Gateway.admit
 ``tokens``), the key's sequences in flight (429
 ``requests``, see :mod:`server.admission.sequences`), per-key concurrency (429 ``requests``), monthly token and
 request quotas (429 ``insufficient_quota``). Short windows are only *tested* first; the sequences, the
-concurrency slot and the quota reservation (a conditional UPDATE in the database) are taken next, and only then
+concurrency slot and the quota reservation (in memory for SQLite; in PostgreSQL a conditional UPDATE, a few
+requests ahead for a busy key: :mod:`server.admission.leases`) are taken next, and only then
 are the RPM and TPM windows hit — so a request refused at any step consumes nothing at the steps before it. On a
 single Redis server the tests, the slot and the hits are one script (one round trip, all or nothing) before the
 quota; a request the quota then refuses has its hits and its slot taken back (one more round trip, on that refusal
