@@ -95,6 +95,19 @@ async def test_a_busy_key_leases_ahead_and_needs_the_database_for_few_of_its_req
 
 
 @pytest.mark.anyio
+async def test_leases_of_one_request_are_a_statement_per_request() -> None:
+    """``QUOTA_LEASE_REQUESTS=1``: every request reserves alone (what a finished one did not use is still held
+    until its key is idle, and counted toward the next)."""
+    db, clock = Db(), Clock()
+    q = leases(db, clock, ahead=1)
+    for _ in range(50):
+        assert await one_request(q, 50, 20, max_tokens=10**9, max_requests=10**6)
+        clock.now += 0.01
+    assert len(db.statements) == 50 and {r for _, r in db.statements} == {1}
+    assert db.statements[0] == (50, 1) and set(db.statements[1:]) == {(20, 1)}
+
+
+@pytest.mark.anyio
 async def test_concurrent_requests_of_one_key_grow_its_lease_at_once() -> None:
     db, clock = Db(), Clock()
     q = leases(db, clock, ahead=8)
