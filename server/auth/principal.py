@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING
 
 from persistence.store import KeyRecord, RoleRecord
@@ -18,6 +20,11 @@ if TYPE_CHECKING:
     from server.auth.static import StaticKeys
 
 Lookup = Callable[[str], Awaitable[tuple[KeyRecord, RoleRecord] | None]]
+
+REFRESH_AFTER = 0.75
+"""Share of ``KEY_CACHE_TTL_S`` after which a cached key in use is looked up again in the background."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +62,10 @@ class Authenticator:
     The cache bounds how late a revoke made on another replica takes effect (``KEY_CACHE_TTL_S``); a revoke
     made through this replica calls :meth:`forget` and takes effect at once.
 
+    A key in use is looked up again in the background once its entry is :data:`REFRESH_AFTER` of ``ttl_s`` old, so
+    its requests never wait for the database while the entry is renewed (the bound above is unchanged: no entry is
+    trusted past ``ttl_s``). Requests that need the same lookup at once share one database round trip.
+
     Args:
         lookup: Finds ``(key, role)`` by digest in the database.
         pepper: HMAC secret.
@@ -77,12 +88,17 @@ class Authenticator:
         self._static = static
         self._pepper = pepper
         self._ttl = ttl_s
+        self._refresh_at = ttl_s * REFRESH_AFTER
         self._timeout = timeout_s
         self._max = max_entries
         self._cache: OrderedDict[str, tuple[float, KeyRecord, RoleRecord]] = OrderedDict()
+        self._fetching: dict[str, asyncio.Task[tuple[KeyRecord, RoleRecord] | None]] = {}
+        self._forgotten = 0  # counts forget() calls: a lookup that began before one must not fill the cache
 
     def forget(self, key_id: str | None = None) -> None:
         """Drop cached entries (of one key, or all) so a revoke or role change applies at once."""
+        self._forgotten += 1
+        self._fetching.clear()  # a lookup under way may have read the key before the change: none may join it
         if key_id is None:
             self._cache.clear()
             return
@@ -92,8 +108,8 @@ class Authenticator:
     def cached(self, presented: str | None) -> Principal | None:
         """The principal of a key this authenticator found valid less than ``ttl_s`` ago, else ``None``.
 
-        No I/O: what a throttle lets through without looking (a valid key must never wait behind it). A static key
-        counts as found: it needs no lookup.
+        Never waits (what a throttle lets through without looking: a valid key must never wait behind it); it may
+        start the entry's renewal in the background. A static key counts as found: it needs no lookup.
         """
         static = self._static.match(presented) if self._static else None
         if static is not None:
@@ -101,10 +117,10 @@ class Authenticator:
         if not presented:
             return None
         # Only well-formed keys enter the cache (``authenticate``), so a hit needs no format check.
-        hit = self._cache.get(digest(presented, self._pepper))
-        if hit is None or time.monotonic() - hit[0] >= self._ttl or refusal(hit[1], datetime.now(UTC)):
+        hit = self._fresh(digest(presented, self._pepper))
+        if hit is None or refusal(hit[0], datetime.now(UTC)):
             return None
-        return Principal(key_id=hit[1].id, key_name=hit[1].name, role=hit[2])
+        return Principal(key_id=hit[0].id, key_name=hit[0].name, role=hit[1])
 
     async def authenticate(self, presented: str | None, *, lane: asyncio.Semaphore | None = None) -> Principal:
         """Return the principal or raise 401 (bad key) / 503 (database unreachable).
@@ -120,33 +136,71 @@ class Authenticator:
         if not presented or not is_well_formed(presented):
             raise invalid_key(presented)
         d = digest(presented, self._pepper)
-        now = time.monotonic()
-        hit = self._cache.get(d)
-        if hit is not None and now - hit[0] < self._ttl:
-            key, role = hit[1], hit[2]
-        else:
+        found = self._fresh(d)
+        if found is None:
+            if lane is not None and d not in self._fetching:
+                # A throttled address's own lookup: it waits for the lane and is cancelled with its request, so a
+                # flood of guesses queues nothing that outlives it.
+                lookup: Awaitable[tuple[KeyRecord, RoleRecord] | None] = self._look_up(d, lane)
+            else:  # shared by every request that needs it now; it fills the cache even if they give up
+                lookup = asyncio.shield(self._fetch(d))
             try:
-                found = await asyncio.wait_for(self._look_up(d, lane), self._timeout)
+                found = await asyncio.wait_for(lookup, self._timeout)
             except (TimeoutError, OSError, ConnectionError) as exc:
                 raise database_unavailable() from exc
             if found is None:
-                self._cache.pop(d, None)
                 raise invalid_key(presented)
-            key, role = found
-            self._cache[d] = (now, key, role)
-            self._cache.move_to_end(d)
-            while len(self._cache) > self._max:
-                self._cache.popitem(last=False)
+        key, role = found
         why = refusal(key, datetime.now(UTC))
         if why:
             raise invalid_key(presented, why)
         return Principal(key_id=key.id, key_name=key.name, role=role)
 
+    def _fresh(self, d: str) -> tuple[KeyRecord, RoleRecord] | None:
+        """The cached ``(key, role)`` of digest ``d`` if younger than ``ttl_s``; renewed in the background once it
+        is :data:`REFRESH_AFTER` of that old."""
+        hit = self._cache.get(d)
+        if hit is None:
+            return None
+        age = time.monotonic() - hit[0]
+        if age >= self._ttl:
+            return None
+        if age >= self._refresh_at and d not in self._fetching:
+            self._fetch(d)
+        return hit[1], hit[2]
+
+    def _fetch(self, d: str) -> asyncio.Task[tuple[KeyRecord, RoleRecord] | None]:
+        """The lookup of digest ``d`` under way, or a new one; it fills the cache when it ends, whoever waits."""
+        task = self._fetching.get(d)
+        if task is None or task.get_loop() is not asyncio.get_running_loop():  # (tests run loops one after another)
+            task = asyncio.ensure_future(self._look_up(d, None))
+            self._fetching[d] = task
+            task.add_done_callback(partial(self._fetched, d))
+        return task
+
     async def _look_up(self, d: str, lane: asyncio.Semaphore | None) -> tuple[KeyRecord, RoleRecord] | None:
+        """Look ``d`` up (holding ``lane`` if given) and cache what is found; drop the entry of a digest not found."""
+        began, forgotten = time.monotonic(), self._forgotten
         if lane is None:
-            return await self._lookup(d)
-        async with lane:
-            return await self._lookup(d)
+            found = await self._lookup(d)
+        else:
+            async with lane:
+                found = await self._lookup(d)
+        if found is None:
+            self._cache.pop(d, None)
+        elif forgotten == self._forgotten:  # else a revoke or role change came meanwhile: do not cache a stale read
+            self._cache[d] = (began, *found)
+            self._cache.move_to_end(d)
+            while len(self._cache) > self._max:
+                self._cache.popitem(last=False)
+        return found
+
+    def _fetched(self, d: str, task: asyncio.Task[tuple[KeyRecord, RoleRecord] | None]) -> None:
+        if self._fetching.get(d) is task:
+            del self._fetching[d]
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Whoever waited got it (503); a renewal in the background leaves the entry to expire at ``ttl_s``.
+            log.debug("key lookup failed: %s", exc)
 
 
 def refusal(key: KeyRecord, now: datetime) -> str | None:
