@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any, cast
 
 from sqlalchemy import BigInteger, Column, Float, Integer, String, Table, insert, select
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from persistence._sql import delete_in_chunks, dialect_insert
@@ -108,17 +109,62 @@ async def insert_request_logs(session: AsyncSession, rows: Sequence[Mapping[str,
     """
     if not rows:
         return
-    now = utcnow()
-    values: list[dict[str, Any]] = []
+    defaults = {**_LOG_DEFAULTS, "created_at": utcnow()}
+    full: list[dict[str, Any]] = []
     for row in rows:
-        unknown = row.keys() - REQUEST_LOG_FIELDS
-        missing = _LOG_REQUIRED - row.keys()
-        if unknown or missing:
-            raise ValueError(f"request log row: unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
-        values.append(clean_request_log_row({**_LOG_DEFAULTS, "created_at": now, **row}))
-    # A Core insert of the table (executemany), not the ORM bulk path: ~10x less Python per row.
-    table = cast("Table", RequestLog.__table__)
-    await session.execute(insert(table), values)
+        if not (_LOG_REQUIRED <= row.keys() <= REQUEST_LOG_FIELDS):
+            unknown, missing = sorted(row.keys() - REQUEST_LOG_FIELDS), sorted(_LOG_REQUIRED - row.keys())
+            raise ValueError(f"request log row: unknown fields {unknown}, missing fields {missing}")
+        full.append({**defaults, **row})
+    connection = await session.connection()
+    if connection.dialect.name == "sqlite":
+        # sqlite3's own executemany on a statement compiled once, without SQLAlchemy's per-row parameter handling
+        # (measured here, 400 rows a batch: 8.3 -> 6.5 ms of the event loop's CPU per batch, medians).
+        statement = _insert_for(connection.dialect)
+        await connection.exec_driver_sql(statement.sql, [statement.parameters(r) for r in full])
+        return
+    # PostgreSQL: SQLAlchemy batches the rows into multi-row VALUES statements (asyncpg's executemany, one
+    # execution per row, costs more), a Core insert of the table (the ORM bulk path costs ~10x more per row).
+    await session.execute(insert(cast("Table", RequestLog.__table__)), [clean_request_log_row(r) for r in full])
+
+
+class _BulkInsert:
+    """The request log's ``INSERT`` compiled for one dialect, and how a full row (every field) becomes its driver
+    parameters: each value cleaned (:func:`clean_request_log_row`), then converted as SQLAlchemy converts it (its
+    column type's bind processor for that dialect)."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        table = cast("Table", RequestLog.__table__)
+        columns = {c.name: c for c in table.columns if c.name != "id"}
+        compiled = insert(table).compile(dialect=dialect, column_keys=list(columns))
+        self.sql = compiled.string
+        names = list(compiled.positiontup or [])
+        if sorted(names) != sorted(columns):  # a positional paramstyle (SQLite's), one parameter per column
+            raise RuntimeError(f"request log insert binds {names}, not one positional parameter per column")
+        self._steps = [(name, _prepare(columns[name], dialect)) for name in names]
+
+    def parameters(self, row: Mapping[str, Any]) -> tuple[Any, ...]:
+        return tuple(v if (v := row[name]) is None or step is None else step(v) for name, step in self._steps)
+
+
+def _prepare(column: Column[Any], dialect: Dialect) -> Callable[[Any], Any] | None:
+    """The cleaner of ``column`` followed by its bind processor (either may be missing) as one function."""
+    clean = _CLEANERS.get(column.name)
+    bind = column.type.dialect_impl(dialect).bind_processor(dialect)
+    if clean is not None and bind is not None:
+        return lambda value: bind(clean(value))
+    return clean or bind
+
+
+_INSERTS: dict[tuple[str, str], _BulkInsert] = {}
+
+
+def _insert_for(dialect: Dialect) -> _BulkInsert:
+    key = (dialect.name, dialect.driver)
+    statement = _INSERTS.get(key)
+    if statement is None:
+        statement = _INSERTS[key] = _BulkInsert(dialect)
+    return statement
 
 
 async def delete_request_logs_before(session: AsyncSession, cutoff: datetime, chunk_size: int = 1000) -> int:

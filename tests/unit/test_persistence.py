@@ -7,7 +7,8 @@ import dataclasses
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -328,6 +329,45 @@ async def test_request_log_rows_are_cleaned_to_fit_their_columns(db: SQLAlchemyA
     assert (got["status"], got["prompt_tokens"], got["completion_tokens"]) == (2**31 - 1, -(2**31), 2**31 - 1)
     assert (got["latency_ms"], got["ttft_ms"]) == (0.0, None)
     assert store.clean_request_log_row({"bogus": "\x00"}) == {"bogus": "\x00"}  # only known columns are touched
+
+
+async def test_request_log_rows_are_stored_as_sqlalchemy_stores_them(db: SQLAlchemyAsyncConfig) -> None:
+    """The bulk insert (on SQLite the driver's executemany on a statement compiled once) stores every column as
+    SQLAlchemy's own insert of the cleaned row does: times (in any zone) as UTC, booleans, floats, NULLs, text."""
+    from sqlalchemy import Table, insert, select
+
+    from persistence.models import RequestLog
+
+    plus_two = timezone(timedelta(hours=2))
+    rows = [
+        {"request_id": "a", "route": "/v1/chat/completions", "method": "POST", "status": 200, "latency_ms": 3.25,
+         "ttft_ms": 1.5, "key_id": "key_x", "model": "tiny", "prompt_tokens": 7, "completion_tokens": 9,
+         "finish_reason": "stop", "cached": True, "usage_estimated": True, "error_type": None,
+         "prompt_text": "héllo \x00 \ud800", "output_text": "ok",
+         "created_at": datetime(2026, 3, 1, 14, 0, tzinfo=plus_two)},
+        {"request_id": "b", "route": "/health", "method": "GET", "status": 404, "latency_ms": float("inf")},
+    ]  # fmt: skip
+    async with db.get_session() as session:
+        await store.insert_request_logs(session, rows)
+        table = cast("Table", RequestLog.__table__)
+        created = (await session.execute(select(RequestLog.created_at).where(RequestLog.request_id == "b"))).one()
+        defaults: dict[str, Any] = {c.name: None for c in table.columns if c.name != "id"} | {"created_at": created[0]}
+        defaults |= {"cached": False, "usage_estimated": False, "prompt_tokens": 0, "completion_tokens": 0}
+        reference = [
+            store.clean_request_log_row({**defaults, **r, "request_id": f"ref-{r['request_id']}"}) for r in rows
+        ]
+        await session.execute(insert(table), reference)
+        await session.commit()
+        raw = (await session.execute(text("SELECT * FROM request_logs ORDER BY request_id"))).mappings().all()
+        loaded = (await session.execute(select(RequestLog).order_by(RequestLog.request_id))).scalars().all()
+    by_id = {r["request_id"]: {k: v for k, v in r.items() if k not in ("id", "request_id")} for r in raw}
+    assert by_id["a"] == by_id["ref-a"] and by_id["b"] == by_id["ref-b"]
+    first = next(r for r in loaded if r.request_id == "a")
+    assert first.created_at == datetime(2026, 3, 1, 12, 0, tzinfo=UTC) and first.created_at.tzinfo is not None
+    assert (first.cached, first.usage_estimated, first.latency_ms, first.prompt_text) == (True, True, 3.25, "héllo  ?")
+    second = next(r for r in loaded if r.request_id == "b")
+    assert (second.cached, second.ttft_ms, second.latency_ms, second.prompt_tokens) == (False, None, 0.0, 0)
+    assert abs(second.created_at - datetime.now(UTC)) < timedelta(minutes=5)
 
 
 async def test_mark_applied_records_a_write_once(db: SQLAlchemyAsyncConfig) -> None:
